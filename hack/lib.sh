@@ -1,0 +1,19 @@
+# Shared settings for the hack/ scripts. Sourced, not run.
+# Pinned versions of the upstream tools the tests and the demo run. Changing one rebuilds it.
+KUBERNETES_VERSION=v1.34.4
+ETCD_VERSION=v3.6.16
+KWOK_VERSION=v0.7.0
+HELM_VERSION=v3.19.5
+MLFLOW_VERSION=3.17.2
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Heavy artefacts live outside the repo, keyed by version, and are reused across clones and runs.
+CACHE_DIR=${MGO_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mlflow-gateway-operator}
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# A free TCP port on 127.0.0.1 (the kernel picks it; a tiny race remains until the server binds).
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}

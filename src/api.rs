@@ -1,0 +1,378 @@
+//! The `GatewayEndpoint` custom resource: `gatewayendpoints.mlflow-gateway.dev/v1alpha1`.
+//!
+//! Everything that can be checked without I/O is in the schema (types, bounds, patterns) or in a
+//! CEL rule, so a bad manifest is rejected at `kubectl apply` with a message that says what to fix.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "mlflow-gateway.dev";
+pub const VERSION: &str = "v1alpha1";
+
+/// Declares an LLM gateway endpoint: the models it routes to, and its MLflow experiment, into which
+/// every invocation is traced.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mlflow-gateway.dev",
+    version = "v1alpha1",
+    kind = "GatewayEndpoint",
+    plural = "gatewayendpoints",
+    shortname = "gwe",
+    category = "mlflow",
+    namespaced,
+    status = "GatewayEndpointStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","priority":1}"#,
+    printcolumn = r#"{"name":"Experiment","type":"string","jsonPath":".status.experimentId"}"#,
+    printcolumn = r#"{"name":"Experiment Name","type":"string","jsonPath":".status.experimentName","priority":1}"#,
+    printcolumn = r#"{"name":"URL","type":"string","jsonPath":".status.url"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = Rule::new("!has(self.experimentId) || !has(self.experimentName)")
+        .message("set either experimentId (use an existing experiment) or experimentName (name of the experiment the operator manages), not both"),
+    validation = Rule::new("!has(self.experimentId) || self.usageTracking")
+        .message("experimentId is set but usageTracking is false: remove experimentId, or set usageTracking: true"),
+    validation = Rule::new("self.models.exists(m, !has(m.weight) || m.weight > 0)")
+        .message("at least one model needs a weight above 0: weights split traffic between models, and all of them are 0"),
+    validation = Rule::new("!has(self.fallbacks) || self.fallbacks.all(f, !has(f.weight))")
+        .message("weight applies to models only: fallbacks are tried in their listed order, remove weight from each fallback"),
+    validation = Rule::new("(self.models + (has(self.fallbacks) ? self.fallbacks : [])).map(m, m.name.upperAscii().replace('-', '_').replace('.', '_')).all(n, (self.models + (has(self.fallbacks) ? self.fallbacks : [])).filter(m, m.name.upperAscii().replace('-', '_').replace('.', '_') == n).size() == 1)")
+        .message("model names must be unique across models and fallbacks (compared ignoring case, with '-' and '.' the same as '_', because each name becomes the variable GATEWAY_API_KEY_<NAME>)")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayEndpointSpec {
+    /// The API this endpoint serves: llm/v1/chat (default), llm/v1/completions or llm/v1/embeddings.
+    #[serde(default)]
+    pub endpoint_type: EndpointType,
+
+    /// The primary models. Each request goes to one of them, chosen at random in proportion to
+    /// `weight` (a traffic split). At least one.
+    #[schemars(length(min = 1, max = 16))]
+    pub models: Vec<Model>,
+
+    /// Models tried in this order after the chosen primary model fails (connection error,
+    /// timeout, HTTP 429 or 5xx), up to `fallback.maxAttempts` attempts in all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub fallbacks: Vec<Model>,
+
+    /// How fallbacks are tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackPolicy>,
+
+    /// Trace every invocation into the endpoint's MLflow experiment (default true, as in MLflow).
+    /// false: the operator creates no experiment and the gateway exports no traces.
+    #[serde(default = "default_true")]
+    pub usage_tracking: bool,
+
+    /// Use this existing MLflow experiment (its id). The operator checks that it exists and is
+    /// active, and never modifies or deletes it. Without it, the operator manages an experiment of
+    /// its own, named by `experimentName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
+    pub experiment_id: Option<String>,
+
+    /// Name of the experiment the operator creates or adopts (default `gateway/<namespace>/<name>`).
+    /// Changing it renames the experiment; its traces stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 500))]
+    pub experiment_name: Option<String>,
+
+    /// What happens to the operator's experiment when this resource is deleted: Retain (default)
+    /// keeps it; Delete soft-deletes it in MLflow (only an experiment the operator created or
+    /// adopted, never one given by `experimentId`).
+    #[serde(default)]
+    pub experiment_deletion_policy: ExperimentDeletionPolicy,
+
+    /// What the traces contain.
+    #[serde(default)]
+    pub tracing: TracingSpec,
+
+    /// Number of gateway pods (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: Option<i32>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The API an endpoint serves, in MLflow's names.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum EndpointType {
+    /// Chat completions (`/v1/chat/completions`).
+    #[default]
+    #[serde(rename = "llm/v1/chat")]
+    Chat,
+    /// Text completions (`/v1/completions`).
+    #[serde(rename = "llm/v1/completions")]
+    Completions,
+    /// Embeddings (`/v1/embeddings`).
+    #[serde(rename = "llm/v1/embeddings")]
+    Embeddings,
+}
+
+impl EndpointType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointType::Chat => "llm/v1/chat",
+            EndpointType::Completions => "llm/v1/completions",
+            EndpointType::Embeddings => "llm/v1/embeddings",
+        }
+    }
+}
+
+/// One model an endpoint can send a request to.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("self.provider != 'azure' || (has(self.apiBase) && has(self.deployment))")
+        .message("provider azure needs apiBase (https://<resource>.openai.azure.com) and deployment (the Azure deployment name)"),
+    validation = Rule::new("self.provider == 'ollama' || has(self.apiKeySecretRef)")
+        .message("apiKeySecretRef is required: name the Secret and key holding this provider's API key"),
+    validation = Rule::new("self.provider == 'azure' || !has(self.deployment)")
+        .message("deployment applies to provider azure only")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct Model {
+    /// Name of this model inside the endpoint, unique across models and fallbacks. It names the
+    /// API-key variable of the gateway pods: GATEWAY_API_KEY_<NAME>.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[A-Za-z0-9]([-_.A-Za-z0-9]*[A-Za-z0-9])?$")
+    )]
+    pub name: String,
+
+    /// The provider's API the gateway speaks to this model. Use openai with apiBase for other
+    /// OpenAI-compatible servers (vLLM, LocalAI, ...).
+    pub provider: Provider,
+
+    /// The provider's model name, e.g. gpt-4o-mini or claude-sonnet-4-5.
+    #[schemars(length(min = 1, max = 256))]
+    pub model: String,
+
+    /// Share of the traffic this model gets among `models` (relative to the others' weights;
+    /// default 1). 0 takes the model out of rotation. Not allowed on fallbacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub weight: Option<i32>,
+
+    /// The Secret (in the endpoint's namespace) and key holding the provider's API key. The key
+    /// reaches the gateway pods as an environment variable, never through a ConfigMap or a trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+
+    /// Base URL of the provider's API, for a proxy, a self-hosted server or Azure
+    /// (default: the provider's public API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub api_base: Option<String>,
+
+    /// Azure OpenAI: the API version (default 2024-10-21).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub api_version: Option<String>,
+
+    /// Azure OpenAI: the deployment name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub deployment: Option<String>,
+}
+
+impl Model {
+    /// The traffic weight, with the default applied.
+    pub fn weight(&self) -> u32 {
+        self.weight.map_or(1, |w| w.max(0) as u32)
+    }
+
+    /// `GATEWAY_API_KEY_<NAME>`: the variable the gateway reads this model's key from.
+    pub fn api_key_env(&self) -> String {
+        api_key_env(&self.name)
+    }
+}
+
+/// `GATEWAY_API_KEY_<NAME>`, NAME upper-cased with every non-alphanumeric character as `_`.
+pub fn api_key_env(model_name: &str) -> String {
+    let name: String = model_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("GATEWAY_API_KEY_{name}")
+}
+
+/// LLM providers, in MLflow's names.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Openai,
+    Azure,
+    Anthropic,
+    Gemini,
+    Mistral,
+    Groq,
+    Deepseek,
+    Xai,
+    Openrouter,
+    Togetherai,
+    Ollama,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Openai => "openai",
+            Provider::Azure => "azure",
+            Provider::Anthropic => "anthropic",
+            Provider::Gemini => "gemini",
+            Provider::Mistral => "mistral",
+            Provider::Groq => "groq",
+            Provider::Deepseek => "deepseek",
+            Provider::Xai => "xai",
+            Provider::Openrouter => "openrouter",
+            Provider::Togetherai => "togetherai",
+            Provider::Ollama => "ollama",
+        }
+    }
+}
+
+/// A key of a Secret in the endpoint's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
+    /// Key inside the Secret's data.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// How fallbacks are tried.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FallbackPolicy {
+    /// Attempts per request in all, the first included (default: one per model and fallback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 32))]
+    pub max_attempts: Option<i32>,
+}
+
+/// What happens to the operator's experiment when the resource is deleted.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum ExperimentDeletionPolicy {
+    /// Keep the experiment and its traces.
+    #[default]
+    Retain,
+    /// Soft-delete the experiment in MLflow (MLflow can restore it).
+    Delete,
+}
+
+/// What the traces contain.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingSpec {
+    /// Record prompts and responses in traces (default true). false: they never leave the pod;
+    /// traces keep timings, token counts, models and status.
+    #[serde(default = "default_true")]
+    pub capture_content: bool,
+}
+
+impl Default for TracingSpec {
+    fn default() -> Self {
+        TracingSpec {
+            capture_content: true,
+        }
+    }
+}
+
+/// What the operator observed and did.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayEndpointStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The MLflow experiment the endpoint traces into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment_id: Option<String>,
+    /// That experiment's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment_name: Option<String>,
+    /// Where to see the endpoint's traces in the MLflow UI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment_url: Option<String>,
+    /// In-cluster URL of the endpoint's gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Conditions: Ready (the summary), ExperimentReady, ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+impl GatewayEndpointStatus {
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+impl GatewayEndpointSpec {
+    /// Every model the endpoint can call: the primary pool, then the fallbacks in order.
+    pub fn all_models(&self) -> impl Iterator<Item = &Model> {
+        self.models.iter().chain(self.fallbacks.iter())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn api_key_variable_upper_cases_and_replaces_non_alphanumerics() {
+        assert_eq!(
+            api_key_env("gpt-4o.mini_x"),
+            "GATEWAY_API_KEY_GPT_4O_MINI_X"
+        );
+    }
+
+    #[test]
+    fn defaults_apply_when_fields_are_omitted() {
+        let spec: GatewayEndpointSpec = serde_json::from_value(serde_json::json!({
+            "models": [{"name": "a", "provider": "openai", "model": "gpt-4o-mini",
+                        "apiKeySecretRef": {"name": "s", "key": "k"}}]
+        }))
+        .unwrap();
+        assert!(spec.usage_tracking);
+        assert!(spec.tracing.capture_content);
+        assert_eq!(spec.endpoint_type, EndpointType::Chat);
+        assert_eq!(
+            spec.experiment_deletion_policy,
+            ExperimentDeletionPolicy::Retain
+        );
+        assert_eq!(spec.models[0].weight(), 1);
+    }
+
+    #[test]
+    fn crd_carries_cel_rules_and_printer_columns() {
+        let crd = serde_json::to_string(&GatewayEndpoint::crd()).unwrap();
+        assert!(crd.contains("x-kubernetes-validations"));
+        assert!(crd.contains("GATEWAY_API_KEY_<NAME>"));
+        assert!(crd.contains(r#""name":"Experiment""#));
+        assert!(crd.contains(r#""shortNames":["gwe"]"#));
+    }
+}

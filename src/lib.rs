@@ -1,0 +1,8 @@
+//! mlflow-gateway-operator: runs traced LLM gateway endpoints on Kubernetes, each with its
+//! experiment in an MLflow tracking server.
+
+pub mod api;
+pub mod controller;
+pub mod experiment;
+pub mod metrics;
+pub mod mlflow;

@@ -1,0 +1,118 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use kube::CustomResourceExt;
+
+use mlflow_gateway_operator::api::GatewayEndpoint;
+use mlflow_gateway_operator::controller::{self, Context, Settings};
+use mlflow_gateway_operator::metrics::{self, Metrics};
+use mlflow_gateway_operator::mlflow::{MlflowClient, MlflowConfig};
+
+/// Kubernetes operator for traced LLM gateway endpoints, each with its experiment in MLflow.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the GatewayEndpoint CustomResourceDefinition as YAML.
+    Crd,
+    /// Run the controller. The tracking server is configured by MLflow's own variables:
+    /// MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (Basic) or
+    /// MLFLOW_TRACKING_TOKEN (Bearer), MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH.
+    /// Kubernetes: KUBECONFIG, ~/.kube/config, or the in-cluster service account.
+    Controller(ControllerArgs),
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// Base URL of the MLflow UI for status.experimentUrl (default: MLFLOW_TRACKING_URI).
+    #[arg(long, env = "MLFLOW_UI_URL")]
+    mlflow_ui_url: Option<url::Url>,
+    /// Seconds between drift checks of a quiet endpoint (a check that finds no drift writes nothing).
+    #[arg(long, env = "RESYNC_PERIOD_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    resync_period_seconds: u64,
+    /// Endpoints reconciled at once.
+    #[arg(long, env = "CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Longest wait, in seconds, between retries of an endpoint that keeps failing.
+    #[arg(long, env = "MAX_BACKOFF_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    max_backoff_seconds: u64,
+    /// Address of the /metrics, /healthz and /readyz server.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Crd => {
+            print!("{}", serde_yaml::to_string(&GatewayEndpoint::crd())?);
+            Ok(())
+        }
+        Command::Controller(args) => run_controller(args).await,
+    }
+}
+
+async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let mlflow = MlflowConfig::from_env().context("MLflow tracking server configuration")?;
+    let ui_url = args
+        .mlflow_ui_url
+        .unwrap_or_else(|| mlflow.tracking_uri.clone());
+    let metrics = Arc::new(Metrics::default());
+    let tracking = MlflowClient::new(&mlflow)
+        .context("MLflow client")?
+        .with_observer(metrics.clone());
+    let client = kube::Client::try_default()
+        .await
+        .context("Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    let settings = Settings {
+        ui_url,
+        resync: Duration::from_secs(args.resync_period_seconds),
+        concurrency: args.concurrency,
+        namespace: args.namespace,
+        max_backoff: Duration::from_secs(args.max_backoff_seconds),
+    };
+    let server = metrics::serve(args.metrics_addr, metrics.clone());
+    tracing::info!(
+        tracking_uri = %mlflow.tracking_uri,
+        namespace = settings.namespace.as_deref().unwrap_or("<all>"),
+        "starting controller"
+    );
+    let ctx = Arc::new(Context::new(client, tracking, settings, metrics));
+    tokio::select! {
+        () = controller::run(ctx) => Ok(()),
+        served = server => served.with_context(|| format!("metrics server on {}", args.metrics_addr)),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

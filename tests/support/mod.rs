@@ -1,0 +1,410 @@
+//! Test support: a real Kubernetes control plane and real MLflow tracking servers.
+//!
+//! `make test` starts one cluster and one MLflow server for the whole run and passes them in
+//! (`MGO_CLUSTER_ENV`, `MGO_MLFLOW_ENV`: paths of the `env` files the hack/ scripts write). A test
+//! binary run on its own starts what is missing, once per binary, and a watchdog tears it down when
+//! the binary exits. If anything cannot start, the test fails with the reason: nothing is skipped.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read_env_file(path: &Path) -> HashMap<String, String> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Runs a hack/ script and panics with its output if it fails.
+fn run_script(script: &str, args: &[&str]) {
+    let out = Command::new("bash")
+        .arg(repo_root().join("hack").join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run hack/{script}: {e}"));
+    assert!(
+        out.status.success(),
+        "hack/{script} {} failed ({}):\n{}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn unique_dir(kind: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let base = std::env::temp_dir().join("mlflow-gateway-operator-tests");
+    std::fs::create_dir_all(&base).expect("create test run directory");
+    base.join(format!(
+        "{kind}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ))
+}
+
+/// A short random suffix for names that must not collide between tests or runs.
+pub fn suffix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    format!("{:08x}", h.finish() as u32)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes
+
+pub struct Cluster {
+    pub kubeconfig: PathBuf,
+    pub api_url: String,
+    pub bin_dir: PathBuf,
+    pub admin_token: String,
+    pub ca_file: PathBuf,
+}
+
+/// The cluster shared by this test binary.
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let env_file = match std::env::var_os("MGO_CLUSTER_ENV") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let dir = unique_dir("cluster");
+                let pid = std::process::id().to_string();
+                run_script(
+                    "cluster.sh",
+                    &["up", dir.to_str().unwrap(), "--owner-pid", &pid],
+                );
+                dir.join("env")
+            }
+        };
+        let env = read_env_file(&env_file);
+        let get = |k: &str| {
+            env.get(k)
+                .unwrap_or_else(|| panic!("{k} missing from {}", env_file.display()))
+                .clone()
+        };
+        Cluster {
+            kubeconfig: get("KUBECONFIG").into(),
+            api_url: get("KUBE_APISERVER_URL"),
+            bin_dir: get("KUBE_BIN_DIR").into(),
+            admin_token: std::fs::read_to_string(get("KUBE_ADMIN_TOKEN_FILE"))
+                .expect("admin token")
+                .trim()
+                .to_string(),
+            ca_file: get("KUBE_CA_FILE").into(),
+        }
+    })
+}
+
+impl Cluster {
+    pub async fn config(&self) -> kube::Config {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("read kubeconfig");
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("kubeconfig is valid")
+    }
+
+    /// A client with the admin's client certificate.
+    pub async fn client(&self) -> kube::Client {
+        kube::Client::try_from(self.config().await).expect("build client")
+    }
+
+    /// A client that impersonates `user` (RBAC is evaluated for that identity).
+    pub async fn impersonating(&self, user: &str) -> kube::Client {
+        let mut config = self.config().await;
+        config.auth_info.impersonate = Some(user.to_string());
+        kube::Client::try_from(config).expect("build impersonating client")
+    }
+
+    /// `kubectl` of the same version as the API server, pointed at this cluster.
+    pub fn kubectl(&self) -> Command {
+        let mut c = Command::new(self.bin_dir.join("kubectl"));
+        c.env("KUBECONFIG", &self.kubeconfig);
+        c
+    }
+
+    /// Runs kubectl, returns (success, stdout, stderr).
+    pub fn kubectl_run(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+        use std::io::Write;
+        let mut cmd = self.kubectl();
+        cmd.args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn kubectl");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        } else {
+            drop(child.stdin.take());
+        }
+        let out = child.wait_with_output().expect("kubectl output");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// Creates a namespace of the test's own: `<prefix>-<random>`.
+pub async fn namespace(client: &kube::Client, prefix: &str) -> String {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, PostParams};
+    let name = format!("{prefix}-{}", suffix());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
+    }))
+    .unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create test namespace");
+    name
+}
+
+/// Polls `check` every 200 ms until it returns Some, or panics after `secs` with `what`.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MLflow
+
+/// A real `mlflow server` (sqlite backend).
+pub struct Mlflow {
+    pub uri: String,
+    /// `Some((user, password))` of the admin when the basic-auth app runs.
+    pub admin: Option<(String, String)>,
+    run_dir: PathBuf,
+    /// Private servers are stopped when dropped; the shared one lives as long as the run.
+    owned: bool,
+}
+
+impl Mlflow {
+    /// Starts a private server for one test (use for auth or stop/start scenarios).
+    pub fn start(auth: bool) -> Mlflow {
+        let dir = unique_dir("mlflow");
+        let pid = std::process::id().to_string();
+        let mut args = vec!["up", dir.to_str().unwrap(), "--owner-pid", &pid];
+        if auth {
+            args.push("--auth");
+        }
+        run_script("mlflow.sh", &args);
+        let mut m = Self::from_env_file(&dir.join("env"));
+        m.owned = true;
+        m
+    }
+
+    fn from_env_file(path: &Path) -> Mlflow {
+        let env = read_env_file(path);
+        Mlflow {
+            uri: env["MLFLOW_TRACKING_URI"].clone(),
+            admin: env
+                .get("MLFLOW_ADMIN_PASSWORD")
+                .map(|p| ("admin".to_string(), p.clone())),
+            run_dir: PathBuf::from(&env["MLFLOW_RUN_DIR"]),
+            owned: false,
+        }
+    }
+
+    /// Stops the server; its port and database are kept for `resume`.
+    pub fn stop(&self) {
+        run_script("mlflow.sh", &["stop", self.run_dir.to_str().unwrap()]);
+    }
+
+    /// Starts a stopped server again, same port, same database.
+    pub fn resume(&self) {
+        run_script("mlflow.sh", &["resume", self.run_dir.to_str().unwrap()]);
+    }
+
+    /// A reqwest client and request builder helper for the REST API (admin credentials if any).
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = reqwest::Client::new().request(method, format!("{}{}", self.uri, path));
+        match &self.admin {
+            Some((u, p)) => rb.basic_auth(u, Some(p)),
+            None => rb,
+        }
+    }
+}
+
+impl Drop for Mlflow {
+    fn drop(&mut self) {
+        if self.owned {
+            let _ = Command::new("bash")
+                .arg(repo_root().join("hack/mlflow.sh"))
+                .args(["down", self.run_dir.to_str().unwrap_or_default()])
+                .output();
+        }
+    }
+}
+
+/// The MLflow server shared by this test binary (no auth).
+pub fn mlflow() -> &'static Mlflow {
+    static MLFLOW: OnceLock<Mlflow> = OnceLock::new();
+    MLFLOW.get_or_init(|| match std::env::var_os("MGO_MLFLOW_ENV") {
+        Some(p) => Mlflow::from_env_file(Path::new(&p)),
+        None => {
+            let mut m = Mlflow::start(false);
+            // Lives for the whole binary; the watchdog stops it when the binary exits.
+            m.owned = false;
+            m
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operator
+
+/// Applies crds/ to the cluster once per test binary and waits until the API serves it.
+pub fn install_crds() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let c = cluster();
+        let dir = repo_root().join("crds");
+        let (ok, _, err) = c.kubectl_run(
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "-f",
+                dir.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert!(ok, "kubectl apply crds/: {err}");
+        let (ok, _, err) = c.kubectl_run(
+            &[
+                "wait",
+                "--for",
+                "condition=Established",
+                "crd/gatewayendpoints.mlflow-gateway.dev",
+                "--timeout=60s",
+            ],
+            None,
+        );
+        assert!(ok, "CRD not established: {err}");
+    });
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The operator binary, run as a user runs it, watching one namespace. Killed when dropped.
+pub struct Operator {
+    child: std::process::Child,
+    pub metrics_url: String,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    /// `env`: extra variables (MLFLOW_TRACKING_USERNAME, RESYNC_PERIOD_SECONDS, ...).
+    pub fn start(namespace: &str, tracking_uri: &str, env: &[(&str, &str)]) -> Operator {
+        install_crds();
+        let port = free_port();
+        let log = unique_dir("operator-log");
+        let file = std::fs::File::create(&log).expect("operator log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mlflow-gateway-operator"));
+        cmd.arg("controller")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("KUBECONFIG", &cluster().kubeconfig)
+            .env("MLFLOW_TRACKING_URI", tracking_uri)
+            .env("WATCH_NAMESPACE", namespace)
+            .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info,mlflow_gateway_operator=debug,kube=warn")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start the operator");
+        Operator {
+            child,
+            metrics_url: format!("http://127.0.0.1:{port}/metrics"),
+            log,
+        }
+    }
+
+    /// Ends the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The sum of a metric's samples whose labels contain every `label="value"` given.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = reqwest::get(&self.metrics_url)
+            .await
+            .expect("scrape operator metrics")
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let metric = series.split('{').next()?;
+                (metric == name && labels.iter().all(|lab| series.contains(lab)))
+                    .then(|| value.parse::<f64>().ok())
+                    .flatten()
+            })
+            .sum()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- operator log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
