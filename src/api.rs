@@ -20,6 +20,7 @@ pub const VERSION: &str = "v1alpha1";
     plural = "gatewayendpoints",
     shortname = "gwe",
     category = "mlflow",
+    doc = "A traced LLM gateway endpoint: its models and routing, and the MLflow experiment every invocation is traced into.",
     namespaced,
     status = "GatewayEndpointStatus",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
@@ -38,7 +39,7 @@ pub const VERSION: &str = "v1alpha1";
         .message("at least one model needs a weight above 0: weights split traffic between models, and all of them are 0"),
     validation = Rule::new("!has(self.fallbacks) || self.fallbacks.all(f, !has(f.weight))")
         .message("weight applies to models only: fallbacks are tried in their listed order, remove weight from each fallback"),
-    validation = Rule::new("(self.models + (has(self.fallbacks) ? self.fallbacks : [])).map(m, m.name.upperAscii().replace('-', '_').replace('.', '_')).all(n, (self.models + (has(self.fallbacks) ? self.fallbacks : [])).filter(m, m.name.upperAscii().replace('-', '_').replace('.', '_') == n).size() == 1)")
+    validation = Rule::new("self.models.all(m, self.models.filter(x, x.name.upperAscii().replace('-', '_').replace('.', '_') == m.name.upperAscii().replace('-', '_').replace('.', '_')).size() == 1) && (!has(self.fallbacks) || self.fallbacks.all(f, self.fallbacks.filter(x, x.name.upperAscii().replace('-', '_').replace('.', '_') == f.name.upperAscii().replace('-', '_').replace('.', '_')).size() == 1 && !self.models.exists(m, m.name.upperAscii().replace('-', '_').replace('.', '_') == f.name.upperAscii().replace('-', '_').replace('.', '_'))))")
         .message("model names must be unique across models and fallbacks (compared ignoring case, with '-' and '.' the same as '_', because each name becomes the variable GATEWAY_API_KEY_<NAME>)")
 )]
 #[serde(rename_all = "camelCase")]

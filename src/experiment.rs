@@ -239,7 +239,16 @@ async fn ensure_managed<T: Tracking>(
         {
             Ok(id) => {
                 changes.push(Change::Created);
-                tracking.get_experiment(&id).await?
+                // Created as declared: no need to read it back.
+                Experiment {
+                    experiment_id: id,
+                    name: name.to_string(),
+                    lifecycle_stage: crate::mlflow::LifecycleStage::Active,
+                    tags: endpoint.tags(),
+                    artifact_location: None,
+                    creation_time: None,
+                    last_update_time: None,
+                }
             }
             Err(e) if e.is_already_exists() => {
                 let existing = tracking.get_experiment_by_name(name).await?;

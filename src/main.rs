@@ -1,7 +1,9 @@
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::http::Method;
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::CustomResourceExt;
 
@@ -82,9 +84,22 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let tracking = MlflowClient::new(&mlflow)
         .context("MLflow client")?
         .with_observer(metrics.clone());
-    let client = kube::Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .context("Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+        .context("Kubernetes client configuration (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    // Counts every mutating request the operator sends to the API server.
+    let writes = metrics.kube_writes.clone();
+    let count_writes =
+        tower::util::MapRequestLayer::new(move |req: axum::http::Request<kube::client::Body>| {
+            if !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+                writes.inc();
+            }
+            req
+        });
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("Kubernetes client")?
+        .with_layer(&count_writes)
+        .build();
     let settings = Settings {
         ui_url,
         resync: Duration::from_secs(args.resync_period_seconds),
@@ -110,6 +125,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub mlflow_request_duration: Family<CallOnly, Histogram>,
     pub mlflow_writes: Counter,
     pub status_patches: Counter,
+    pub kube_writes: Counter,
     registry: Registry,
 }
 
@@ -55,6 +56,7 @@ impl Default for Metrics {
             mlflow_request_duration: Family::new_with_constructor(latency_histogram),
             mlflow_writes: Counter::default(),
             status_patches: Counter::default(),
+            kube_writes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("reconciles", "Reconciles run", m.reconciles.clone());
@@ -87,6 +89,11 @@ impl Default for Metrics {
             "status_patches",
             "Status writes to the Kubernetes API",
             m.status_patches.clone(),
+        );
+        registry.register(
+            "kube_writes",
+            "Mutating requests to the Kubernetes API (create, patch, update, delete)",
+            m.kube_writes.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -669,7 +669,11 @@ fn decode<T: DeserializeOwned>(
 /// The reason of a transport failure, with its causes (reqwest's own message is generic).
 fn transport_reason(err: &reqwest::Error, timeout: Duration) -> String {
     if err.is_timeout() {
-        return format!("no answer within {} ms", timeout.as_millis());
+        let from = err
+            .url()
+            .map(|u| format!(" from {}", u.origin().ascii_serialization()))
+            .unwrap_or_default();
+        return format!("no answer{from} within {} ms", timeout.as_millis());
     }
     let mut reason = err.to_string();
     let mut source = std::error::Error::source(err);

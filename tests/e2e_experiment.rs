@@ -169,7 +169,7 @@ async fn quiet_resyncs_write_nothing_to_kubernetes_or_mlflow() {
     let (_client, ns, api) = setup("e2e-idle").await;
     let op = Operator::start(&ns, &ml.uri, QUICK);
     apply(&ns, &endpoint_yaml("chat", ""));
-    let ep = ready(&api, "chat").await;
+    ready(&api, "chat").await;
     // Let the reconcile triggered by our own status write settle.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let ep = api.get("chat").await.unwrap();
