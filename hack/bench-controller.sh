@@ -53,13 +53,15 @@ log "creating $n GatewayEndpoints"
 t0=$(date +%s.%N)
 kubectl apply --server-side -f "$run/endpoints.yaml" >/dev/null
 t_applied=$(date +%s.%N)
+ids_done=""
 while :; do
-  have=$(kubectl get gwe -n bench -o jsonpath='{range .items[*]}{.status.experimentId}{"\n"}{end}' | grep -c . || true)
-  [ "$have" -ge "$n" ] && break
-  sleep 1
+  states=$(kubectl get gwe -n bench -o jsonpath='{range .items[*]}{.status.experimentId},{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}')
+  ids=$(grep -c '^[^,]' <<<"$states" || true)
+  ready=$(grep -c ',True$' <<<"$states" || true)
+  if [ -z "$ids_done" ] && [ "$ids" -ge "$n" ]; then ids_done=1; t_ids=$(date +%s.%N); fi
+  [ "$ready" -ge "$n" ] && break
+  sleep 0.5
 done
-t_ids=$(date +%s.%N)
-kubectl wait -n bench --for condition=Ready gwe --all --timeout=600s >/dev/null
 t_ready=$(date +%s.%N)
 
 ml_req=$(metric mlflow_gateway_operator_mlflow_requests_total)
