@@ -383,16 +383,7 @@ impl Operator {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                let metric = series.split('{').next()?;
-                (metric == name && labels.iter().all(|lab| series.contains(lab)))
-                    .then(|| value.parse::<f64>().ok())
-                    .flatten()
-            })
-            .sum()
+        sum_metric(&text, name, labels)
     }
 }
 
@@ -407,4 +398,131 @@ impl Drop for Operator {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway
+
+/// `mlflow-gateway-operator gateway` run as a process, serving `manifest`. Killed when dropped.
+pub struct GatewayProcess {
+    child: std::process::Child,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl GatewayProcess {
+    fn command(manifest: &str, env: &[(&str, &str)]) -> (Command, PathBuf, u16) {
+        let dir = unique_dir("gateway");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("endpoint.yaml");
+        std::fs::write(&file, manifest).unwrap();
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mlflow-gateway-operator"));
+        cmd.arg("gateway")
+            .arg("--endpoint")
+            .arg(&file)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        (cmd, dir.join("gateway.log"), port)
+    }
+
+    /// Starts the gateway and waits until it answers /readyz.
+    pub async fn start(manifest: &str, env: &[(&str, &str)]) -> GatewayProcess {
+        let (mut cmd, log, port) = Self::command(manifest, env);
+        let file = std::fs::File::create(&log).unwrap();
+        cmd.stdout(file.try_clone().unwrap()).stderr(file);
+        let mut child = cmd.spawn().expect("start the gateway");
+        let url = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "gateway exited ({status}) during start:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if client
+                .get(format!("{url}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return GatewayProcess { child, url, log };
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("gateway did not become ready in 10 s");
+    }
+
+    /// Runs the gateway expecting it to refuse to start: returns (exit code, stderr).
+    pub fn refuse(manifest: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+        let (mut cmd, _, _) = Self::command(manifest, env);
+        let out = cmd.output().expect("run the gateway");
+        assert!(!out.status.success(), "the gateway started but should have refused");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The sum of a metric's samples whose labels contain every `label="value"` given.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .expect("scrape gateway metrics")
+            .text()
+            .await
+            .unwrap();
+        sum_metric(&text, name, labels)
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- gateway log ({}) ---\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// The sum of a metric's samples (Prometheus text) whose labels contain every `label="value"`.
+pub fn sum_metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name && labels.iter().all(|lab| series.contains(lab)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// The Python of the cached MLflow venv (it also has the official `openai` SDK, an MLflow
+/// dependency).
+pub fn python() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(repo_root().join("hack/mlflow.sh"))
+            .arg("install")
+            .output()
+            .expect("hack/mlflow.sh install");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("python")
+    })
+    .clone()
 }
