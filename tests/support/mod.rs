@@ -4,7 +4,11 @@
 //! (`MGO_CLUSTER_ENV`, `MGO_MLFLOW_ENV`: paths of the `env` files the hack/ scripts write). A test
 //! binary run on its own starts what is missing, once per binary, and a watchdog tears it down when
 //! the binary exits. If anything cannot start, the test fails with the reason: nothing is skipped.
+//!
+//! [`fake_llm`] serves local fakes of the LLM providers' APIs (started per test, nothing shared).
 #![allow(dead_code)]
+
+pub mod fake_llm;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
