@@ -865,6 +865,10 @@ impl Inner {
 impl StreamConverter {
     /// Feed raw bytes as they arrive (they may split events anywhere); returns the OpenAI chunks
     /// now complete, each to be sent to the client as `data: <json>\n\n`.
+    ///
+    /// An upstream error (an `error` event, or an event that cannot be parsed) is an
+    /// `Err(BadUpstreamResponse)`; when it follows chunks in the same bytes, those chunks are
+    /// returned first and the error comes from the next `push` or `finish`.
     pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Value>, ProviderError> {
         if let Some(e) = self.pending_error.take() {
             return Err(e);
@@ -881,15 +885,12 @@ impl StreamConverter {
         if self.finished {
             return Ok(Vec::new());
         }
+        // At most one event is left (the last one, without its blank line): an error cannot
+        // follow chunks here.
         let events = self.parser.finish();
         let mut out = self.process(events)?;
         if let Some(e) = self.pending_error.take() {
-            return if out.is_empty() {
-                Err(e)
-            } else {
-                self.pending_error = Some(e);
-                Ok(out)
-            };
+            return Err(e);
         }
         self.finished = true;
         let tail = self.inner.finish();
