@@ -40,7 +40,9 @@ pub const VERSION: &str = "v1alpha1";
     validation = Rule::new("!has(self.fallbacks) || self.fallbacks.all(f, !has(f.weight))")
         .message("weight applies to models only: fallbacks are tried in their listed order, remove weight from each fallback"),
     validation = Rule::new("self.models.all(m, self.models.filter(x, x.name.upperAscii().replace('-', '_').replace('.', '_') == m.name.upperAscii().replace('-', '_').replace('.', '_')).size() == 1) && (!has(self.fallbacks) || self.fallbacks.all(f, self.fallbacks.filter(x, x.name.upperAscii().replace('-', '_').replace('.', '_') == f.name.upperAscii().replace('-', '_').replace('.', '_')).size() == 1 && !self.models.exists(m, m.name.upperAscii().replace('-', '_').replace('.', '_') == f.name.upperAscii().replace('-', '_').replace('.', '_'))))")
-        .message("model names must be unique across models and fallbacks (compared ignoring case, with '-' and '.' the same as '_', because each name becomes the variable GATEWAY_API_KEY_<NAME>)")
+        .message("model names must be unique across models and fallbacks (compared ignoring case, with '-' and '.' the same as '_', because each name becomes the variable GATEWAY_API_KEY_<NAME>)"),
+    validation = Rule::new("!has(self.endpointType) || self.endpointType != 'llm/v1/embeddings' || (self.models.all(m, m.provider != 'anthropic') && (!has(self.fallbacks) || self.fallbacks.all(f, f.provider != 'anthropic')))")
+        .message("endpointType llm/v1/embeddings needs models with an embeddings API: provider anthropic has none")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayEndpointSpec {

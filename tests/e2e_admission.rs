@@ -213,3 +213,28 @@ async fn azure_without_its_settings_and_fallback_weights_are_rejected() {
     );
     assert_says(&err, "weight applies to models only");
 }
+
+#[tokio::test]
+async fn embeddings_with_a_provider_without_an_embeddings_api_is_rejected() {
+    let ns = test_namespace().await;
+    let anthropic = "{name: claude, provider: anthropic, model: claude-sonnet-4-5, apiKeySecretRef: {name: k, key: a}}";
+    for spec in [
+        format!("  endpointType: llm/v1/embeddings\n  models:\n    - {anthropic}\n"),
+        format!(
+            "  endpointType: llm/v1/embeddings\n  models:\n{VALID_MODEL}  fallbacks:\n    - {anthropic}\n"
+        ),
+    ] {
+        assert_says(
+            &rejected(&ns, &spec),
+            "endpointType llm/v1/embeddings needs models with an embeddings API: provider anthropic has none",
+        );
+    }
+    // The same models serve chat.
+    let (ok, _, err) = cluster().kubectl_run(
+        &["apply", "-n", &ns, "-f", "-"],
+        Some(&manifest(&format!(
+            "  models:\n{VALID_MODEL}  fallbacks:\n    - {anthropic}\n"
+        ))),
+    );
+    assert!(ok, "{err}");
+}

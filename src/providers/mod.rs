@@ -1,0 +1,1145 @@
+//! The provider layer of the gateway: conversion between the OpenAI API the gateway serves and
+//! each upstream provider's own wire format.
+//!
+//! For one configured model (an [`Upstream`]) it builds the upstream HTTP request from the
+//! OpenAI-shaped body a client sent (URL, auth headers, converted body), converts a successful
+//! response back to the OpenAI shape, converts a streamed response chunk by chunk
+//! ([`StreamConverter`]) and extracts a readable message from an error response. No I/O happens
+//! here: the gateway sends the requests.
+//!
+//! Bodies are handled with pass-through typing: only the fields a conversion acts on are read;
+//! every other field of an OpenAI-compatible request is forwarded unchanged, so parameters this
+//! code does not know about still reach the provider.
+//!
+//! - [`openai`]: OpenAI and the OpenAI-compatible providers (mistral, groq, deepseek, xai,
+//!   openrouter, togetherai, ollama; vLLM and others through provider openai with `apiBase`).
+//! - [`azure`]: Azure OpenAI (deployment URL, `api-key` header; OpenAI bodies).
+//! - [`anthropic`]: the Anthropic Messages API.
+//! - [`gemini`]: the Gemini API (generativelanguage.googleapis.com).
+//! - [`sse`]: the incremental server-sent-events parser the stream converters use.
+
+pub mod anthropic;
+pub mod azure;
+pub mod gemini;
+pub mod openai;
+pub mod sse;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use url::Url;
+
+use crate::api::{Model, Provider};
+
+/// The OpenAI API operation a client called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// `/v1/chat/completions`
+    Chat,
+    /// `/v1/completions`
+    Completions,
+    /// `/v1/embeddings`
+    Embeddings,
+}
+
+impl Operation {
+    /// The operation an endpoint of this type serves.
+    pub fn of(endpoint_type: crate::api::EndpointType) -> Self {
+        match endpoint_type {
+            crate::api::EndpointType::Chat => Operation::Chat,
+            crate::api::EndpointType::Completions => Operation::Completions,
+            crate::api::EndpointType::Embeddings => Operation::Embeddings,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Operation::Chat => "chat completions",
+            Operation::Completions => "completions",
+            Operation::Embeddings => "embeddings",
+        }
+    }
+}
+
+/// Token usage of one call, as MLflow records it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+}
+
+/// Errors of the provider layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The client's request cannot be converted (e.g. missing `messages`): becomes an
+    /// OpenAI-style 400.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The provider has no such API (e.g. anthropic embeddings): 400.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The upstream answered something we cannot parse: becomes 502.
+    #[error("{0}")]
+    BadUpstreamResponse(String),
+    /// Misconfiguration (bad apiBase URL...): at startup.
+    #[error("{0}")]
+    Config(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ProviderError {
+    ProviderError::InvalidRequest(msg.into())
+}
+
+fn bad_upstream(msg: impl Into<String>) -> ProviderError {
+    ProviderError::BadUpstreamResponse(msg.into())
+}
+
+/// One configured model, ready to call. `Debug` does not print the API key.
+#[derive(Clone)]
+pub struct Upstream {
+    /// The model's name in the endpoint.
+    pub name: String,
+    pub provider: Provider,
+    /// The provider's model id.
+    pub model: String,
+    /// Resolved: the spec's `apiBase` or the provider's default.
+    pub api_base: Url,
+    api_key: Option<String>,
+    /// Azure: resolved, the spec's `apiVersion` or [`azure::DEFAULT_API_VERSION`]. Others: as set.
+    pub api_version: Option<String>,
+    /// Azure: the deployment name.
+    pub deployment: Option<String>,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("provider", &self.provider)
+            .field("model", &self.model)
+            .field("api_base", &self.api_base.as_str())
+            .field(
+                "api_key",
+                &if self.api_key.is_some() {
+                    "<redacted>"
+                } else {
+                    "<none>"
+                },
+            )
+            .field("api_version", &self.api_version)
+            .field("deployment", &self.deployment)
+            .finish()
+    }
+}
+
+/// A request ready to send: what `build_request` turns into a `reqwest::RequestBuilder`.
+pub(crate) struct Prepared {
+    pub url: Url,
+    pub headers: Vec<(&'static str, HeaderValue)>,
+    pub body: Value,
+}
+
+impl Upstream {
+    /// Resolves a model of the spec: its API base (or the provider's default) and key. An empty
+    /// key counts as none.
+    pub fn new(model: &Model, api_key: Option<String>) -> Result<Self, ProviderError> {
+        let provider = model.provider;
+        let base = match (&model.api_base, default_api_base(provider)) {
+            (Some(base), _) => base.as_str(),
+            (None, Some(default)) => default,
+            (None, None) => {
+                return Err(ProviderError::Config(format!(
+                    "model {}: provider {} needs apiBase",
+                    model.name,
+                    provider.as_str()
+                )));
+            }
+        };
+        let api_base = Url::parse(base).map_err(|e| {
+            ProviderError::Config(format!(
+                "model {}: apiBase {base:?} is not a valid URL: {e}",
+                model.name
+            ))
+        })?;
+        if !matches!(api_base.scheme(), "http" | "https") || api_base.cannot_be_a_base() {
+            return Err(ProviderError::Config(format!(
+                "model {}: apiBase {base:?} must be an http:// or https:// URL",
+                model.name
+            )));
+        }
+        if api_base.fragment().is_some() {
+            return Err(ProviderError::Config(format!(
+                "model {}: apiBase {base:?} must not have a #fragment",
+                model.name
+            )));
+        }
+        let mut api_version = model.api_version.clone();
+        if provider == Provider::Azure {
+            if model.deployment.as_deref().is_none_or(str::is_empty) {
+                return Err(ProviderError::Config(format!(
+                    "model {}: provider azure needs deployment",
+                    model.name
+                )));
+            }
+            api_version.get_or_insert_with(|| azure::DEFAULT_API_VERSION.to_string());
+        }
+        Ok(Upstream {
+            name: model.name.clone(),
+            provider,
+            model: model.model.clone(),
+            api_base,
+            api_key: api_key.filter(|k| !k.is_empty()),
+            api_version,
+            deployment: model.deployment.clone(),
+        })
+    }
+
+    /// The provider's name as MLflow spells it ("openai", "anthropic", ...).
+    pub fn provider_name(&self) -> &'static str {
+        self.provider.as_str()
+    }
+
+    /// Whether the provider has an API for `op` (anthropic has no embeddings).
+    pub fn supports(&self, op: Operation) -> bool {
+        !(self.provider == Provider::Anthropic && op == Operation::Embeddings)
+    }
+
+    /// Builds the upstream HTTP request for an OpenAI-shaped request body (`/v1/chat/completions`,
+    /// `/v1/completions` or `/v1/embeddings` body as the client sent it). Sets `model` to the
+    /// configured model, converts the body to the provider's format, sets URL, auth headers and
+    /// content-type. Streaming is taken from the body's `stream` field. A streamed call to an
+    /// OpenAI-compatible provider always asks for usage (`stream_options.include_usage: true`):
+    /// the [`StreamConverter`] removes it again for a client that did not ask for it.
+    pub fn build_request(
+        &self,
+        client: &reqwest::Client,
+        op: Operation,
+        body: &Value,
+    ) -> Result<reqwest::RequestBuilder, ProviderError> {
+        let prepared = self.prepare(op, body)?;
+        Ok(self.to_builder(client, prepared))
+    }
+
+    pub(crate) fn prepare(&self, op: Operation, body: &Value) -> Result<Prepared, ProviderError> {
+        if !self.supports(op) {
+            return Err(ProviderError::Unsupported(format!(
+                "model {} (provider {}) does not support {}",
+                self.name,
+                self.provider_name(),
+                op.as_str()
+            )));
+        }
+        let body = body
+            .as_object()
+            .ok_or_else(|| invalid("the request body must be a JSON object"))?;
+        match self.provider {
+            Provider::Azure => azure::prepare(self, op, body),
+            Provider::Anthropic => anthropic::prepare(self, op, body),
+            Provider::Gemini => gemini::prepare(self, op, body),
+            _ => openai::prepare(self, op, body),
+        }
+    }
+
+    fn to_builder(&self, client: &reqwest::Client, prepared: Prepared) -> reqwest::RequestBuilder {
+        let mut builder = client
+            .post(prepared.url)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (name, value) in prepared.headers {
+            builder = builder.header(name, value);
+        }
+        builder.body(prepared.body.to_string())
+    }
+
+    /// Converts a successful (2xx) upstream response body to the OpenAI response shape for `op`
+    /// (chat.completion / text_completion / list of embeddings), with `usage` in OpenAI form.
+    pub fn parse_response(&self, op: Operation, body: &[u8]) -> Result<Value, ProviderError> {
+        self.parse_response_for(op, None, body)
+    }
+
+    /// [`Upstream::parse_response`], knowing the client's request body: a provider whose
+    /// response cannot express a request option gets it applied here (Gemini embeddings with
+    /// `encoding_format: "base64"`, which OpenAI SDKs request by default).
+    pub fn parse_response_for(
+        &self,
+        op: Operation,
+        request: Option<&Value>,
+        body: &[u8],
+    ) -> Result<Value, ProviderError> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            bad_upstream(format!(
+                "{} returned a response that is not JSON ({e}): {}",
+                self.provider_name(),
+                truncate(&String::from_utf8_lossy(body), 200)
+            ))
+        })?;
+        match self.provider {
+            Provider::Anthropic => anthropic::parse_response(self, op, value),
+            Provider::Gemini => gemini::parse_response(self, op, request, value),
+            _ => openai::parse_response(self, op, value),
+        }
+    }
+
+    /// Stream conversion for `op` (Chat or Completions). `client_wants_usage`: whether the client
+    /// sent `stream_options.include_usage: true`.
+    pub fn stream_converter(&self, op: Operation, client_wants_usage: bool) -> StreamConverter {
+        let (inner, chat_to_completions) = match self.provider {
+            Provider::Anthropic => (
+                Inner::Anthropic(anthropic::StreamState::new()),
+                op == Operation::Completions,
+            ),
+            Provider::Gemini => (
+                Inner::Gemini(gemini::StreamState::new(&self.model)),
+                op == Operation::Completions,
+            ),
+            provider => (
+                Inner::OpenAi(openai::StreamState::default()),
+                op == Operation::Completions && openai::completions_via_chat(provider),
+            ),
+        };
+        StreamConverter {
+            op,
+            client_wants_usage,
+            chat_to_completions,
+            parser: sse::SseParser::new(),
+            inner,
+            aggregate: Aggregate::default(),
+            usage: None,
+            pending_error: None,
+            finished: false,
+        }
+    }
+
+    /// Human-readable message from an upstream error response (status + body): OpenAI's
+    /// `{"error":{"message"}}`, Anthropic's `{"type":"error","error":{"type","message"}}`,
+    /// Gemini's `{"error":{"code","message","status"}}` and a few other common shapes; else the
+    /// body text, truncated; for an empty body the HTTP status. The API key never appears in it.
+    pub fn error_message(&self, status: u16, body: &[u8]) -> String {
+        let text = String::from_utf8_lossy(body);
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| message_of_error_body(&v))
+            .unwrap_or_else(|| {
+                let text = text.trim();
+                if text.is_empty() {
+                    let reason = reqwest::StatusCode::from_u16(status)
+                        .ok()
+                        .and_then(|s| s.canonical_reason())
+                        .unwrap_or("");
+                    format!("HTTP {status} {reason}").trim_end().to_string()
+                } else {
+                    truncate(text, 500)
+                }
+            });
+        self.redact(&message)
+    }
+
+    /// Anthropic Messages API pass-through (route `/gateway/anthropic/v1/messages`): the body is
+    /// Anthropic-shaped and only `model` is replaced. Other providers: `Unsupported`.
+    pub fn build_anthropic_passthrough(
+        &self,
+        client: &reqwest::Client,
+        body: &Value,
+    ) -> Result<reqwest::RequestBuilder, ProviderError> {
+        if self.provider != Provider::Anthropic {
+            return Err(ProviderError::Unsupported(format!(
+                "model {} (provider {}) does not serve the Anthropic Messages API",
+                self.name,
+                self.provider_name()
+            )));
+        }
+        let mut body = body
+            .as_object()
+            .cloned()
+            .ok_or_else(|| invalid("the request body must be a JSON object"))?;
+        body.insert("model".into(), Value::String(self.model.clone()));
+        let prepared = Prepared {
+            url: anthropic::messages_url(self),
+            headers: anthropic::headers(self)?,
+            body: Value::Object(body),
+        };
+        Ok(self.to_builder(client, prepared))
+    }
+
+    /// The API key as a sensitive header value (hidden from `Debug` of headers).
+    pub(crate) fn key_header(&self, prefix: &str) -> Result<Option<HeaderValue>, ProviderError> {
+        let Some(key) = &self.api_key else {
+            return Ok(None);
+        };
+        let mut value = HeaderValue::from_str(&format!("{prefix}{key}")).map_err(|_| {
+            ProviderError::Config(format!(
+                "model {}: the API key contains characters not allowed in an HTTP header",
+                self.name
+            ))
+        })?;
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+
+    /// Replaces any occurrence of the API key in `text` (an upstream might echo it).
+    fn redact(&self, text: &str) -> String {
+        match &self.api_key {
+            Some(key) if key.len() >= 8 && text.contains(key.as_str()) => {
+                text.replace(key.as_str(), "[REDACTED]")
+            }
+            _ => text.to_string(),
+        }
+    }
+}
+
+/// The provider's public API, used when the model has no `apiBase` (azure has none).
+pub fn default_api_base(provider: Provider) -> Option<&'static str> {
+    match provider {
+        Provider::Azure => None,
+        Provider::Anthropic => Some(anthropic::DEFAULT_API_BASE),
+        Provider::Gemini => Some(gemini::DEFAULT_API_BASE),
+        other => openai::default_api_base(other),
+    }
+}
+
+/// `base` with `segments` appended to its path (a trailing `/` of the base does not double).
+pub(crate) fn join_url(base: &Url, segments: &[&str]) -> Url {
+    let mut url = base.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+    url
+}
+
+/// The last non-empty segment of the URL's path.
+pub(crate) fn last_path_segment(url: &Url) -> Option<&str> {
+    url.path_segments()?.rev().find(|s| !s.is_empty())
+}
+
+/// Usage from an OpenAI-shaped response or chunk (`usage.prompt_tokens`/`completion_tokens`/
+/// `total_tokens`, also Groq's `x_groq.usage`), or from an Anthropic-native response or stream
+/// event (`usage.input_tokens`/`output_tokens`, `message.usage` of `message_start`; cache tokens
+/// are added to the input as MLflow does), or from a Gemini-native response (`usageMetadata`).
+pub fn usage_of(v: &Value) -> Option<Usage> {
+    let u = [
+        v.get("usage"),
+        v.pointer("/message/usage"),
+        v.pointer("/x_groq/usage"),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|u| u.is_object());
+    let num = |u: &Value, key: &str| u.get(key).and_then(Value::as_u64);
+    if let Some(u) = u {
+        if u.get("prompt_tokens").is_some() || u.get("completion_tokens").is_some() {
+            let input = num(u, "prompt_tokens").unwrap_or(0);
+            let output = num(u, "completion_tokens").unwrap_or(0);
+            return Some(Usage {
+                input_tokens: input,
+                output_tokens: output,
+                total_tokens: num(u, "total_tokens").unwrap_or(input + output),
+            });
+        }
+        if u.get("input_tokens").is_some() || u.get("output_tokens").is_some() {
+            let input = num(u, "input_tokens").unwrap_or(0)
+                + num(u, "cache_read_input_tokens").unwrap_or(0)
+                + num(u, "cache_creation_input_tokens").unwrap_or(0);
+            let output = num(u, "output_tokens").unwrap_or(0);
+            return Some(Usage {
+                input_tokens: input,
+                output_tokens: output,
+                total_tokens: input + output,
+            });
+        }
+    }
+    let m = v.get("usageMetadata").filter(|m| m.is_object())?;
+    let input =
+        num(m, "promptTokenCount").unwrap_or(0) + num(m, "toolUsePromptTokenCount").unwrap_or(0);
+    let output =
+        num(m, "candidatesTokenCount").unwrap_or(0) + num(m, "thoughtsTokenCount").unwrap_or(0);
+    Some(Usage {
+        input_tokens: input,
+        output_tokens: output,
+        total_tokens: num(m, "totalTokenCount").unwrap_or(input + output),
+    })
+}
+
+/// The message of an error body of any of the common shapes.
+fn message_of_error_body(v: &Value) -> Option<String> {
+    // Gemini sometimes wraps the error in a list.
+    if let Some(first) = v.as_array().and_then(|a| a.first()) {
+        return message_of_error_body(first);
+    }
+    let non_empty = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
+    match v.get("error") {
+        Some(Value::Object(e)) => {
+            let message = e.get("message").and_then(|m| match m {
+                Value::String(s) => non_empty(s),
+                Value::Null => None,
+                other => Some(other.to_string()),
+            });
+            // OpenAI: type ("invalid_request_error"), Anthropic: type ("overloaded_error"),
+            // Gemini: status ("INVALID_ARGUMENT").
+            let kind = ["type", "status", "code"]
+                .iter()
+                .find_map(|k| e.get(*k).and_then(Value::as_str).and_then(non_empty));
+            return match (message, kind) {
+                (Some(m), Some(k)) => Some(format!("{m} ({k})")),
+                (Some(m), None) => Some(m),
+                (None, Some(k)) => Some(k),
+                (None, None) => Some(Value::Object(e.clone()).to_string()),
+            };
+        }
+        Some(Value::String(s)) => return non_empty(s),
+        _ => {}
+    }
+    for key in ["message", "detail", "msg"] {
+        match v.get(key) {
+            Some(Value::String(s)) => {
+                if let Some(s) = non_empty(s) {
+                    return Some(s);
+                }
+            }
+            Some(other @ (Value::Array(_) | Value::Object(_))) => {
+                return Some(truncate(&other.to_string(), 500));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// At most `max` characters of `s`, with "…" when cut.
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The OpenAI chat request, typed as far as the conversions to Anthropic and Gemini need it.
+
+/// An OpenAI chat completions request. Only what conversions act on is typed; the rest stays in
+/// `rest`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatMessage {
+    pub role: String,
+    /// A string, a list of content parts, or null.
+    #[serde(default)]
+    pub content: Option<Value>,
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    pub function: FunctionCall,
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct FunctionCall {
+    pub name: String,
+    /// JSON text, as OpenAI sends it.
+    #[serde(default)]
+    pub arguments: Option<String>,
+}
+
+impl ChatRequest {
+    pub fn parse(body: &Map<String, Value>) -> Result<Self, ProviderError> {
+        if !body.contains_key("messages") {
+            return Err(invalid("`messages` is required"));
+        }
+        serde_json::from_value(Value::Object(body.clone()))
+            .map_err(|e| invalid(format!("invalid chat request: {e}")))
+    }
+
+    /// Removes and returns an optional field, checking its type.
+    pub fn take_f64(&mut self, key: &str) -> Result<Option<f64>, ProviderError> {
+        match self.rest.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => Ok(n.as_f64()),
+            Some(_) => Err(invalid(format!("`{key}` must be a number"))),
+        }
+    }
+
+    pub fn take_u64(&mut self, key: &str) -> Result<Option<u64>, ProviderError> {
+        match self.rest.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64()),
+            Some(_) => Err(invalid(format!("`{key}` must be a non-negative integer"))),
+        }
+    }
+
+    pub fn take_bool(&mut self, key: &str) -> Result<Option<bool>, ProviderError> {
+        match self.rest.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(_) => Err(invalid(format!("`{key}` must be true or false"))),
+        }
+    }
+
+    /// `stop`: a string or a list of strings, as a list.
+    pub fn take_stop(&mut self) -> Result<Option<Vec<String>>, ProviderError> {
+        match self.rest.remove("stop") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(vec![s])),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|i| match i {
+                    Value::String(s) => Ok(s),
+                    _ => Err(invalid("`stop` must be a string or a list of strings")),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(invalid("`stop` must be a string or a list of strings")),
+        }
+    }
+
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub fn take_max_tokens(&mut self) -> Result<Option<u64>, ProviderError> {
+        let max_completion_tokens = self.take_u64("max_completion_tokens")?;
+        let max_tokens = self.take_u64("max_tokens")?;
+        Ok(max_completion_tokens.or(max_tokens))
+    }
+
+    /// Rejects the deprecated `functions`/`function_call` parameters.
+    pub fn reject_legacy_functions(&self, provider: &str) -> Result<(), ProviderError> {
+        if self.rest.contains_key("functions") || self.rest.contains_key("function_call") {
+            return Err(invalid(format!(
+                "`functions` and `function_call` are deprecated and not converted for {provider}: use `tools` and `tool_choice`"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The text of a message's content: a string, or the text parts of a list joined (other part
+/// types are an error: `what` names the message for it).
+pub(crate) fn content_text(content: &Option<Value>, what: &str) -> Result<String, ProviderError> {
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for part in parts {
+                match part.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        text.push_str(part.get("text").and_then(Value::as_str).unwrap_or(""))
+                    }
+                    other => {
+                        return Err(invalid(format!(
+                            "{what}: content part type {} is not supported here, only text",
+                            other.unwrap_or("(none)")
+                        )));
+                    }
+                }
+            }
+            Ok(text)
+        }
+        Some(_) => Err(invalid(format!(
+            "{what}: content must be a string or a list of content parts"
+        ))),
+    }
+}
+
+/// An `image_url` part's URL, parsed.
+pub(crate) enum ImageRef {
+    /// `data:<mime>;base64,<data>`
+    Base64 { mime: String, data: String },
+    /// `http(s)://...`
+    Url(String),
+}
+
+pub(crate) fn image_ref(part: &Value) -> Result<ImageRef, ProviderError> {
+    let url = match part.get("image_url") {
+        Some(Value::String(u)) => u.as_str(),
+        Some(Value::Object(o)) => o.get("url").and_then(Value::as_str).unwrap_or(""),
+        _ => "",
+    };
+    if let Some(rest) = url.strip_prefix("data:") {
+        if let Some((mime, data)) = rest.split_once(";base64,")
+            && !mime.is_empty()
+            && !mime.contains(';')
+        {
+            return Ok(ImageRef::Base64 {
+                mime: mime.to_string(),
+                data: data.to_string(),
+            });
+        }
+        return Err(invalid(
+            "image_url: only base64 data URLs (data:<mime type>;base64,<data>) are supported",
+        ));
+    }
+    if url.starts_with("https://") || url.starts_with("http://") {
+        return Ok(ImageRef::Url(url.to_string()));
+    }
+    Err(invalid(
+        "image_url.url must be a data: URL or an http(s):// URL",
+    ))
+}
+
+/// An OpenAI completions request as a chat request: `prompt` becomes a single user message;
+/// parameters only the completions API has are dropped.
+pub(crate) fn completions_to_chat(
+    body: &Map<String, Value>,
+) -> Result<Map<String, Value>, ProviderError> {
+    let mut chat = body.clone();
+    let prompt = match chat.remove("prompt") {
+        Some(Value::String(s)) => s,
+        Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+            items[0].as_str().unwrap_or_default().to_string()
+        }
+        Some(Value::Array(_)) => {
+            return Err(invalid(
+                "`prompt` must be a single string for this provider (lists of prompts and token arrays are not supported)",
+            ));
+        }
+        Some(_) => return Err(invalid("`prompt` must be a string")),
+        None => return Err(invalid("`prompt` is required")),
+    };
+    for key in ["echo", "suffix", "best_of", "logprobs"] {
+        chat.remove(key);
+    }
+    chat.insert(
+        "messages".into(),
+        json!([{"role": "user", "content": prompt}]),
+    );
+    Ok(chat)
+}
+
+/// A chat.completion response as a text_completion response.
+pub(crate) fn chat_response_to_completion(mut chat: Value) -> Value {
+    let choices = chat
+        .get("choices")
+        .and_then(Value::as_array)
+        .map(|choices| {
+            choices
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    json!({
+                        "text": c.pointer("/message/content").and_then(Value::as_str).unwrap_or(""),
+                        "index": c.get("index").cloned().unwrap_or(json!(i)),
+                        "logprobs": null,
+                        "finish_reason": c.get("finish_reason").cloned().unwrap_or(Value::Null),
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    if let Some(obj) = chat.as_object_mut() {
+        obj.insert("object".into(), json!("text_completion"));
+        obj.insert("choices".into(), Value::Array(choices));
+        obj.remove("system_fingerprint");
+    }
+    chat
+}
+
+/// A chat.completion.chunk as a text_completion chunk; `None` for a chunk that carries nothing
+/// a completions client sees (the role-only first chunk).
+fn chat_chunk_to_completion(chunk: Value) -> Option<Value> {
+    let mut chunk = chunk;
+    let obj = chunk.as_object_mut()?;
+    let choices = obj
+        .get("choices")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let had_choices = !choices.is_empty();
+    let choices: Vec<Value> = choices
+        .iter()
+        .filter_map(|c| {
+            let text = c
+                .pointer("/delta/content")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let finish = c.get("finish_reason").cloned().unwrap_or(Value::Null);
+            (!text.is_empty() || !finish.is_null()).then(|| {
+                json!({
+                    "text": text,
+                    "index": c.get("index").cloned().unwrap_or(json!(0)),
+                    "logprobs": null,
+                    "finish_reason": finish,
+                })
+            })
+        })
+        .collect();
+    if had_choices && choices.is_empty() && obj.get("usage").is_none_or(Value::is_null) {
+        return None;
+    }
+    obj.insert("object".into(), json!("text_completion"));
+    obj.insert("choices".into(), Value::Array(choices));
+    obj.remove("system_fingerprint");
+    Some(chunk)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming
+
+/// Converts one provider's SSE stream into OpenAI `chat.completion.chunk` (or text_completion
+/// chunk) JSON objects. Stateful: Anthropic and Gemini streams carry ids and usage in early
+/// events.
+///
+/// Usage: the converter always knows the usage when the upstream sent it ([`Self::usage`]); the
+/// chunk carrying it (`choices: []`, `usage`, as OpenAI sends it last) reaches the client only
+/// when it asked for it (`client_wants_usage`); otherwise `usage` is removed from every chunk.
+pub struct StreamConverter {
+    op: Operation,
+    client_wants_usage: bool,
+    /// Convert chat chunks into text_completion chunks (Completions served by a chat API).
+    chat_to_completions: bool,
+    parser: sse::SseParser,
+    inner: Inner,
+    aggregate: Aggregate,
+    usage: Option<(Usage, Value)>,
+    /// An upstream error that arrived after chunks of the same push: reported on the next call.
+    pending_error: Option<ProviderError>,
+    finished: bool,
+}
+
+impl fmt::Debug for StreamConverter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamConverter")
+            .field("op", &self.op)
+            .field("client_wants_usage", &self.client_wants_usage)
+            .field("usage", &self.usage())
+            .finish_non_exhaustive()
+    }
+}
+
+enum Inner {
+    OpenAi(openai::StreamState),
+    Anthropic(anthropic::StreamState),
+    Gemini(gemini::StreamState),
+}
+
+impl Inner {
+    fn event(&mut self, event: sse::SseEvent) -> Result<Vec<Value>, ProviderError> {
+        match self {
+            Inner::OpenAi(s) => s.event(event),
+            Inner::Anthropic(s) => s.event(event),
+            Inner::Gemini(s) => s.event(event),
+        }
+    }
+
+    fn finish(&mut self) -> Vec<Value> {
+        match self {
+            Inner::OpenAi(_) => Vec::new(),
+            Inner::Anthropic(s) => s.finish(),
+            Inner::Gemini(s) => s.finish(),
+        }
+    }
+
+    /// Usage known before the final usage chunk (a stream cut short).
+    fn partial_usage(&self) -> Option<Value> {
+        match self {
+            Inner::OpenAi(_) => None,
+            Inner::Anthropic(s) => s.usage_json(),
+            Inner::Gemini(s) => s.usage_json(),
+        }
+    }
+}
+
+impl StreamConverter {
+    /// Feed raw bytes as they arrive (they may split events anywhere); returns the OpenAI chunks
+    /// now complete, each to be sent to the client as `data: <json>\n\n`.
+    ///
+    /// An upstream error (an `error` event, or an event that cannot be parsed) is an
+    /// `Err(BadUpstreamResponse)`; when it follows chunks in the same bytes, those chunks are
+    /// returned first and the error comes from the next `push` or `finish`.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Value>, ProviderError> {
+        if let Some(e) = self.pending_error.take() {
+            return Err(e);
+        }
+        let events = self.parser.push(bytes);
+        self.process(events)
+    }
+
+    /// End of upstream stream: remaining chunks (the gateway then sends `data: [DONE]`).
+    pub fn finish(&mut self) -> Result<Vec<Value>, ProviderError> {
+        if let Some(e) = self.pending_error.take() {
+            return Err(e);
+        }
+        if self.finished {
+            return Ok(Vec::new());
+        }
+        // At most one event is left (the last one, without its blank line): an error cannot
+        // follow chunks here.
+        let events = self.parser.finish();
+        let mut out = self.process(events)?;
+        if let Some(e) = self.pending_error.take() {
+            return Err(e);
+        }
+        self.finished = true;
+        let tail = self.inner.finish();
+        out.extend(self.output(tail));
+        Ok(out)
+    }
+
+    /// Usage seen so far (from the final chunk / message_delta / usageMetadata).
+    pub fn usage(&self) -> Option<Usage> {
+        match &self.usage {
+            Some((u, _)) => Some(*u),
+            None => self
+                .inner
+                .partial_usage()
+                .and_then(|u| usage_of(&json!({ "usage": u }))),
+        }
+    }
+
+    /// The whole streamed answer aggregated into one response object (for the trace's outputs):
+    /// chat.completion-shaped for Chat (id, model, choices[].message{role, content, tool_calls},
+    /// finish_reason, usage), text_completion-shaped for Completions.
+    pub fn aggregated(&self) -> Value {
+        let usage = match &self.usage {
+            Some((_, u)) => Some(u.clone()),
+            None => self.inner.partial_usage(),
+        };
+        self.aggregate.to_value(self.op, usage)
+    }
+
+    fn process(&mut self, events: Vec<sse::SseEvent>) -> Result<Vec<Value>, ProviderError> {
+        let mut out = Vec::new();
+        for event in events {
+            match self.inner.event(event) {
+                Ok(chunks) => out.extend(self.output(chunks)),
+                Err(e) if out.is_empty() => return Err(e),
+                Err(e) => {
+                    self.pending_error = Some(e);
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records usage and the aggregate from converted chunks, then shapes them for the client.
+    fn output(&mut self, chunks: Vec<Value>) -> Vec<Value> {
+        let mut out = Vec::with_capacity(chunks.len());
+        for mut chunk in chunks {
+            if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
+                if let Some(usage) = usage_of(&chunk) {
+                    self.usage = Some((usage, u.clone()));
+                }
+            } else if let Some(usage) = usage_of(&chunk) {
+                // e.g. Groq's x_groq.usage
+                self.usage = Some((
+                    usage,
+                    json!({
+                        "prompt_tokens": usage.input_tokens,
+                        "completion_tokens": usage.output_tokens,
+                        "total_tokens": usage.total_tokens,
+                    }),
+                ));
+            }
+            self.aggregate.add(&chunk);
+            if !self.client_wants_usage
+                && let Some(obj) = chunk.as_object_mut()
+                && obj.remove("usage").is_some_and(|u| !u.is_null())
+                && obj
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .is_none_or(Vec::is_empty)
+            {
+                continue; // the usage-only chunk the client did not ask for
+            }
+            if self.chat_to_completions {
+                if let Some(c) = chat_chunk_to_completion(chunk) {
+                    out.push(c);
+                }
+            } else {
+                out.push(chunk);
+            }
+        }
+        out
+    }
+}
+
+/// Accumulates streamed chunks (chat or text_completion shaped) into one response.
+#[derive(Default)]
+struct Aggregate {
+    id: Option<Value>,
+    model: Option<Value>,
+    created: Option<Value>,
+    choices: BTreeMap<u64, AggChoice>,
+}
+
+#[derive(Default)]
+struct AggChoice {
+    role: Option<String>,
+    content: String,
+    has_content: bool,
+    finish_reason: Option<Value>,
+    tool_calls: BTreeMap<u64, AggToolCall>,
+}
+
+#[derive(Default)]
+struct AggToolCall {
+    id: Option<String>,
+    name: String,
+    arguments: String,
+    extra: Map<String, Value>,
+}
+
+impl Aggregate {
+    fn add(&mut self, chunk: &Value) {
+        for (slot, key) in [
+            (&mut self.id, "id"),
+            (&mut self.model, "model"),
+            (&mut self.created, "created"),
+        ] {
+            // Azure's first chunk (prompt filter results) has an empty id and model, created 0.
+            if slot.is_none()
+                && let Some(v) = chunk
+                    .get(key)
+                    .filter(|v| !v.is_null() && *v != "" && *v != 0)
+            {
+                *slot = Some(v.clone());
+            }
+        }
+        let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
+            return;
+        };
+        for (pos, c) in choices.iter().enumerate() {
+            let index = c.get("index").and_then(Value::as_u64).unwrap_or(pos as u64);
+            let agg = self.choices.entry(index).or_default();
+            let delta = c.get("delta");
+            if let Some(role) = delta.and_then(|d| d.get("role")).and_then(Value::as_str) {
+                agg.role = Some(role.to_string());
+            }
+            let text = delta
+                .and_then(|d| d.get("content"))
+                .or_else(|| c.get("text"))
+                .and_then(Value::as_str);
+            if let Some(text) = text {
+                agg.content.push_str(text);
+                agg.has_content = true;
+            }
+            if let Some(f) = c.get("finish_reason").filter(|f| !f.is_null()) {
+                agg.finish_reason = Some(f.clone());
+            }
+            let calls = delta
+                .and_then(|d| d.get("tool_calls"))
+                .and_then(Value::as_array);
+            for (pos, call) in calls.into_iter().flatten().enumerate() {
+                let i = call
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(pos as u64);
+                let t = agg.tool_calls.entry(i).or_default();
+                if let Some(id) = call.get("id").and_then(Value::as_str) {
+                    t.id = Some(id.to_string());
+                }
+                if let Some(f) = call.get("function") {
+                    if let Some(n) = f.get("name").and_then(Value::as_str) {
+                        t.name.push_str(n);
+                    }
+                    if let Some(a) = f.get("arguments").and_then(Value::as_str) {
+                        t.arguments.push_str(a);
+                    }
+                }
+                if let Some(obj) = call.as_object() {
+                    for (k, v) in obj {
+                        if !matches!(k.as_str(), "index" | "id" | "type" | "function") {
+                            t.extra.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn to_value(&self, op: Operation, usage: Option<Value>) -> Value {
+        let choices: Vec<Value> = self
+            .choices
+            .iter()
+            .map(|(index, c)| {
+                if op == Operation::Completions {
+                    return json!({
+                        "index": index,
+                        "text": c.content,
+                        "finish_reason": c.finish_reason.clone().unwrap_or(Value::Null),
+                    });
+                }
+                let mut message = Map::new();
+                message.insert(
+                    "role".into(),
+                    json!(c.role.as_deref().unwrap_or("assistant")),
+                );
+                message.insert(
+                    "content".into(),
+                    if c.content.is_empty() && !(c.tool_calls.is_empty() && c.has_content) {
+                        Value::Null
+                    } else {
+                        json!(c.content)
+                    },
+                );
+                if !c.tool_calls.is_empty() {
+                    let calls: Vec<Value> = c
+                        .tool_calls
+                        .values()
+                        .map(|t| {
+                            let mut call = Map::new();
+                            call.insert("id".into(), json!(t.id.clone().unwrap_or_default()));
+                            call.insert("type".into(), json!("function"));
+                            call.insert(
+                                "function".into(),
+                                json!({"name": t.name, "arguments": t.arguments}),
+                            );
+                            call.extend(t.extra.clone());
+                            Value::Object(call)
+                        })
+                        .collect();
+                    message.insert("tool_calls".into(), Value::Array(calls));
+                }
+                json!({
+                    "index": index,
+                    "message": message,
+                    "finish_reason": c.finish_reason.clone().unwrap_or(Value::Null),
+                })
+            })
+            .collect();
+        let mut out = Map::new();
+        out.insert("id".into(), self.id.clone().unwrap_or(Value::Null));
+        out.insert(
+            "object".into(),
+            json!(if op == Operation::Completions {
+                "text_completion"
+            } else {
+                "chat.completion"
+            }),
+        );
+        out.insert(
+            "created".into(),
+            self.created.clone().unwrap_or(Value::Null),
+        );
+        out.insert("model".into(), self.model.clone().unwrap_or(Value::Null));
+        out.insert("choices".into(), Value::Array(choices));
+        if let Some(u) = usage {
+            out.insert("usage".into(), u);
+        }
+        Value::Object(out)
+    }
+}
