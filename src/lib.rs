@@ -6,3 +6,4 @@ pub mod controller;
 pub mod experiment;
 pub mod metrics;
 pub mod mlflow;
+pub mod telemetry;
