@@ -7,3 +7,4 @@ pub mod experiment;
 pub mod metrics;
 pub mod mlflow;
 pub mod providers;
+pub mod telemetry;

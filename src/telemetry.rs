@@ -1,0 +1,2005 @@
+//! The gateway's MLflow traces: one trace per LLM invocation, in the shape MLflow's own AI gateway
+//! writes, exported in the background so that a slow or dead tracking server never fails or slows
+//! a request.
+//!
+//! # Shape
+//!
+//! ```text
+//! gateway/<endpoint>               root, no parent; mlflow.spanInputs = request, mlflow.spanOutputs =
+//!  |                               response; endpoint_id, endpoint_name; mlflow.traceTag.mlflow.traceName
+//!  |- provider/<provider>/<model>  one per attempt: mlflow.spanType=LLM, mlflow.llm.provider,
+//!  '- provider/<provider>/<model>  mlflow.llm.model, method (+ streaming=true), mlflow.chat.tokenUsage;
+//!                                  a failed attempt has status ERROR and an "exception" event
+//! trace metadata: mlflow.gateway.endpointId, mlflow.gateway.requestType, mlflow.gateway.caller
+//! (written by the trace-info request, see below); mlflow.trace.tokenUsage (summed by the server)
+//! trace tag: mlflow.traceName = gateway/<endpoint>
+//! ```
+//!
+//! # Pipeline
+//!
+//! Spans are OpenTelemetry SDK spans. When one ends, [`GateProcessor`] admits it only while fewer
+//! than `max_queue_spans` spans are in flight (ended, not yet exported or failed), else it drops
+//! and counts it; admitted spans go to the SDK's tokio `BatchSpanProcessor`
+//! (`span_processor_with_async_runtime`), whose queue is larger than the gate so that it never
+//! drops on its own. Its exporter is [`CountingExporter`] around the OTLP/HTTP protobuf exporter,
+//! which posts to `<tracking uri>/v1/traces` through [`MlflowHttp`] (our reqwest 0.12 client:
+//! rustls, the tracking server's CA bundle, `x-mlflow-experiment-id`, and the credentials, which
+//! live only there, as sensitive header values). `CountingExporter` counts exported and failed
+//! spans and releases the gate, also when the batch processor abandons an export at its timeout.
+//!
+//! Why the async-runtime batch processor: the default (thread-based) one drives the exporter's
+//! future with `futures_executor::block_on` on its own OS thread, where reqwest's async client
+//! has no tokio reactor, so it only works with reqwest's blocking client (another hidden runtime
+//! thread per client). The async-runtime flavour is one task on our tokio runtime that awaits the
+//! async client; `on_end` is a non-blocking `try_send`. Its `force_flush` and `shutdown` do block
+//! the calling thread (`block_on` on a oneshot), so they are only ever called from
+//! `spawn_blocking` ([`Telemetry::flush`], [`Telemetry::shutdown`]), never on a runtime thread,
+//! and the SDK's shutdown-on-drop is turned into a detached best-effort flush.
+//!
+//! # Trace metadata
+//!
+//! The OTLP handler of the tracking server (`mlflow/server/otel_api.py` →
+//! `SqlAlchemyStore.log_spans`) derives the trace's state, times, previews, token usage, cost,
+//! `user.id`/`session.id` and `mlflow.traceTag.*` tags from the spans, but turns no other span
+//! attribute into trace metadata. So, as MLflow's Python SDK does, after the root span of a trace
+//! has been stored (the batch that carried it was accepted), one `POST /api/3.0/mlflow/traces`
+//! (StartTraceV3) carries the trace info with the gateway metadata; the server merges it into the
+//! trace the spans created (`start_trace`'s IntegrityError path keeps the previews and token
+//! usage derived from the spans). Sending it only after the root span was accepted means that the
+//! spans of the invocation (which end before the root, and are exported in order by the single
+//! export worker) are stored first, so nothing is overwritten with less. These requests run on a
+//! bounded background queue with bounded concurrency and a few retries on transient failures.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use opentelemetry::trace::{
+    Link, Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags,
+    TraceId, TraceState, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue, StringValue};
+use opentelemetry_http::{Bytes, HttpError, Request, Response};
+use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::runtime::Tokio;
+use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter,
+    SpanProcessor,
+};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
+use serde_json::json;
+use url::Url;
+
+use crate::mlflow::{Auth, ConfigError, MlflowConfig};
+
+// ---------------------------------------------------------------------------------------------
+// Names MLflow reads (mlflow/tracing/constant.py, mlflow/gateway/)
+
+/// Header naming the experiment an OTLP request writes to.
+pub const EXPERIMENT_ID_HEADER: &str = "x-mlflow-experiment-id";
+/// Header a client sets to name itself (MLflow's `X-MLflow-Gateway-Caller`).
+pub const CALLER_HEADER: &str = "x-mlflow-gateway-caller";
+
+/// `mlflow.gateway.requestType` values (MLflow's `GatewayRequestType`).
+pub mod request_type {
+    pub const UNIFIED_CHAT: &str = "unified/chat";
+    pub const UNIFIED_EMBEDDINGS: &str = "unified/embeddings";
+    pub const PASSTHROUGH_OPENAI_CHAT: &str = "passthrough/model/openai-chat";
+    pub const PASSTHROUGH_OPENAI_EMBEDDINGS: &str = "passthrough/model/openai-embeddings";
+    pub const PASSTHROUGH_OPENAI_RESPONSES: &str = "passthrough/model/openai-responses";
+    pub const PASSTHROUGH_ANTHROPIC_MESSAGES: &str = "passthrough/model/anthropic-messages";
+    pub const PASSTHROUGH_GEMINI_GENERATE_CONTENT: &str =
+        "passthrough/model/gemini-generateContent";
+    pub const RAW_PROXY: &str = "proxy/raw";
+}
+
+const ATTR_SPAN_TYPE: &str = "mlflow.spanType";
+const ATTR_INPUTS: &str = "mlflow.spanInputs";
+const ATTR_OUTPUTS: &str = "mlflow.spanOutputs";
+const ATTR_TOKEN_USAGE: &str = "mlflow.chat.tokenUsage";
+const ATTR_MODEL: &str = "mlflow.llm.model";
+const ATTR_PROVIDER: &str = "mlflow.llm.provider";
+const ATTR_MESSAGE_FORMAT: &str = "mlflow.message.format";
+const ATTR_TRACE_NAME_TAG: &str = "mlflow.traceTag.mlflow.traceName";
+const ATTR_LINKED_TRACE_ID: &str = "mlflow.gateway.linkedTraceId";
+const ATTR_ENDPOINT_ID: &str = "endpoint_id";
+const ATTR_ENDPOINT_NAME: &str = "endpoint_name";
+const ATTR_METHOD: &str = "method";
+const ATTR_STREAMING: &str = "streaming";
+const ATTR_HTTP_STATUS: &str = "http.response.status_code";
+/// Root-span attributes that also become trace metadata (through the trace-info request).
+const META_ENDPOINT_ID: &str = "mlflow.gateway.endpointId";
+const META_REQUEST_TYPE: &str = "mlflow.gateway.requestType";
+const META_CALLER: &str = "mlflow.gateway.caller";
+const META_SCHEMA_VERSION: &str = "mlflow.trace_schema.version";
+const TAG_TRACE_NAME: &str = "mlflow.traceName";
+
+/// MLflow keeps trace metadata values up to this many characters on every backend.
+const MAX_METADATA_CHARS: usize = 250;
+/// Longest request or response body kept in a span (bytes of its JSON); longer ones are cut.
+pub const MAX_CONTENT_BYTES: usize = 1 << 20;
+/// Longest error message kept in a span.
+const MAX_MESSAGE_CHARS: usize = 4096;
+/// How long the batch processor waits for more spans before exporting a partial batch.
+const SCHEDULED_DELAY: Duration = Duration::from_secs(1);
+/// Trace-info requests in flight at once, and attempts per request.
+const TRACE_INFO_CONCURRENCY: usize = 4;
+const TRACE_INFO_ATTEMPTS: u32 = 3;
+
+// ---------------------------------------------------------------------------------------------
+// Public API
+
+/// Where and how one endpoint's invocations are traced.
+#[derive(Clone, Debug)]
+pub struct TelemetryConfig {
+    /// Tracking server, auth and TLS.
+    pub mlflow: MlflowConfig,
+    pub experiment_id: String,
+    /// `<endpoint>` in the root span's name `gateway/<endpoint>`.
+    pub endpoint_name: String,
+    /// Trace metadata `mlflow.gateway.endpointId` (the resource uid).
+    pub endpoint_id: String,
+    /// `false`: no request or response text anywhere in the trace. Inputs and outputs become
+    /// summaries such as `{"content_omitted":true,"messages":3}` (counts of the top-level arrays
+    /// `messages`, `input`, `contents`, `choices`, `data`, `content`, `candidates`, `output`), and
+    /// error messages (which may quote an upstream answer) are replaced by their error type and
+    /// HTTP status.
+    pub capture_content: bool,
+    /// Spans ended but not yet exported, at most; beyond it spans are dropped and counted.
+    pub max_queue_spans: usize,
+    /// Spans per OTLP request, at most.
+    pub max_export_batch: usize,
+    /// Time limit of one OTLP request (and of one trace-info request).
+    pub export_timeout: Duration,
+}
+
+impl TelemetryConfig {
+    pub const DEFAULT_MAX_QUEUE_SPANS: usize = 4096;
+    pub const DEFAULT_MAX_EXPORT_BATCH: usize = 512;
+    pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Content captured, default queue, batch and timeout.
+    pub fn new(
+        mlflow: MlflowConfig,
+        experiment_id: impl Into<String>,
+        endpoint_name: impl Into<String>,
+        endpoint_id: impl Into<String>,
+    ) -> Self {
+        TelemetryConfig {
+            mlflow,
+            experiment_id: experiment_id.into(),
+            endpoint_name: endpoint_name.into(),
+            endpoint_id: endpoint_id.into(),
+            capture_content: true,
+            max_queue_spans: Self::DEFAULT_MAX_QUEUE_SPANS,
+            max_export_batch: Self::DEFAULT_MAX_EXPORT_BATCH,
+            export_timeout: Self::DEFAULT_EXPORT_TIMEOUT,
+        }
+    }
+}
+
+/// Export counters since [`Telemetry::new`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExportStats {
+    /// Spans ended and admitted but not yet exported or failed (a gauge).
+    pub queued: u64,
+    /// Spans the tracking server accepted.
+    pub exported_spans: u64,
+    /// Spans dropped because `max_queue_spans` were in flight (or telemetry was shut down).
+    pub dropped_spans: u64,
+    /// Spans in OTLP requests that failed or timed out.
+    pub failed_spans: u64,
+    /// Traces whose root span was accepted and whose trace info (metadata) was stored.
+    pub exported_traces: u64,
+    /// Traces whose root span was accepted but whose trace info could not be stored (they lack
+    /// the gateway metadata).
+    pub failed_traces: u64,
+}
+
+/// A setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("Telemetry::new must be called inside a tokio runtime")]
+    NoRuntime,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid telemetry setting: {0}")]
+    Invalid(String),
+    #[error("cannot build the OTLP exporter: {0}")]
+    Exporter(String),
+}
+
+/// One endpoint's trace export. Cheap to clone; clones share the export pipeline.
+#[derive(Clone)]
+pub struct Telemetry {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    tracer: SdkTracer,
+    provider: SdkTracerProvider,
+    bsp: Arc<BatchSpanProcessor<Tokio>>,
+    counters: Arc<Counters>,
+    /// Set by `shutdown`: new invocations are not traced, the batch processor is being stopped.
+    closed: Arc<AtomicBool>,
+    capture_content: bool,
+    export_timeout: Duration,
+    root_name: String,
+    endpoint_id: StringValue,
+    endpoint_name: StringValue,
+    root_name_value: StringValue,
+    experiment_id: String,
+}
+
+impl fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            None => f.write_str("Telemetry(disabled)"),
+            Some(inner) => f
+                .debug_struct("Telemetry")
+                .field("experiment_id", &inner.experiment_id)
+                .field("root_span", &inner.root_name)
+                .field("capture_content", &inner.capture_content)
+                .field("stats", &inner.counters.stats())
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl Telemetry {
+    /// Starts the export pipeline for one endpoint. Must be called inside a tokio runtime.
+    pub fn new(config: TelemetryConfig) -> Result<Self, TelemetryError> {
+        tokio::runtime::Handle::try_current().map_err(|_| TelemetryError::NoRuntime)?;
+        let settings = Settings::from_config(&config)?;
+        let http = MlflowHttp::new(&config.mlflow, &config.experiment_id, config.export_timeout)?;
+        let otlp = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(http.clone())
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(endpoint_url(&config.mlflow.tracking_uri, "v1/traces").as_str())
+            .with_timeout(config.export_timeout)
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        let poster = TraceInfoPoster {
+            http,
+            url: endpoint_url(&config.mlflow.tracking_uri, "api/3.0/mlflow/traces"),
+            experiment_id: config.experiment_id.clone(),
+            endpoint_id: truncate_chars(&config.endpoint_id, MAX_METADATA_CHARS).into_owned(),
+            trace_name: settings.root_name.clone(),
+        };
+        tracing::info!(
+            experiment_id = %config.experiment_id,
+            endpoint = %config.endpoint_name,
+            tracking_uri = %config.mlflow.tracking_uri,
+            capture_content = config.capture_content,
+            "exporting gateway traces to MLflow"
+        );
+        Ok(Self::build(settings, otlp, Some(poster)))
+    }
+
+    /// Usage tracking off: every call is a no-op and nothing is exported.
+    pub fn disabled() -> Self {
+        Telemetry { inner: None }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    pub fn stats(&self) -> ExportStats {
+        self.inner
+            .as_ref()
+            .map(|i| i.counters.stats())
+            .unwrap_or_default()
+    }
+
+    /// Starts one invocation's trace.
+    ///
+    /// `request_type`: e.g. [`request_type::UNIFIED_CHAT`]. `caller`: see [`caller_from`].
+    /// `traceparent`: the incoming W3C header, if any; a valid one links the gateway's trace (a
+    /// new trace, rooted at `gateway/<endpoint>`) to the caller's span, a malformed one is
+    /// ignored. `inputs`: the request body.
+    pub fn start_invocation(
+        &self,
+        request_type: &str,
+        caller: Option<&str>,
+        traceparent: Option<&str>,
+        inputs: &serde_json::Value,
+    ) -> Invocation {
+        let Some(inner) = &self.inner else {
+            return Invocation { inner: None };
+        };
+        if inner.closed.load(Ordering::Relaxed) {
+            return Invocation { inner: None };
+        }
+        let mut attributes = Vec::with_capacity(10);
+        attributes.push(KeyValue::new(ATTR_SPAN_TYPE, "UNKNOWN"));
+        attributes.push(KeyValue::new(ATTR_ENDPOINT_ID, inner.endpoint_id.clone()));
+        attributes.push(KeyValue::new(
+            ATTR_ENDPOINT_NAME,
+            inner.endpoint_name.clone(),
+        ));
+        attributes.push(KeyValue::new(
+            ATTR_TRACE_NAME_TAG,
+            inner.root_name_value.clone(),
+        ));
+        attributes.push(KeyValue::new(
+            META_REQUEST_TYPE,
+            truncate_chars(request_type, MAX_METADATA_CHARS).into_owned(),
+        ));
+        if let Some(caller) = caller.and_then(clean_caller) {
+            attributes.push(KeyValue::new(META_CALLER, caller));
+        }
+        if let Some(format) = message_format(request_type) {
+            attributes.push(KeyValue::new(ATTR_MESSAGE_FORMAT, format));
+        }
+        attributes.push(KeyValue::new(
+            ATTR_INPUTS,
+            content_attribute(inputs, inner.capture_content),
+        ));
+        let mut builder = inner
+            .tracer
+            .span_builder(inner.root_name.clone())
+            .with_kind(SpanKind::Server);
+        if let Some(parent) = traceparent.and_then(parse_traceparent) {
+            attributes.push(KeyValue::new(
+                ATTR_LINKED_TRACE_ID,
+                mlflow_trace_id(parent.trace_id()),
+            ));
+            builder = builder.with_links(vec![Link::with_context(parent)]);
+        }
+        // An empty parent context: the root never inherits an ambient span.
+        let span = builder
+            .with_attributes(attributes)
+            .start_with_context(&inner.tracer, &Context::new());
+        let context = span.span_context().clone();
+        let trace_id = context.trace_id();
+        Invocation {
+            inner: Some(Box::new(InvocationInner {
+                span,
+                parent: Context::new().with_remote_span_context(context),
+                trace_id,
+                telemetry: Arc::clone(inner),
+            })),
+        }
+    }
+
+    /// Exports everything ended so far and waits for it (and for the trace-info requests it
+    /// causes), at most about `2 × export_timeout` plus the trace-info retries.
+    pub async fn flush(&self) {
+        let Some(inner) = &self.inner else { return };
+        let bsp = Arc::clone(&inner.bsp);
+        let closed = Arc::clone(&inner.closed);
+        let flushed = tokio::task::spawn_blocking(move || {
+            if !closed.load(Ordering::Relaxed) {
+                let _ = bsp.force_flush();
+            }
+        });
+        let limit = inner.export_timeout.saturating_mul(2);
+        let _ = tokio::time::timeout(limit, flushed).await;
+        let _ = tokio::time::timeout(
+            inner.export_timeout.saturating_mul(TRACE_INFO_ATTEMPTS + 1),
+            inner.counters.trace_infos_idle(),
+        )
+        .await;
+    }
+
+    /// Flushes and stops (on SIGTERM), waiting at most `timeout`. Invocations started afterwards
+    /// are not traced; spans ending afterwards are dropped (and counted).
+    pub async fn shutdown(&self, timeout: Duration) {
+        let Some(inner) = &self.inner else { return };
+        let deadline = tokio::time::Instant::now() + timeout;
+        if !inner.closed.swap(true, Ordering::SeqCst) {
+            let bsp = Arc::clone(&inner.bsp);
+            let stopped = tokio::task::spawn_blocking(move || bsp.shutdown());
+            if tokio::time::timeout_at(deadline, stopped).await.is_err() {
+                tracing::warn!(
+                    queued = inner.counters.in_flight.load(Ordering::Relaxed),
+                    "telemetry shutdown: spans still unexported after {} ms",
+                    timeout.as_millis()
+                );
+            }
+            let _ = tokio::time::timeout_at(deadline, inner.counters.trace_infos_idle()).await;
+            // Marks the provider shut down; the gate does not stop the batch processor again.
+            let _ = inner.provider.shutdown();
+            tracing::info!(stats = ?inner.counters.stats(), "telemetry shut down");
+        }
+    }
+
+    fn build<E: SpanExporter + 'static>(
+        settings: Settings,
+        exporter: E,
+        poster: Option<TraceInfoPoster>,
+    ) -> Self {
+        let counters = Arc::new(Counters::new(settings.max_queue_spans));
+        let (info_tx, info_rx) = tokio::sync::mpsc::channel(settings.max_queue_spans.max(16));
+        tokio::spawn(trace_info_worker(info_rx, poster, Arc::clone(&counters)));
+        let exporter = CountingExporter {
+            inner: exporter,
+            counters: Arc::clone(&counters),
+            trace_infos: info_tx,
+            experiment_id: settings.experiment_id.clone(),
+        };
+        // The SDK queue is larger than the gate (plus room for flush messages): it never drops.
+        let batch = BatchConfigBuilder::default()
+            .with_max_queue_size(settings.max_queue_spans + 64)
+            .with_max_export_batch_size(settings.max_export_batch)
+            .with_scheduled_delay(SCHEDULED_DELAY)
+            .with_max_export_timeout(settings.export_timeout)
+            .with_max_concurrent_exports(1)
+            .build();
+        let bsp = Arc::new(
+            BatchSpanProcessor::builder(exporter, Tokio)
+                .with_batch_config(batch)
+                .build(),
+        );
+        let closed = Arc::new(AtomicBool::new(false));
+        let gate = GateProcessor {
+            bsp: Arc::clone(&bsp),
+            counters: Arc::clone(&counters),
+            closed: Arc::clone(&closed),
+        };
+        let provider = SdkTracerProvider::builder()
+            .with_resource(Resource::builder_empty().build())
+            .with_sampler(Sampler::AlwaysOn)
+            .with_span_processor(gate)
+            .build();
+        let tracer = provider.tracer(env!("CARGO_PKG_NAME"));
+        Telemetry {
+            inner: Some(Arc::new(Inner {
+                tracer,
+                provider,
+                bsp,
+                counters,
+                closed,
+                capture_content: settings.capture_content,
+                export_timeout: settings.export_timeout,
+                endpoint_id: StringValue::from(Arc::<str>::from(settings.endpoint_id)),
+                endpoint_name: StringValue::from(Arc::<str>::from(settings.endpoint_name)),
+                root_name_value: StringValue::from(Arc::<str>::from(settings.root_name.as_str())),
+                root_name: settings.root_name,
+                experiment_id: settings.experiment_id,
+            })),
+        }
+    }
+}
+
+/// One invocation's trace: its root span `gateway/<endpoint>`. Dropping it without
+/// [`Invocation::finish`] ends the root span with the error "aborted" (the client went away).
+pub struct Invocation {
+    inner: Option<Box<InvocationInner>>,
+}
+
+struct InvocationInner {
+    span: opentelemetry_sdk::trace::Span,
+    /// The root as a parent for attempts.
+    parent: Context,
+    trace_id: TraceId,
+    telemetry: Arc<Inner>,
+}
+
+impl fmt::Debug for Invocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Invocation")
+            .field("trace_id", &self.trace_id())
+            .finish()
+    }
+}
+
+impl Invocation {
+    /// A no-op invocation, as a disabled [`Telemetry`] gives.
+    pub fn disabled() -> Self {
+        Invocation { inner: None }
+    }
+
+    /// `tr-<32 hex>`, the MLflow trace id; None when telemetry is disabled.
+    pub fn trace_id(&self) -> Option<String> {
+        self.inner.as_ref().map(|i| mlflow_trace_id(i.trace_id))
+    }
+
+    /// Starts one provider attempt, `provider/<provider>/<model>`. `method`: `chat`,
+    /// `chat_stream`, `completions`, `completions_stream` or `embeddings`.
+    pub fn start_attempt(
+        &self,
+        provider: &str,
+        model: &str,
+        method: &str,
+        streaming: bool,
+    ) -> Attempt {
+        let Some(inv) = &self.inner else {
+            return Attempt { inner: None };
+        };
+        let name = if model.is_empty() {
+            format!("provider/{provider}")
+        } else {
+            format!("provider/{provider}/{model}")
+        };
+        let mut attributes = Vec::with_capacity(5);
+        attributes.push(KeyValue::new(ATTR_SPAN_TYPE, "LLM"));
+        attributes.push(KeyValue::new(ATTR_PROVIDER, provider.to_string()));
+        if !model.is_empty() {
+            attributes.push(KeyValue::new(ATTR_MODEL, model.to_string()));
+        }
+        attributes.push(KeyValue::new(ATTR_METHOD, method.to_string()));
+        if streaming {
+            attributes.push(KeyValue::new(ATTR_STREAMING, true));
+        }
+        let tracer = &inv.telemetry.tracer;
+        let span = tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Client)
+            .with_attributes(attributes)
+            .start_with_context(tracer, &inv.parent);
+        Attempt {
+            inner: Some(AttemptInner {
+                span,
+                capture_content: inv.telemetry.capture_content,
+            }),
+        }
+    }
+
+    /// Ends the root span: `outputs` = the response (if any); `error` = Some(message) when the
+    /// invocation failed (root status ERROR with an "exception" event).
+    pub fn finish(mut self, outputs: Option<&serde_json::Value>, error: Option<&str>) {
+        let Some(mut inv) = self.inner.take() else {
+            return;
+        };
+        let capture = inv.telemetry.capture_content;
+        if let Some(outputs) = outputs {
+            inv.span.set_attribute(KeyValue::new(
+                ATTR_OUTPUTS,
+                content_attribute(outputs, capture),
+            ));
+        }
+        match error {
+            None => inv.span.set_status(Status::Ok),
+            Some(message) => {
+                let message = error_message(message, "GatewayError", None, capture);
+                record_error(&mut inv.span, "GatewayError", message);
+            }
+        }
+        inv.span.end();
+    }
+}
+
+impl Drop for Invocation {
+    fn drop(&mut self) {
+        if let Some(mut inv) = self.inner.take() {
+            record_error(
+                &mut inv.span,
+                "Aborted",
+                Cow::Borrowed("aborted: the request ended before the gateway finished it"),
+            );
+            inv.span.end();
+        }
+    }
+}
+
+/// One provider attempt. Dropping it without ending it records the error "aborted".
+pub struct Attempt {
+    inner: Option<AttemptInner>,
+}
+
+struct AttemptInner {
+    span: opentelemetry_sdk::trace::Span,
+    capture_content: bool,
+}
+
+impl fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attempt")
+            .field("active", &self.inner.is_some())
+            .finish()
+    }
+}
+
+impl Attempt {
+    /// A no-op attempt.
+    pub fn disabled() -> Self {
+        Attempt { inner: None }
+    }
+
+    /// The provider answered: `usage` from its answer (or the stream's final chunk), `outputs`
+    /// its answer (kept only with `capture_content`; MLflow's provider spans carry none).
+    pub fn succeed(mut self, usage: Option<TokenUsage>, outputs: Option<&serde_json::Value>) {
+        let Some(mut attempt) = self.inner.take() else {
+            return;
+        };
+        if let Some(usage) = usage {
+            attempt
+                .span
+                .set_attribute(KeyValue::new(ATTR_TOKEN_USAGE, usage.to_json()));
+        }
+        if attempt.capture_content
+            && let Some(outputs) = outputs
+        {
+            attempt.span.set_attribute(KeyValue::new(
+                ATTR_OUTPUTS,
+                content_attribute(outputs, true),
+            ));
+        }
+        attempt.span.set_status(Status::Ok);
+        attempt.span.end();
+    }
+
+    /// The attempt failed: `error_type` e.g. `UpstreamError`, `Timeout`; `http_status` the
+    /// provider's answer status, if it answered.
+    pub fn fail(mut self, error_type: &str, message: &str, http_status: Option<u16>) {
+        let Some(mut attempt) = self.inner.take() else {
+            return;
+        };
+        if let Some(status) = http_status {
+            attempt
+                .span
+                .set_attribute(KeyValue::new(ATTR_HTTP_STATUS, i64::from(status)));
+        }
+        let message = error_message(message, error_type, http_status, attempt.capture_content);
+        record_error(&mut attempt.span, error_type, message);
+        attempt.span.end();
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if let Some(mut attempt) = self.inner.take() {
+            record_error(
+                &mut attempt.span,
+                "Aborted",
+                Cow::Borrowed("aborted: the attempt was abandoned before it ended"),
+            );
+            attempt.span.end();
+        }
+    }
+}
+
+/// Token counts of one provider answer (`mlflow.chat.tokenUsage`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl TokenUsage {
+    fn to_json(self) -> String {
+        format!(
+            r#"{{"input_tokens":{},"output_tokens":{},"total_tokens":{}}}"#,
+            self.input_tokens, self.output_tokens, self.total_tokens
+        )
+    }
+}
+
+/// The caller's name, as MLflow's gateway derives it: the `X-MLflow-Gateway-Caller` header,
+/// else the product token of the `User-Agent` (the part before the first `/`). Trimmed, control
+/// characters removed, at most 250 characters; None when nothing is left.
+pub fn caller_from(caller_header: Option<&str>, user_agent: Option<&str>) -> Option<String> {
+    if let Some(caller) = caller_header.and_then(clean_caller) {
+        return Some(caller);
+    }
+    user_agent
+        .and_then(|ua| ua.split('/').next())
+        .and_then(clean_caller)
+}
+
+/// [`caller_from`] on a request's headers.
+pub fn caller_from_headers(headers: &axum::http::HeaderMap) -> Option<String> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    caller_from(get(CALLER_HEADER), get("user-agent"))
+}
+
+/// A W3C `traceparent` value as the remote span context it names; None when it is malformed
+/// (wrong length or field count, not lowercase hex, all-zero ids, version `ff`).
+pub fn parse_traceparent(value: &str) -> Option<SpanContext> {
+    let mut fields = value.trim().split('-');
+    let version = fields.next()?;
+    let trace_id = fields.next()?;
+    let span_id = fields.next()?;
+    let flags = fields.next()?;
+    // Version 00 has exactly four fields; a later version may append more.
+    if version == "00" && fields.next().is_some() {
+        return None;
+    }
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if !hex(version, 2) || version == "ff" || !hex(trace_id, 32) || !hex(span_id, 16) {
+        return None;
+    }
+    if !hex(flags, 2) {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace_id).ok()?;
+    let span_id = SpanId::from_hex(span_id).ok()?;
+    if trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
+        return None;
+    }
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    Some(SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::new(flags & TraceFlags::SAMPLED.to_u8()),
+        true,
+        TraceState::default(),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Span content helpers
+
+fn mlflow_trace_id(trace_id: TraceId) -> String {
+    format!("tr-{trace_id:032x}")
+}
+
+fn clean_caller(raw: &str) -> Option<String> {
+    let cleaned: String = raw.trim().chars().filter(|c| !c.is_control()).collect();
+    let cleaned = cleaned.trim();
+    (!cleaned.is_empty()).then(|| truncate_chars(cleaned, MAX_METADATA_CHARS).into_owned())
+}
+
+/// `mlflow.message.format` for request types whose answers are not OpenAI-shaped (as MLflow's
+/// gateway sets it, so that the UI renders the chat).
+fn message_format(request_type: &str) -> Option<&'static str> {
+    match request_type {
+        request_type::PASSTHROUGH_ANTHROPIC_MESSAGES => Some("anthropic"),
+        request_type::PASSTHROUGH_GEMINI_GENERATE_CONTENT => Some("gemini"),
+        _ => None,
+    }
+}
+
+/// Top-level arrays counted in a content summary.
+const SUMMARY_ARRAYS: [&str; 8] = [
+    "messages",
+    "input",
+    "contents",
+    "choices",
+    "data",
+    "content",
+    "candidates",
+    "output",
+];
+
+/// The span attribute for a request or response body: its JSON (cut at [`MAX_CONTENT_BYTES`]),
+/// or without `capture`, a summary that holds no text of it.
+fn content_attribute(value: &serde_json::Value, capture: bool) -> String {
+    if capture {
+        let json = serde_json::to_string(value).unwrap_or_default();
+        if json.len() <= MAX_CONTENT_BYTES {
+            return json;
+        }
+        let mut end = MAX_CONTENT_BYTES;
+        while !json.is_char_boundary(end) {
+            end -= 1;
+        }
+        return format!("{}…[truncated: {} bytes in all]", &json[..end], json.len());
+    }
+    content_summary(value)
+}
+
+fn content_summary(value: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut summary = String::from(r#"{"content_omitted":true"#);
+    if let serde_json::Value::Object(fields) = value {
+        for key in SUMMARY_ARRAYS {
+            if let Some(serde_json::Value::Array(items)) = fields.get(key) {
+                let _ = write!(summary, r#","{key}":{}"#, items.len());
+            }
+        }
+    }
+    summary.push('}');
+    summary
+}
+
+/// The message recorded for an error: itself (cut) with content capture, else only its type
+/// and status, since upstream messages may quote the request.
+fn error_message<'a>(
+    message: &'a str,
+    error_type: &str,
+    http_status: Option<u16>,
+    capture: bool,
+) -> Cow<'a, str> {
+    if capture {
+        return truncate_chars(message, MAX_MESSAGE_CHARS);
+    }
+    Cow::Owned(match http_status {
+        Some(status) => format!("{error_type} (HTTP {status}; message omitted)"),
+        None => format!("{error_type} (message omitted)"),
+    })
+}
+
+/// Status ERROR and an "exception" event, as MLflow's `record_exception` writes them.
+fn record_error(
+    span: &mut opentelemetry_sdk::trace::Span,
+    error_type: &str,
+    message: Cow<'_, str>,
+) {
+    let description = format!("{error_type}: {message}");
+    span.add_event(
+        "exception",
+        vec![
+            KeyValue::new("exception.type", error_type.to_string()),
+            KeyValue::new("exception.message", message.into_owned()),
+        ],
+    );
+    span.set_status(Status::error(description));
+}
+
+fn truncate_chars(s: &str, max: usize) -> Cow<'_, str> {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => Cow::Borrowed(&s[..i]),
+        None => Cow::Borrowed(s),
+    }
+}
+
+/// `<tracking uri>/<path>`, keeping any path prefix of the tracking URI.
+fn endpoint_url(tracking_uri: &Url, path: &str) -> Url {
+    let mut url = tracking_uri.clone();
+    url.set_query(None);
+    url.set_fragment(None);
+    let prefix = url.path().trim_end_matches('/').to_string();
+    url.set_path(&format!("{prefix}/{path}"));
+    url
+}
+
+/// RFC 3339 UTC with nanoseconds, as protobuf's JSON mapping of `Timestamp` wants it.
+fn rfc3339(time: SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let of_day = secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60,
+        since.subsec_nanos()
+    )
+}
+
+/// Year, month, day of a day count since 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Protobuf's JSON mapping of `Duration`.
+fn proto_duration(d: Duration) -> String {
+    format!("{}.{:09}s", d.as_secs(), d.subsec_nanos())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+
+struct Settings {
+    capture_content: bool,
+    max_queue_spans: usize,
+    max_export_batch: usize,
+    export_timeout: Duration,
+    experiment_id: String,
+    endpoint_id: String,
+    endpoint_name: String,
+    root_name: String,
+}
+
+impl Settings {
+    fn from_config(config: &TelemetryConfig) -> Result<Self, TelemetryError> {
+        if config.experiment_id.trim().is_empty() {
+            return Err(TelemetryError::Invalid(
+                "experiment_id is empty".to_string(),
+            ));
+        }
+        if HeaderValue::from_str(&config.experiment_id).is_err() {
+            return Err(TelemetryError::Invalid(
+                "experiment_id is not usable in an HTTP header".to_string(),
+            ));
+        }
+        if config.endpoint_name.is_empty() {
+            return Err(TelemetryError::Invalid(
+                "endpoint_name is empty".to_string(),
+            ));
+        }
+        if config.max_queue_spans == 0 || config.max_export_batch == 0 {
+            return Err(TelemetryError::Invalid(
+                "max_queue_spans and max_export_batch must be at least 1".to_string(),
+            ));
+        }
+        if config.export_timeout.is_zero() {
+            return Err(TelemetryError::Invalid(
+                "export_timeout must be positive".to_string(),
+            ));
+        }
+        Ok(Settings {
+            capture_content: config.capture_content,
+            max_queue_spans: config.max_queue_spans,
+            max_export_batch: config.max_export_batch.min(config.max_queue_spans),
+            export_timeout: config.export_timeout,
+            experiment_id: config.experiment_id.clone(),
+            endpoint_id: config.endpoint_id.clone(),
+            endpoint_name: config.endpoint_name.clone(),
+            root_name: format!("gateway/{}", config.endpoint_name),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters and the gate
+
+struct Counters {
+    max_in_flight: usize,
+    in_flight: AtomicUsize,
+    exported_spans: AtomicU64,
+    dropped_spans: AtomicU64,
+    failed_spans: AtomicU64,
+    exported_traces: AtomicU64,
+    failed_traces: AtomicU64,
+    /// Log state: a warning at the start of a streak of drops or failures, not per span.
+    dropping: AtomicBool,
+    export_failing: AtomicBool,
+    trace_info_failing: AtomicBool,
+    /// Trace-info requests queued or running.
+    trace_infos_pending: AtomicUsize,
+    trace_infos_idle: tokio::sync::Notify,
+}
+
+impl Counters {
+    fn new(max_in_flight: usize) -> Self {
+        Counters {
+            max_in_flight,
+            in_flight: AtomicUsize::new(0),
+            exported_spans: AtomicU64::new(0),
+            dropped_spans: AtomicU64::new(0),
+            failed_spans: AtomicU64::new(0),
+            exported_traces: AtomicU64::new(0),
+            failed_traces: AtomicU64::new(0),
+            dropping: AtomicBool::new(false),
+            export_failing: AtomicBool::new(false),
+            trace_info_failing: AtomicBool::new(false),
+            trace_infos_pending: AtomicUsize::new(0),
+            trace_infos_idle: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn stats(&self) -> ExportStats {
+        ExportStats {
+            queued: self.in_flight.load(Ordering::Relaxed) as u64,
+            exported_spans: self.exported_spans.load(Ordering::Relaxed),
+            dropped_spans: self.dropped_spans.load(Ordering::Relaxed),
+            failed_spans: self.failed_spans.load(Ordering::Relaxed),
+            exported_traces: self.exported_traces.load(Ordering::Relaxed),
+            failed_traces: self.failed_traces.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes a place in the queue for one span; false (and counted) when it is full.
+    fn try_admit(&self) -> bool {
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if before < self.max_in_flight {
+            return true;
+        }
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.drop_spans(1);
+        if !self.dropping.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                max_queue_spans = self.max_in_flight,
+                "trace export queue full: dropping spans (is the MLflow tracking server slow or down?)"
+            );
+        }
+        false
+    }
+
+    fn drop_spans(&self, n: u64) {
+        self.dropped_spans.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Frees the places of `n` spans that were exported or failed.
+    fn release(&self, n: usize) {
+        let before = self.in_flight.fetch_sub(n, Ordering::AcqRel);
+        if before.saturating_sub(n) <= self.max_in_flight / 2
+            && self.dropping.load(Ordering::Relaxed)
+            && self.dropping.swap(false, Ordering::Relaxed)
+        {
+            tracing::info!(
+                dropped_spans = self.dropped_spans.load(Ordering::Relaxed),
+                "trace export queue has room again"
+            );
+        }
+    }
+
+    fn exported(&self, n: usize, experiment_id: &str) {
+        self.exported_spans.fetch_add(n as u64, Ordering::Relaxed);
+        if self.export_failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(experiment_id, "trace export to MLflow works again");
+        }
+        self.release(n);
+    }
+
+    fn failed(&self, n: usize, experiment_id: &str, reason: &str) {
+        self.failed_spans.fetch_add(n as u64, Ordering::Relaxed);
+        if self.export_failing.swap(true, Ordering::Relaxed) {
+            tracing::debug!(experiment_id, spans = n, %reason, "trace export failed");
+        } else {
+            tracing::warn!(
+                experiment_id,
+                spans = n,
+                %reason,
+                "trace export to MLflow failed; spans are lost until it works again (further failures are logged at debug level)"
+            );
+        }
+        self.release(n);
+    }
+
+    fn trace_info_done(&self, stored: bool) {
+        if stored {
+            self.exported_traces.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.failed_traces.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.trace_infos_pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.trace_infos_idle.notify_waiters();
+        }
+    }
+
+    async fn trace_infos_idle(&self) {
+        loop {
+            let idle = self.trace_infos_idle.notified();
+            if self.trace_infos_pending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// In front of the SDK's batch processor: admits a span only while the queue has room.
+#[derive(Debug)]
+struct GateProcessor {
+    bsp: Arc<BatchSpanProcessor<Tokio>>,
+    counters: Arc<Counters>,
+    closed: Arc<AtomicBool>,
+}
+
+impl fmt::Debug for Counters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.stats().fmt(f)
+    }
+}
+
+impl SpanProcessor for GateProcessor {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if self.closed.load(Ordering::Relaxed) {
+            self.counters.drop_spans(1);
+            return;
+        }
+        if self.counters.try_admit() {
+            self.bsp.on_end(span);
+        }
+    }
+
+    /// Blocking: only called through `spawn_blocking`.
+    fn force_flush(&self) -> OTelSdkResult {
+        self.bsp.force_flush()
+    }
+
+    /// Called by the provider's shutdown, also when its last clone is dropped (possibly on a
+    /// runtime thread): never blocks. After `Telemetry::shutdown` it has nothing left to do;
+    /// otherwise the batch processor is stopped on a detached thread (a best-effort flush).
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            let bsp = Arc::clone(&self.bsp);
+            let _ = std::thread::Builder::new()
+                .name("telemetry-shutdown".to_string())
+                .spawn(move || {
+                    let _ = bsp.shutdown();
+                });
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exporter
+
+/// Around the OTLP exporter: counts exported and failed spans, releases the gate, and queues the
+/// trace-info request of every root span that was accepted.
+struct CountingExporter<E> {
+    inner: E,
+    counters: Arc<Counters>,
+    trace_infos: tokio::sync::mpsc::Sender<TraceInfoJob>,
+    experiment_id: String,
+}
+
+impl<E> fmt::Debug for CountingExporter<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CountingExporter")
+            .field("experiment_id", &self.experiment_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settles an export's count once: exported, failed, or (dropped unfinished, i.e. abandoned at
+/// the batch processor's timeout) failed.
+struct ExportGuard<'a> {
+    counters: &'a Counters,
+    experiment_id: &'a str,
+    spans: usize,
+    settled: bool,
+}
+
+impl ExportGuard<'_> {
+    fn settle(mut self, result: &OTelSdkResult) {
+        self.settled = true;
+        match result {
+            Ok(()) => self.counters.exported(self.spans, self.experiment_id),
+            Err(e) => self
+                .counters
+                .failed(self.spans, self.experiment_id, &export_reason(e)),
+        }
+    }
+}
+
+impl Drop for ExportGuard<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.counters.failed(
+                self.spans,
+                self.experiment_id,
+                "no answer within the export timeout",
+            );
+        }
+    }
+}
+
+fn export_reason(e: &OTelSdkError) -> String {
+    let text = match e {
+        OTelSdkError::InternalFailure(reason) => reason.clone(),
+        other => other.to_string(),
+    };
+    truncate_chars(&text, 500).into_owned()
+}
+
+impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let roots: Vec<TraceInfoJob> = batch
+            .iter()
+            .filter(|span| span.parent_span_id == SpanId::INVALID)
+            .map(TraceInfoJob::from_root)
+            .collect();
+        let guard = ExportGuard {
+            counters: &self.counters,
+            experiment_id: &self.experiment_id,
+            spans: batch.len(),
+            settled: false,
+        };
+        let result = self.inner.export(batch).await;
+        if result.is_ok() {
+            for job in roots {
+                self.counters
+                    .trace_infos_pending
+                    .fetch_add(1, Ordering::AcqRel);
+                if self.trace_infos.try_send(job).is_err() {
+                    tracing::debug!("trace-info queue full: a trace keeps no gateway metadata");
+                    self.counters.trace_info_done(false);
+                }
+            }
+        }
+        guard.settle(&result);
+        result
+    }
+
+    fn shutdown_with_timeout(&mut self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&mut self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// The reqwest client for the tracking server, with the experiment header and credentials.
+#[derive(Clone)]
+struct MlflowHttp {
+    client: reqwest::Client,
+    experiment_id: HeaderValue,
+    /// Marked sensitive: never printed by `Debug`.
+    authorization: Option<HeaderValue>,
+}
+
+impl fmt::Debug for MlflowHttp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MlflowHttp")
+            .field("experiment_id", &self.experiment_id)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+impl MlflowHttp {
+    fn new(
+        config: &MlflowConfig,
+        experiment_id: &str,
+        timeout: Duration,
+    ) -> Result<Self, TelemetryError> {
+        if !matches!(config.tracking_uri.scheme(), "http" | "https") {
+            return Err(ConfigError::UnsupportedScheme {
+                scheme: config.tracking_uri.scheme().to_string(),
+            }
+            .into());
+        }
+        if !config.tracking_uri.username().is_empty() || config.tracking_uri.password().is_some() {
+            return Err(ConfigError::CredentialsInTrackingUri.into());
+        }
+        if config.insecure_tls && config.server_cert_path.is_some() {
+            return Err(ConfigError::InsecureTlsWithCertPath.into());
+        }
+        let authorization = match &config.auth {
+            Auth::None => None,
+            Auth::Basic { username, password } => {
+                use base64::Engine as _;
+                let token = base64::engine::general_purpose::STANDARD
+                    .encode(format!("{username}:{password}"));
+                Some(sensitive_header(&format!("Basic {token}"))?)
+            }
+            Auth::Bearer { token } => Some(sensitive_header(&format!("Bearer {token}"))?),
+        };
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!(
+                env!("CARGO_PKG_NAME"),
+                "/",
+                env!("CARGO_PKG_VERSION")
+            ));
+        if let Some(path) = &config.server_cert_path {
+            let pem = std::fs::read(path).map_err(|e| ConfigError::CaBundle {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ConfigError::CaBundle {
+                    path: path.clone(),
+                    reason: format!("not a PEM certificate bundle ({e})"),
+                })?;
+            if certs.is_empty() {
+                return Err(ConfigError::CaBundle {
+                    path: path.clone(),
+                    reason: "no PEM certificate in the file".to_string(),
+                }
+                .into());
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if config.insecure_tls {
+            tracing::warn!(
+                "MLFLOW_TRACKING_INSECURE_TLS=true: the tracking server's certificate is not verified (trace export)"
+            );
+            builder = builder.danger_accept_invalid_certs(true);
+        }
+        let client = builder.build().map_err(|e| ConfigError::HttpClient {
+            reason: e.to_string(),
+        })?;
+        let experiment_id = HeaderValue::from_str(experiment_id).map_err(|_| {
+            TelemetryError::Invalid("experiment_id is not usable in an HTTP header".to_string())
+        })?;
+        Ok(MlflowHttp {
+            client,
+            experiment_id,
+            authorization,
+        })
+    }
+
+    fn authorize(&self, headers: &mut reqwest::header::HeaderMap) {
+        headers.insert(
+            HeaderName::from_static(EXPERIMENT_ID_HEADER),
+            self.experiment_id.clone(),
+        );
+        if let Some(authorization) = &self.authorization {
+            headers.insert(AUTHORIZATION, authorization.clone());
+        }
+    }
+}
+
+fn sensitive_header(value: &str) -> Result<HeaderValue, TelemetryError> {
+    let mut header = HeaderValue::from_str(value).map_err(|_| ConfigError::InvalidToken)?;
+    header.set_sensitive(true);
+    Ok(header)
+}
+
+/// The reason of a transport failure with its causes (reqwest's own message is generic). Holds
+/// the URL at most, never a header.
+fn transport_reason(err: &reqwest::Error) -> String {
+    if err.is_timeout() {
+        return "no answer within the export timeout".to_string();
+    }
+    let mut reason = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !reason.contains(&text) {
+            reason.push_str(": ");
+            reason.push_str(&text);
+        }
+        source = cause.source();
+    }
+    reason
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for MlflowHttp {
+    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        let mut request: reqwest::Request = request.try_into()?;
+        self.authorize(request.headers_mut());
+        let response = self
+            .client
+            .execute(request)
+            .await
+            .map_err(|e| HttpError::from(transport_reason(&e)))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| HttpError::from(transport_reason(&e)))?;
+        // An error answer is only quoted in a log line: keep it short.
+        let body = if status.is_success() {
+            body
+        } else {
+            body.slice(..body.len().min(300))
+        };
+        Ok(Response::builder().status(status).body(body)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trace info (metadata)
+
+/// What the trace-info request needs from a root span.
+#[derive(Debug, Clone)]
+struct TraceInfoJob {
+    trace_id: TraceId,
+    start: SystemTime,
+    end: SystemTime,
+    error: bool,
+    request_type: Option<String>,
+    caller: Option<String>,
+}
+
+impl TraceInfoJob {
+    fn from_root(span: &SpanData) -> Self {
+        let attribute = |key: &str| {
+            span.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == key)
+                .map(|kv| kv.value.as_str().into_owned())
+        };
+        TraceInfoJob {
+            trace_id: span.span_context.trace_id(),
+            start: span.start_time,
+            end: span.end_time,
+            error: matches!(span.status, Status::Error { .. }),
+            request_type: attribute(META_REQUEST_TYPE),
+            caller: attribute(META_CALLER),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct TraceInfoPoster {
+    http: MlflowHttp,
+    url: Url,
+    experiment_id: String,
+    endpoint_id: String,
+    trace_name: String,
+}
+
+impl TraceInfoPoster {
+    /// The StartTraceV3 body: the trace's info with the gateway metadata.
+    fn body(&self, job: &TraceInfoJob) -> serde_json::Value {
+        let mut metadata = serde_json::Map::new();
+        metadata.insert(META_ENDPOINT_ID.into(), self.endpoint_id.clone().into());
+        metadata.insert(META_SCHEMA_VERSION.into(), "3".into());
+        if let Some(request_type) = &job.request_type {
+            metadata.insert(META_REQUEST_TYPE.into(), request_type.clone().into());
+        }
+        if let Some(caller) = &job.caller {
+            metadata.insert(META_CALLER.into(), caller.clone().into());
+        }
+        let duration = job.end.duration_since(job.start).unwrap_or_default();
+        json!({"trace": {"trace_info": {
+            "trace_id": mlflow_trace_id(job.trace_id),
+            "trace_location": {
+                "type": "MLFLOW_EXPERIMENT",
+                "mlflow_experiment": {"experiment_id": self.experiment_id},
+            },
+            "request_time": rfc3339(job.start),
+            "execution_duration": proto_duration(duration),
+            "state": if job.error { "ERROR" } else { "OK" },
+            "trace_metadata": metadata,
+            "tags": {TAG_TRACE_NAME: self.trace_name},
+        }}})
+    }
+
+    /// Posts the trace info, retrying transient failures; Err(reason) when it was not stored.
+    async fn post(&self, job: &TraceInfoJob) -> Result<(), String> {
+        let body = self.body(job).to_string();
+        let mut delay = Duration::from_millis(250);
+        let mut attempt = 1;
+        loop {
+            let mut request = self
+                .http
+                .client
+                .post(self.url.clone())
+                .header(CONTENT_TYPE, "application/json")
+                .body(body.clone())
+                .build()
+                .map_err(|e| transport_reason(&e))?;
+            self.http.authorize(request.headers_mut());
+            let (reason, transient) = match self.http.client.execute(request).await {
+                Ok(response) if response.status().is_success() => return Ok(()),
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let text = response.text().await.unwrap_or_default();
+                    (
+                        format!("HTTP {status}: {}", truncate_chars(text.trim(), 300)),
+                        status == 429 || status >= 500,
+                    )
+                }
+                Err(e) => (transport_reason(&e), true),
+            };
+            if !transient || attempt >= TRACE_INFO_ATTEMPTS {
+                return Err(reason);
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 4;
+            attempt += 1;
+        }
+    }
+}
+
+/// Posts queued trace infos, a few at a time. Ends when the exporter (the sender) is gone.
+async fn trace_info_worker(
+    mut jobs: tokio::sync::mpsc::Receiver<TraceInfoJob>,
+    poster: Option<TraceInfoPoster>,
+    counters: Arc<Counters>,
+) {
+    let Some(poster) = poster else {
+        // No tracking server (tests of the span pipeline): nothing to write.
+        while jobs.recv().await.is_some() {
+            counters.trace_info_done(true);
+        }
+        return;
+    };
+    let poster = Arc::new(poster);
+    let slots = Arc::new(tokio::sync::Semaphore::new(TRACE_INFO_CONCURRENCY));
+    while let Some(job) = jobs.recv().await {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            counters.trace_info_done(false);
+            continue;
+        };
+        let poster = Arc::clone(&poster);
+        let counters = Arc::clone(&counters);
+        tokio::spawn(async move {
+            let result = poster.post(&job).await;
+            drop(slot);
+            match &result {
+                Ok(()) => {
+                    if counters.trace_info_failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!("writing gateway trace metadata to MLflow works again");
+                    }
+                }
+                Err(reason) => {
+                    let trace_id = mlflow_trace_id(job.trace_id);
+                    if counters.trace_info_failing.swap(true, Ordering::Relaxed) {
+                        tracing::debug!(%trace_id, %reason, "cannot write trace metadata");
+                    } else {
+                        tracing::warn!(
+                            %trace_id,
+                            experiment_id = %poster.experiment_id,
+                            %reason,
+                            "cannot write gateway trace metadata to MLflow; traces are stored without it (further failures are logged at debug level)"
+                        );
+                    }
+                }
+            }
+            counters.trace_info_done(result.is_ok());
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests of the pure parts and of the pipeline (with an in-process exporter)
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::Value as OtelValue;
+    use std::sync::Mutex;
+
+    #[test]
+    fn traceparent_valid() {
+        let sc = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .expect("valid");
+        assert_eq!(
+            format!("{:032x}", sc.trace_id()),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(format!("{:016x}", sc.span_id()), "00f067aa0ba902b7");
+        assert!(sc.is_sampled());
+        assert!(sc.is_remote());
+        let unsampled =
+            parse_traceparent(" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00 ")
+                .expect("valid with spaces");
+        assert!(!unsampled.is_sampled());
+        // A later version may append fields.
+        assert!(
+            parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn traceparent_malformed() {
+        for bad in [
+            "",
+            "garbage",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-zz",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e47g6-00f067aa0ba902b7-01",
+        ] {
+            assert!(parse_traceparent(bad).is_none(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn caller_extraction() {
+        assert_eq!(
+            caller_from(Some("my-agent"), Some("curl/8.0")),
+            Some("my-agent".to_string())
+        );
+        assert_eq!(
+            caller_from(None, Some("OpenAI/Python 1.40.0")),
+            Some("OpenAI".to_string())
+        );
+        assert_eq!(
+            caller_from(Some("  "), Some(" python-requests/2.31")),
+            Some("python-requests".to_string())
+        );
+        assert_eq!(caller_from(None, Some("/1.0")), None);
+        assert_eq!(caller_from(None, None), None);
+        assert_eq!(caller_from(Some("a\u{7}b\n"), None), Some("ab".to_string()));
+        let long = "x".repeat(400);
+        assert_eq!(
+            caller_from(Some(&long), None).map(|c| c.len()),
+            Some(MAX_METADATA_CHARS)
+        );
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("user-agent", "claude-cli/1.2 (external)".parse().unwrap());
+        assert_eq!(
+            caller_from_headers(&headers),
+            Some("claude-cli".to_string())
+        );
+        headers.insert(CALLER_HEADER, "nightly-eval".parse().unwrap());
+        assert_eq!(
+            caller_from_headers(&headers),
+            Some("nightly-eval".to_string())
+        );
+    }
+
+    #[test]
+    fn content_without_capture_has_no_text() {
+        let request = json!({
+            "model": "gpt-4o",
+            "messages": [
+                {"role": "system", "content": "SECRET-SYSTEM-PROMPT"},
+                {"role": "user", "content": "SECRET-USER-QUESTION"}
+            ],
+            "temperature": 0.2
+        });
+        let summary = content_attribute(&request, false);
+        assert_eq!(summary, r#"{"content_omitted":true,"messages":2}"#);
+        let response = json!({"choices": [{"message": {"content": "SECRET-ANSWER"}}]});
+        assert_eq!(
+            content_attribute(&response, false),
+            r#"{"content_omitted":true,"choices":1}"#
+        );
+        assert_eq!(
+            content_attribute(&json!("SECRET-STRING"), false),
+            r#"{"content_omitted":true}"#
+        );
+        // Captured: the JSON itself.
+        assert!(content_attribute(&request, true).contains("SECRET-USER-QUESTION"));
+        // Error messages lose their text without capture.
+        let msg = error_message(
+            "upstream said: SECRET-USER-QUESTION",
+            "UpstreamError",
+            Some(400),
+            false,
+        );
+        assert_eq!(msg, "UpstreamError (HTTP 400; message omitted)");
+        assert_eq!(
+            error_message("boom", "Timeout", None, true),
+            Cow::Borrowed("boom")
+        );
+    }
+
+    #[test]
+    fn content_is_cut_at_the_limit() {
+        let big = serde_json::Value::String("é".repeat(MAX_CONTENT_BYTES));
+        let attr = content_attribute(&big, true);
+        assert!(attr.len() < MAX_CONTENT_BYTES + 100);
+        assert!(attr.ends_with("bytes in all]"));
+    }
+
+    #[test]
+    fn timestamps_and_durations() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000000Z");
+        let t = UNIX_EPOCH + Duration::new(1_709_251_199, 123_456_789);
+        assert_eq!(rfc3339(t), "2024-02-29T23:59:59.123456789Z");
+        let t = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(t), "2000-02-29T00:00:00.000000000Z");
+        assert_eq!(proto_duration(Duration::from_millis(1500)), "1.500000000s");
+    }
+
+    #[test]
+    fn urls_keep_the_prefix() {
+        let u = Url::parse("https://host/mlflow/").unwrap();
+        assert_eq!(
+            endpoint_url(&u, "v1/traces").as_str(),
+            "https://host/mlflow/v1/traces"
+        );
+        let u = Url::parse("http://127.0.0.1:5000").unwrap();
+        assert_eq!(
+            endpoint_url(&u, "api/3.0/mlflow/traces").as_str(),
+            "http://127.0.0.1:5000/api/3.0/mlflow/traces"
+        );
+    }
+
+    #[test]
+    fn gate_accounting() {
+        let c = Counters::new(2);
+        assert!(c.try_admit());
+        assert!(c.try_admit());
+        assert!(!c.try_admit());
+        assert_eq!(c.stats().dropped_spans, 1);
+        assert_eq!(c.stats().queued, 2);
+        c.exported(1, "1");
+        assert!(c.try_admit());
+        c.failed(2, "1", "test");
+        let s = c.stats();
+        assert_eq!(
+            (s.queued, s.exported_spans, s.failed_spans, s.dropped_spans),
+            (0, 1, 2, 1)
+        );
+        // An export abandoned at the timeout (its future dropped) counts as failed.
+        assert!(c.try_admit());
+        drop(ExportGuard {
+            counters: &c,
+            experiment_id: "1",
+            spans: 1,
+            settled: false,
+        });
+        assert_eq!((c.stats().queued, c.stats().failed_spans), (0, 3));
+    }
+
+    #[test]
+    fn credentials_are_redacted() {
+        let mut config = MlflowConfig::new(Url::parse("http://127.0.0.1:1").unwrap());
+        config.auth = Auth::Basic {
+            username: "writer".into(),
+            password: "hunter2-SECRET".into(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let http =
+            rt.block_on(async { MlflowHttp::new(&config, "7", Duration::from_secs(1)).unwrap() });
+        let shown = format!("{http:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("d3JpdGVy"),
+            "{shown}"
+        );
+        let tc = TelemetryConfig::new(config, "7", "ep", "uid");
+        assert!(!format!("{tc:?}").contains("hunter2"));
+    }
+
+    /// An exporter that keeps what it gets, or fails, or never answers.
+    #[derive(Debug, Clone, Default)]
+    struct Recorder {
+        spans: Arc<Mutex<Vec<SpanData>>>,
+        mode: Arc<Mutex<Mode>>,
+    }
+
+    #[derive(Debug, Clone, Copy, Default, PartialEq)]
+    enum Mode {
+        #[default]
+        Accept,
+        Fail,
+        Hang,
+    }
+
+    impl SpanExporter for Recorder {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            let mode = *self.mode.lock().unwrap();
+            match mode {
+                Mode::Accept => {
+                    self.spans.lock().unwrap().extend(batch);
+                    Ok(())
+                }
+                Mode::Fail => Err(OTelSdkError::InternalFailure("HTTP 503".into())),
+                Mode::Hang => {
+                    std::future::pending::<()>().await;
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn settings(capture: bool, queue: usize) -> Settings {
+        let mut config = TelemetryConfig::new(
+            MlflowConfig::new(Url::parse("http://127.0.0.1:1").unwrap()),
+            "7",
+            "chat",
+            "uid-1",
+        );
+        config.capture_content = capture;
+        config.max_queue_spans = queue;
+        config.export_timeout = Duration::from_millis(300);
+        Settings::from_config(&config).unwrap()
+    }
+
+    fn attr<'a>(span: &'a SpanData, key: &str) -> Option<&'a OtelValue> {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| &kv.value)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn span_tree_shape() {
+        let recorder = Recorder::default();
+        let telemetry = Telemetry::build(settings(true, 100), recorder.clone(), None);
+        let request = json!({"messages": [{"role": "user", "content": "hello"}]});
+        let invocation = telemetry.start_invocation(
+            request_type::UNIFIED_CHAT,
+            Some("agent"),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            &request,
+        );
+        let trace_id = invocation.trace_id().unwrap();
+        assert!(trace_id.starts_with("tr-") && trace_id.len() == 35);
+        assert_ne!(trace_id, "tr-4bf92f3577b34da6a3ce929d0e0e4736");
+        invocation
+            .start_attempt("openai", "gpt-4o", "chat", false)
+            .fail("UpstreamError", "rate limited", Some(429));
+        let usage = TokenUsage {
+            input_tokens: 3,
+            output_tokens: 4,
+            total_tokens: 7,
+        };
+        invocation
+            .start_attempt("openai", "gpt-4o-mini", "chat_stream", true)
+            .succeed(Some(usage), None);
+        invocation.finish(Some(&json!({"choices": []})), None);
+        telemetry.flush().await;
+
+        let spans = recorder.spans.lock().unwrap().clone();
+        assert_eq!(spans.len(), 3);
+        let root = spans.iter().find(|s| s.name == "gateway/chat").unwrap();
+        assert_eq!(root.parent_span_id, SpanId::INVALID);
+        assert_eq!(root.status, Status::Ok);
+        assert_eq!(
+            attr(root, ATTR_LINKED_TRACE_ID).map(|v| v.as_str().into_owned()),
+            Some("tr-4bf92f3577b34da6a3ce929d0e0e4736".to_string())
+        );
+        assert_eq!(root.links.links.len(), 1);
+        assert_eq!(
+            format!("{:032x}", root.links.links[0].span_context.trace_id()),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(
+            attr(root, META_CALLER).map(|v| v.as_str().into_owned()),
+            Some("agent".into())
+        );
+        assert!(attr(root, ATTR_INPUTS).unwrap().as_str().contains("hello"));
+        let failed = spans
+            .iter()
+            .find(|s| s.name == "provider/openai/gpt-4o")
+            .unwrap();
+        let ok = spans
+            .iter()
+            .find(|s| s.name == "provider/openai/gpt-4o-mini")
+            .unwrap();
+        for child in [failed, ok] {
+            assert_eq!(child.parent_span_id, root.span_context.span_id());
+            assert_eq!(child.span_context.trace_id(), root.span_context.trace_id());
+            assert!(!child.parent_span_is_remote);
+        }
+        assert!(
+            matches!(&failed.status, Status::Error { description } if description == "UpstreamError: rate limited")
+        );
+        assert_eq!(failed.events.events[0].name, "exception");
+        assert_eq!(
+            attr(ok, ATTR_TOKEN_USAGE).map(|v| v.as_str().into_owned()),
+            Some(r#"{"input_tokens":3,"output_tokens":4,"total_tokens":7}"#.into())
+        );
+        assert_eq!(attr(ok, ATTR_STREAMING), Some(&OtelValue::Bool(true)));
+        assert_eq!(attr(failed, ATTR_STREAMING), None);
+        let stats = telemetry.stats();
+        assert_eq!(
+            (stats.exported_spans, stats.exported_traces, stats.queued),
+            (3, 1, 0)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn capture_off_and_aborts() {
+        let recorder = Recorder::default();
+        let telemetry = Telemetry::build(settings(false, 100), recorder.clone(), None);
+        let inv = telemetry.start_invocation(
+            "unified/chat",
+            None,
+            Some("not-a-traceparent"),
+            &json!({"messages": [{"content": "SECRET-PROMPT"}]}),
+        );
+        inv.start_attempt("openai", "gpt-4o", "chat", false).fail(
+            "UpstreamError",
+            "echo: SECRET-PROMPT",
+            Some(400),
+        );
+        let dangling = inv.start_attempt("openai", "gpt-4o", "chat", false);
+        drop(dangling);
+        drop(inv); // the client went away
+        telemetry.flush().await;
+        let spans = recorder.spans.lock().unwrap().clone();
+        assert_eq!(spans.len(), 3);
+        let dump = format!("{spans:?}");
+        assert!(!dump.contains("SECRET-PROMPT"), "{dump}");
+        let root = spans.iter().find(|s| s.name == "gateway/chat").unwrap();
+        assert!(root.links.links.is_empty());
+        assert!(attr(root, ATTR_LINKED_TRACE_ID).is_none());
+        assert!(
+            matches!(&root.status, Status::Error { description } if description.contains("aborted"))
+        );
+        assert_eq!(
+            attr(root, ATTR_INPUTS).map(|v| v.as_str().into_owned()),
+            Some(r#"{"content_omitted":true,"messages":1}"#.into())
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failures_and_drops_are_counted() {
+        let recorder = Recorder::default();
+        *recorder.mode.lock().unwrap() = Mode::Fail;
+        let telemetry = Telemetry::build(settings(true, 1000), recorder.clone(), None);
+        for _ in 0..10 {
+            telemetry
+                .start_invocation("unified/chat", None, None, &json!({}))
+                .finish(None, None);
+        }
+        telemetry.flush().await;
+        let s = telemetry.stats();
+        assert_eq!((s.failed_spans, s.exported_spans, s.queued), (10, 0, 0));
+
+        // A server that never answers: exports are abandoned at the timeout, the queue fills
+        // up, and spans beyond it are dropped, all without blocking the caller.
+        *recorder.mode.lock().unwrap() = Mode::Hang;
+        let telemetry = Telemetry::build(settings(true, 5), recorder.clone(), None);
+        let started = std::time::Instant::now();
+        for _ in 0..50 {
+            telemetry
+                .start_invocation("unified/chat", None, None, &json!({}))
+                .finish(None, None);
+        }
+        assert!(started.elapsed() < Duration::from_millis(200));
+        let s = telemetry.stats();
+        assert!(s.dropped_spans >= 45, "{s:?}");
+        assert!(s.queued <= 5, "{s:?}");
+        telemetry.shutdown(Duration::from_secs(2)).await;
+        let s = telemetry.stats();
+        assert_eq!(s.dropped_spans + s.failed_spans + s.queued, 50, "{s:?}");
+        // After shutdown nothing is traced.
+        assert!(
+            telemetry
+                .start_invocation("unified/chat", None, None, &json!({}))
+                .trace_id()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn disabled_is_a_no_op() {
+        let telemetry = Telemetry::disabled();
+        let inv = telemetry.start_invocation("unified/chat", None, None, &json!({}));
+        assert!(inv.trace_id().is_none());
+        inv.start_attempt("openai", "m", "chat", false)
+            .succeed(None, None);
+        inv.finish(None, Some("x"));
+        telemetry.flush().await;
+        telemetry.shutdown(Duration::from_secs(1)).await;
+        assert_eq!(telemetry.stats(), ExportStats::default());
+    }
+
+    #[test]
+    fn new_needs_a_runtime() {
+        let config = TelemetryConfig::new(
+            MlflowConfig::new(Url::parse("http://127.0.0.1:1").unwrap()),
+            "1",
+            "ep",
+            "uid",
+        );
+        assert!(matches!(
+            Telemetry::new(config),
+            Err(TelemetryError::NoRuntime)
+        ));
+    }
+
+    #[test]
+    fn trace_info_body() {
+        let poster = TraceInfoPoster {
+            http: MlflowHttp {
+                client: reqwest::Client::new(),
+                experiment_id: HeaderValue::from_static("7"),
+                authorization: None,
+            },
+            url: Url::parse("http://127.0.0.1:1/api/3.0/mlflow/traces").unwrap(),
+            experiment_id: "7".into(),
+            endpoint_id: "uid-1".into(),
+            trace_name: "gateway/chat".into(),
+        };
+        let job = TraceInfoJob {
+            trace_id: TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            start: UNIX_EPOCH + Duration::from_secs(1),
+            end: UNIX_EPOCH + Duration::from_millis(1250),
+            error: true,
+            request_type: Some("unified/chat".into()),
+            caller: None,
+        };
+        let body = poster.body(&job);
+        let info = &body["trace"]["trace_info"];
+        assert_eq!(info["trace_id"], "tr-4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(info["state"], "ERROR");
+        assert_eq!(info["execution_duration"], "0.250000000s");
+        assert_eq!(info["trace_metadata"][META_ENDPOINT_ID], "uid-1");
+        assert_eq!(info["trace_metadata"][META_REQUEST_TYPE], "unified/chat");
+        assert!(info["trace_metadata"].get(META_CALLER).is_none());
+        assert_eq!(info["tags"][TAG_TRACE_NAME], "gateway/chat");
+        assert_eq!(
+            info["trace_location"]["mlflow_experiment"]["experiment_id"],
+            "7"
+        );
+    }
+}
