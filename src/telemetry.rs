@@ -2010,6 +2010,22 @@ mod tests {
         );
     }
 
+    /// The SDK shuts its provider down when the last clone goes; that must not block a runtime
+    /// thread, even on a current-thread runtime where the export task cannot run meanwhile.
+    #[tokio::test]
+    async fn dropping_without_shutdown_does_not_block() {
+        let recorder = Recorder::default();
+        *recorder.mode.lock().unwrap() = Mode::Hang;
+        let telemetry = Telemetry::build(settings(true, 100), recorder, None);
+        let invocation = telemetry.start_invocation("unified/chat", None, None, &json!({}));
+        let attempt = invocation.start_attempt("openai", "m", "chat", false);
+        invocation.finish(None, None);
+        let started = std::time::Instant::now();
+        drop(telemetry);
+        drop(attempt); // the last reference to the provider
+        assert!(started.elapsed() < Duration::from_millis(100));
+    }
+
     #[tokio::test]
     async fn disabled_is_a_no_op() {
         let telemetry = Telemetry::disabled();
