@@ -2040,6 +2040,15 @@ mod tests {
     }
 
     #[test]
+    fn handles_cross_threads() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync + Clone>() {}
+        send::<Invocation>();
+        send::<Attempt>();
+        send_sync::<Telemetry>();
+    }
+
+    #[test]
     fn new_needs_a_runtime() {
         let config = TelemetryConfig::new(
             MlflowConfig::new(Url::parse("http://127.0.0.1:1").unwrap()),
