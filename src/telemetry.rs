@@ -123,6 +123,9 @@ const TAG_TRACE_NAME: &str = "mlflow.traceName";
 const MAX_METADATA_CHARS: usize = 250;
 /// Longest request or response body kept in a span (bytes of its JSON); longer ones are cut.
 pub const MAX_CONTENT_BYTES: usize = 1 << 20;
+/// Memory the spans in flight may hold at most (an estimate from their text), on top of the
+/// `max_queue_spans` count: large bodies and a slow tracking server must not exhaust memory.
+pub const MAX_QUEUE_BYTES: usize = 64 << 20;
 /// Longest error message kept in a span.
 const MAX_MESSAGE_CHARS: usize = 4096;
 /// How long the batch processor waits for more spans before exporting a partial batch.
@@ -150,7 +153,8 @@ pub struct TelemetryConfig {
     /// error messages (which may quote an upstream answer) are replaced by their error type and
     /// HTTP status.
     pub capture_content: bool,
-    /// Spans ended but not yet exported, at most; beyond it spans are dropped and counted.
+    /// Spans ended but not yet exported, at most; beyond it (or beyond [`MAX_QUEUE_BYTES`] of
+    /// their text) spans are dropped and counted.
     pub max_queue_spans: usize,
     /// Spans per OTLP request, at most.
     pub max_export_batch: usize,
@@ -416,7 +420,10 @@ impl Telemetry {
         exporter: E,
         poster: Option<TraceInfoPoster>,
     ) -> Self {
-        let counters = Arc::new(Counters::new(settings.max_queue_spans));
+        let counters = Arc::new(Counters::new(
+            settings.max_queue_spans,
+            settings.max_queue_bytes,
+        ));
         let (info_tx, info_rx) = tokio::sync::mpsc::channel(settings.max_queue_spans.max(16));
         tokio::spawn(trace_info_worker(info_rx, poster, Arc::clone(&counters)));
         let exporter = CountingExporter {
@@ -887,6 +894,7 @@ fn proto_duration(d: Duration) -> String {
 struct Settings {
     capture_content: bool,
     max_queue_spans: usize,
+    max_queue_bytes: usize,
     max_export_batch: usize,
     export_timeout: Duration,
     experiment_id: String,
@@ -925,6 +933,7 @@ impl Settings {
         Ok(Settings {
             capture_content: config.capture_content,
             max_queue_spans: config.max_queue_spans,
+            max_queue_bytes: MAX_QUEUE_BYTES,
             max_export_batch: config.max_export_batch.min(config.max_queue_spans),
             export_timeout: config.export_timeout,
             experiment_id: config.experiment_id.clone(),
@@ -940,7 +949,9 @@ impl Settings {
 
 struct Counters {
     max_in_flight: usize,
+    max_bytes: usize,
     in_flight: AtomicUsize,
+    in_flight_bytes: AtomicUsize,
     exported_spans: AtomicU64,
     dropped_spans: AtomicU64,
     failed_spans: AtomicU64,
@@ -956,10 +967,12 @@ struct Counters {
 }
 
 impl Counters {
-    fn new(max_in_flight: usize) -> Self {
+    fn new(max_in_flight: usize, max_bytes: usize) -> Self {
         Counters {
             max_in_flight,
+            max_bytes,
             in_flight: AtomicUsize::new(0),
+            in_flight_bytes: AtomicUsize::new(0),
             exported_spans: AtomicU64::new(0),
             dropped_spans: AtomicU64::new(0),
             failed_spans: AtomicU64::new(0),
@@ -984,17 +997,23 @@ impl Counters {
         }
     }
 
-    /// Takes a place in the queue for one span; false (and counted) when it is full.
-    fn try_admit(&self) -> bool {
+    /// Takes a place in the queue for one span of about `bytes`; false (and counted) when the
+    /// queue is full. A span larger than the byte budget is still admitted into an empty queue.
+    fn try_admit(&self, bytes: usize) -> bool {
         let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        if before < self.max_in_flight {
+        let bytes_before = self.in_flight_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if before < self.max_in_flight
+            && (bytes_before == 0 || bytes_before.saturating_add(bytes) <= self.max_bytes)
+        {
             return true;
         }
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.in_flight_bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.drop_spans(1);
         if !self.dropping.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 max_queue_spans = self.max_in_flight,
+                max_queue_bytes = self.max_bytes,
                 "trace export queue full: dropping spans (is the MLflow tracking server slow or down?)"
             );
         }
@@ -1005,8 +1024,9 @@ impl Counters {
         self.dropped_spans.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Frees the places of `n` spans that were exported or failed.
-    fn release(&self, n: usize) {
+    /// Frees the places of `n` spans (of `bytes` in all) that were exported or failed.
+    fn release(&self, n: usize, bytes: usize) {
+        self.in_flight_bytes.fetch_sub(bytes, Ordering::AcqRel);
         let before = self.in_flight.fetch_sub(n, Ordering::AcqRel);
         if before.saturating_sub(n) <= self.max_in_flight / 2
             && self.dropping.load(Ordering::Relaxed)
@@ -1019,15 +1039,15 @@ impl Counters {
         }
     }
 
-    fn exported(&self, n: usize, experiment_id: &str) {
+    fn exported(&self, n: usize, bytes: usize, experiment_id: &str) {
         self.exported_spans.fetch_add(n as u64, Ordering::Relaxed);
         if self.export_failing.swap(false, Ordering::Relaxed) {
             tracing::info!(experiment_id, "trace export to MLflow works again");
         }
-        self.release(n);
+        self.release(n, bytes);
     }
 
-    fn failed(&self, n: usize, experiment_id: &str, reason: &str) {
+    fn failed(&self, n: usize, bytes: usize, experiment_id: &str, reason: &str) {
         self.failed_spans.fetch_add(n as u64, Ordering::Relaxed);
         if self.export_failing.swap(true, Ordering::Relaxed) {
             tracing::debug!(experiment_id, spans = n, %reason, "trace export failed");
@@ -1039,7 +1059,7 @@ impl Counters {
                 "trace export to MLflow failed; spans are lost until it works again (further failures are logged at debug level)"
             );
         }
-        self.release(n);
+        self.release(n, bytes);
     }
 
     fn trace_info_done(&self, stored: bool) {
@@ -1086,7 +1106,7 @@ impl SpanProcessor for GateProcessor {
             self.counters.drop_spans(1);
             return;
         }
-        if self.counters.try_admit() {
+        if self.counters.try_admit(span_size(&span)) {
             self.bsp.on_end(span);
         }
     }
@@ -1138,6 +1158,7 @@ struct ExportGuard<'a> {
     counters: &'a Counters,
     experiment_id: &'a str,
     spans: usize,
+    bytes: usize,
     settled: bool,
 }
 
@@ -1145,10 +1166,15 @@ impl ExportGuard<'_> {
     fn settle(mut self, result: &OTelSdkResult) {
         self.settled = true;
         match result {
-            Ok(()) => self.counters.exported(self.spans, self.experiment_id),
-            Err(e) => self
+            Ok(()) => self
                 .counters
-                .failed(self.spans, self.experiment_id, &export_reason(e)),
+                .exported(self.spans, self.bytes, self.experiment_id),
+            Err(e) => self.counters.failed(
+                self.spans,
+                self.bytes,
+                self.experiment_id,
+                &export_reason(e),
+            ),
         }
     }
 }
@@ -1158,11 +1184,35 @@ impl Drop for ExportGuard<'_> {
         if !self.settled {
             self.counters.failed(
                 self.spans,
+                self.bytes,
                 self.experiment_id,
                 "no answer within the export timeout",
             );
         }
     }
+}
+
+/// About the memory a span holds: its text (name, attribute and event values) and some fixed cost.
+fn span_size(span: &SpanData) -> usize {
+    fn attributes_size(attributes: &[KeyValue]) -> usize {
+        attributes
+            .iter()
+            .map(|kv| {
+                kv.key.as_str().len()
+                    + match &kv.value {
+                        opentelemetry::Value::String(s) => s.as_str().len(),
+                        opentelemetry::Value::Array(_) => 64,
+                        _ => 8,
+                    }
+            })
+            .sum()
+    }
+    let events: usize = span
+        .events
+        .iter()
+        .map(|e| e.name.len() + attributes_size(&e.attributes))
+        .sum();
+    256 + span.name.len() + attributes_size(&span.attributes) + events
 }
 
 fn export_reason(e: &OTelSdkError) -> String {
@@ -1184,6 +1234,7 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
             counters: &self.counters,
             experiment_id: &self.experiment_id,
             spans: batch.len(),
+            bytes: batch.iter().map(span_size).sum(),
             settled: false,
         };
         let result = self.inner.export(batch).await;
@@ -1689,29 +1740,48 @@ mod tests {
 
     #[test]
     fn gate_accounting() {
-        let c = Counters::new(2);
-        assert!(c.try_admit());
-        assert!(c.try_admit());
-        assert!(!c.try_admit());
+        let c = Counters::new(2, 1000);
+        assert!(c.try_admit(10));
+        assert!(c.try_admit(10));
+        assert!(!c.try_admit(10));
         assert_eq!(c.stats().dropped_spans, 1);
         assert_eq!(c.stats().queued, 2);
-        c.exported(1, "1");
-        assert!(c.try_admit());
-        c.failed(2, "1", "test");
+        c.exported(1, 10, "1");
+        assert!(c.try_admit(10));
+        c.failed(2, 20, "1", "test");
         let s = c.stats();
         assert_eq!(
             (s.queued, s.exported_spans, s.failed_spans, s.dropped_spans),
             (0, 1, 2, 1)
         );
+        assert_eq!(c.in_flight_bytes.load(Ordering::Relaxed), 0);
         // An export abandoned at the timeout (its future dropped) counts as failed.
-        assert!(c.try_admit());
+        assert!(c.try_admit(10));
         drop(ExportGuard {
             counters: &c,
             experiment_id: "1",
             spans: 1,
+            bytes: 10,
             settled: false,
         });
         assert_eq!((c.stats().queued, c.stats().failed_spans), (0, 3));
+    }
+
+    #[test]
+    fn gate_byte_budget() {
+        let c = Counters::new(100, 1000);
+        // A span larger than the budget still goes into an empty queue...
+        assert!(c.try_admit(5000));
+        // ...but nothing joins it until it is out.
+        assert!(!c.try_admit(1));
+        c.exported(1, 5000, "1");
+        assert!(c.try_admit(600));
+        assert!(c.try_admit(400));
+        assert!(!c.try_admit(1));
+        assert_eq!(c.stats().dropped_spans, 2);
+        c.failed(2, 1000, "1", "test");
+        assert_eq!(c.in_flight_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(c.stats().queued, 0);
     }
 
     #[test]
@@ -1940,6 +2010,22 @@ mod tests {
         );
     }
 
+    /// The SDK shuts its provider down when the last clone goes; that must not block a runtime
+    /// thread, even on a current-thread runtime where the export task cannot run meanwhile.
+    #[tokio::test]
+    async fn dropping_without_shutdown_does_not_block() {
+        let recorder = Recorder::default();
+        *recorder.mode.lock().unwrap() = Mode::Hang;
+        let telemetry = Telemetry::build(settings(true, 100), recorder, None);
+        let invocation = telemetry.start_invocation("unified/chat", None, None, &json!({}));
+        let attempt = invocation.start_attempt("openai", "m", "chat", false);
+        invocation.finish(None, None);
+        let started = std::time::Instant::now();
+        drop(telemetry);
+        drop(attempt); // the last reference to the provider
+        assert!(started.elapsed() < Duration::from_millis(100));
+    }
+
     #[tokio::test]
     async fn disabled_is_a_no_op() {
         let telemetry = Telemetry::disabled();
@@ -1951,6 +2037,15 @@ mod tests {
         telemetry.flush().await;
         telemetry.shutdown(Duration::from_secs(1)).await;
         assert_eq!(telemetry.stats(), ExportStats::default());
+    }
+
+    #[test]
+    fn handles_cross_threads() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync + Clone>() {}
+        send::<Invocation>();
+        send::<Attempt>();
+        send_sync::<Telemetry>();
     }
 
     #[test]
@@ -2001,5 +2096,118 @@ mod tests {
             info["trace_location"]["mlflow_experiment"]["experiment_id"],
             "7"
         );
+    }
+
+    /// CPU time of this process (user + system), from /proc (Linux).
+    fn process_cpu() -> Duration {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks: u64 = fields
+            .get(11..13)
+            .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
+            .unwrap_or(0);
+        Duration::from_millis(ticks * 10) // USER_HZ = 100
+    }
+
+    /// The hot path's cost, and the whole pipeline's CPU per invocation (span creation, OTLP
+    /// protobuf encoding and HTTP export to a local sink that answers 200 at once). Run with
+    /// `cargo test --release --lib telemetry::tests::hot_path_cost -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement; run in release mode"]
+    async fn hot_path_cost() {
+        use std::sync::atomic::AtomicU64;
+        let received = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&received);
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let counter = Arc::clone(&counter);
+                async move {
+                    counter.fetch_add(body.len() as u64, Ordering::Relaxed);
+                    ""
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut config = TelemetryConfig::new(
+            MlflowConfig::new(Url::parse(&format!("http://{addr}")).unwrap()),
+            "1",
+            "chat",
+            "uid",
+        );
+        config.max_queue_spans = 1 << 16;
+        let settings = Settings::from_config(&config).unwrap();
+        let http = MlflowHttp::new(&config.mlflow, "1", config.export_timeout).unwrap();
+        let otlp = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(http)
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(format!("http://{addr}/v1/traces"))
+            .build()
+            .unwrap();
+        // No trace-info requests: this measures the span pipeline.
+        let telemetry = Telemetry::build(settings, otlp, None);
+
+        let content = "word ".repeat(150); // ~750 bytes of prompt, the same of answer
+        let request = json!({"model": "gpt-4o-mini", "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": content}]});
+        let response = json!({"id": "x", "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 150, "completion_tokens": 150, "total_tokens": 300}});
+        let usage = TokenUsage {
+            input_tokens: 150,
+            output_tokens: 150,
+            total_tokens: 300,
+        };
+        let one = |telemetry: &Telemetry| {
+            let inv = telemetry.start_invocation(
+                request_type::UNIFIED_CHAT,
+                Some("bench"),
+                None,
+                &request,
+            );
+            inv.start_attempt("openai", "gpt-4o-mini", "chat", false)
+                .succeed(Some(usage), Some(&response));
+            inv.finish(Some(&response), None);
+        };
+        for _ in 0..2000 {
+            one(&telemetry);
+        }
+        telemetry.flush().await;
+
+        const N: usize = 20_000;
+        let mut latencies = Vec::with_capacity(N);
+        let cpu = process_cpu();
+        let wall = std::time::Instant::now();
+        for i in 0..N {
+            let t = std::time::Instant::now();
+            one(&telemetry);
+            latencies.push(t.elapsed());
+            if i % 100 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let hot = wall.elapsed();
+        telemetry.flush().await;
+        let total_cpu = process_cpu().saturating_sub(cpu);
+        latencies.sort();
+        let stats = telemetry.stats();
+        eprintln!(
+            "hot path per invocation: mean {:?}, p50 {:?}, p99 {:?}, max {:?}; \
+             pipeline CPU per invocation (incl. export + sink): {:?}; {} bytes sent; {stats:?}",
+            hot / N as u32,
+            latencies[N / 2],
+            latencies[N * 99 / 100],
+            latencies[N - 1],
+            total_cpu / N as u32,
+            received.load(Ordering::Relaxed),
+        );
+        assert_eq!(stats.dropped_spans + stats.failed_spans, 0, "{stats:?}");
     }
 }

@@ -535,6 +535,49 @@ async fn traceparent_links_to_the_callers_trace() {
     telemetry.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A deleted experiment: MLflow still stores the spans (200), but refuses the trace info (its
+/// experiment must be active), so the trace lacks the gateway metadata and is counted failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_experiment_keeps_spans_without_metadata() {
+    captured_logs();
+    let ml = support::mlflow();
+    let exp = create_experiment(ml, "mgo-telemetry-deleted").await;
+    MlflowClient::new(&mlflow_config(&ml.uri, Auth::None))
+        .expect("client")
+        .delete_experiment(&exp)
+        .await
+        .expect("delete experiment");
+    let telemetry =
+        Telemetry::new(telemetry_config(&ml.uri, Auth::None, &exp, "deleted")).expect("telemetry");
+    let invocation =
+        telemetry.start_invocation(request_type::UNIFIED_EMBEDDINGS, None, None, &json!({}));
+    let trace_id = invocation.trace_id().expect("trace id");
+    invocation
+        .start_attempt("openai", "text-embedding-3-small", "embeddings", false)
+        .succeed(None, None);
+    invocation.finish(Some(&json!({"data": []})), None);
+    telemetry.flush().await;
+    let stats = telemetry.stats();
+    assert_eq!(
+        (
+            stats.exported_spans,
+            stats.exported_traces,
+            stats.failed_traces
+        ),
+        (2, 0, 1),
+        "{stats:?}"
+    );
+    let trace = get_trace(ml, &trace_id).await.expect("spans stored");
+    assert_eq!(trace["trace_info"]["state"], "OK");
+    assert!(
+        trace["trace_info"]["trace_metadata"]
+            .get("mlflow.gateway.endpointId")
+            .is_none()
+    );
+    assert_eq!(spans_of(&trace).len(), 2);
+    telemetry.shutdown(Duration::from_secs(5)).await;
+}
+
 /// A stopped tracking server costs the request nothing: invocations are timed, the failures
 /// counted, and export works again once the server is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -747,6 +790,9 @@ async fn basic_auth_writer_and_no_secret_in_logs() {
 
     // No secret in any log line of this binary, nor in the stored trace.
     let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    for line in text.lines().filter(|l| l.contains("WARN")) {
+        eprintln!("{line}");
+    }
     assert!(
         text.contains("trace export to MLflow failed"),
         "the failures were logged: {text}"
