@@ -5,6 +5,8 @@ ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.7.0
 HELM_VERSION=v3.19.5
 MLFLOW_VERSION=3.17.2
+# The official OpenAI Python SDK, installed beside MLflow: tests prove it works against the gateway.
+OPENAI_SDK_VERSION=3.54.0
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Heavy artefacts live outside the repo, keyed by version, and are reused across clones and runs.

@@ -15,7 +15,9 @@ source "$(dirname "$0")/lib.sh"
 venv=$CACHE_DIR/mlflow-$MLFLOW_VERSION-py$(python3 -c 'import sys;print("%d.%d"%sys.version_info[:2])')
 
 install() {
-  if [ -x "$venv/bin/mlflow" ] && [ -f "$venv/.complete" ]; then echo "$venv/bin"; return; fi
+  if [ -x "$venv/bin/mlflow" ] && [ -f "$venv/.complete" ] && [ -f "$venv/.openai-$OPENAI_SDK_VERSION" ]; then
+    echo "$venv/bin"; return
+  fi
   command -v python3 >/dev/null 2>&1 || die "python3 is required to run the MLflow tracking server"
   mkdir -p "$CACHE_DIR"
   exec 8>"$CACHE_DIR/mlflow.lock"; flock 8
@@ -25,6 +27,11 @@ install() {
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check "mlflow[auth]==$MLFLOW_VERSION" >&2
     touch "$venv/.complete"
+  fi
+  if [ ! -f "$venv/.openai-$OPENAI_SDK_VERSION" ]; then
+    log "installing openai==$OPENAI_SDK_VERSION (the official SDK, for the gateway's compatibility test)"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "openai==$OPENAI_SDK_VERSION" >&2
+    touch "$venv/.openai-$OPENAI_SDK_VERSION"
   fi
   echo "$venv/bin"
 }

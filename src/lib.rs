@@ -4,6 +4,7 @@
 pub mod api;
 pub mod controller;
 pub mod experiment;
+pub mod gateway;
 pub mod metrics;
 pub mod mlflow;
 pub mod providers;

@@ -9,8 +9,10 @@ use kube::CustomResourceExt;
 
 use mlflow_gateway_operator::api::GatewayEndpoint;
 use mlflow_gateway_operator::controller::{self, Context, Settings};
+use mlflow_gateway_operator::gateway;
 use mlflow_gateway_operator::metrics::{self, Metrics};
 use mlflow_gateway_operator::mlflow::{MlflowClient, MlflowConfig};
+use mlflow_gateway_operator::telemetry::Telemetry;
 
 /// Kubernetes operator for traced LLM gateway endpoints, each with its experiment in MLflow.
 #[derive(Parser)]
@@ -38,6 +40,26 @@ enum Command {
     /// MLFLOW_TRACKING_TOKEN (Bearer), MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH.
     /// Kubernetes: KUBECONFIG, ~/.kube/config, or the in-cluster service account.
     Controller(ControllerArgs),
+    /// Serve one GatewayEndpoint as an OpenAI-compatible LLM gateway that traces every invocation
+    /// into the endpoint's MLflow experiment. API keys come from GATEWAY_API_KEY_<MODEL NAME>;
+    /// MLflow from MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_ID and the credential variables.
+    Gateway(GatewayArgs),
+}
+
+#[derive(clap::Args)]
+struct GatewayArgs {
+    /// The GatewayEndpoint manifest (YAML) to serve: the same file a user applies.
+    #[arg(long, env = "GATEWAY_ENDPOINT_FILE")]
+    endpoint: std::path::PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: std::net::SocketAddr,
+    /// Largest request body accepted, in bytes (413 beyond).
+    #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Seconds one attempt at a provider may take (to the first event, for streams).
+    #[arg(long, env = "GATEWAY_ATTEMPT_TIMEOUT_SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    attempt_timeout_seconds: u64,
 }
 
 #[derive(clap::Args)]
@@ -72,7 +94,31 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Controller(args) => run_controller(args).await,
+        Command::Gateway(args) => run_gateway(args).await,
     }
+}
+
+async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let loaded = gateway::config::load(&args.endpoint, &|k| std::env::var(k).ok())?;
+    let telemetry = match loaded.telemetry {
+        Some(config) => Telemetry::new(config).context("trace export to MLflow")?,
+        None => Telemetry::disabled(),
+    };
+    let settings = gateway::ServerSettings {
+        listen: args.listen,
+        max_body_bytes: args.max_body_bytes,
+        attempt_timeout: Duration::from_secs(args.attempt_timeout_seconds),
+    };
+    let gw = Arc::new(gateway::Gateway {
+        endpoint: loaded.endpoint,
+        http: gateway::http_client().context("HTTP client for providers")?,
+        telemetry,
+        metrics: Default::default(),
+        attempt_timeout: settings.attempt_timeout,
+    });
+    gateway::serve(gw, &settings)
+        .await
+        .with_context(|| format!("serving on {}", args.listen))
 }
 
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {

@@ -468,7 +468,10 @@ impl GatewayProcess {
     pub fn refuse(manifest: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
         let (mut cmd, _, _) = Self::command(manifest, env);
         let out = cmd.output().expect("run the gateway");
-        assert!(!out.status.success(), "the gateway started but should have refused");
+        assert!(
+            !out.status.success(),
+            "the gateway started but should have refused"
+        );
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -496,7 +499,11 @@ impl Drop for GatewayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("--- gateway log ({}) ---\n{}", self.log.display(), self.log_text());
+            eprintln!(
+                "--- gateway log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
         }
     }
 }
@@ -525,7 +532,11 @@ pub fn python() -> PathBuf {
             .arg("install")
             .output()
             .expect("hack/mlflow.sh install");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("python")
     })
     .clone()

@@ -1,0 +1,654 @@
+//! One invocation: pick a model by weight, try it and then the fallbacks in order, trace every
+//! attempt, and answer in OpenAI's shape (or stream server-sent events).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use serde_json::Value;
+
+use super::{Gateway, Shared, openai_error};
+use crate::api::Provider;
+use crate::providers::{Operation, ProviderError, StreamConverter, Upstream, usage_of};
+use crate::telemetry::{Attempt, Invocation, TokenUsage};
+
+/// What the client called.
+#[derive(Clone, Copy, Debug)]
+pub struct Call {
+    pub op: Operation,
+    /// The route template, for metrics.
+    pub route: &'static str,
+    /// MLflow's `mlflow.gateway.requestType`.
+    pub request_type: &'static str,
+}
+
+impl Call {
+    pub fn new(op: Operation, route: &'static str, request_type: &'static str) -> Self {
+        Call {
+            op,
+            route,
+            request_type,
+        }
+    }
+
+    pub fn unified(op: Operation, route: &'static str) -> Self {
+        let request_type = match op {
+            Operation::Chat => "unified/chat",
+            Operation::Completions => "unified/completions",
+            Operation::Embeddings => "unified/embeddings",
+        };
+        Call::new(op, route, request_type)
+    }
+}
+
+/// Answers a request the gateway refuses before any attempt.
+pub fn reject(
+    g: &Gateway,
+    route: &'static str,
+    status: StatusCode,
+    message: impl Into<String>,
+) -> Response {
+    record(g, route, status, None);
+    openai_error(status, "invalid_request_error", message)
+}
+
+fn record(g: &Gateway, route: &'static str, status: StatusCode, started: Option<Instant>) {
+    g.metrics
+        .requests
+        .get_or_create(&super::metrics::RouteStatus {
+            route,
+            status: status.as_u16(),
+        })
+        .inc();
+    if let Some(t) = started {
+        g.metrics
+            .duration
+            .get_or_create(&super::metrics::RouteLabel { route })
+            .observe(t.elapsed().as_secs_f64());
+    }
+}
+
+/// The attempts of one request: a weighted choice among the models, then the fallbacks in order,
+/// at most `max_attempts` in all.
+pub fn plan(g: &Gateway) -> Vec<&Upstream> {
+    let ep = &g.endpoint;
+    let mut order = Vec::with_capacity(1 + ep.fallbacks.len());
+    let total = ep.total_weight();
+    if total > 0 {
+        let mut pick = fastrand::u64(0..total);
+        for (up, w) in &ep.models {
+            let w = u64::from(*w);
+            if pick < w {
+                order.push(up);
+                break;
+            }
+            pick -= w;
+        }
+    }
+    order.extend(ep.fallbacks.iter());
+    order.truncate(ep.max_attempts);
+    order
+}
+
+fn method(op: Operation, stream: bool) -> &'static str {
+    match (op, stream) {
+        (Operation::Chat, false) => "chat",
+        (Operation::Chat, true) => "chat_stream",
+        (Operation::Completions, false) => "completions",
+        (Operation::Completions, true) => "completions_stream",
+        (Operation::Embeddings, _) => "embeddings",
+    }
+}
+
+fn endpoint_route(op: Operation) -> &'static str {
+    match op {
+        Operation::Chat => "POST /v1/chat/completions",
+        Operation::Completions => "POST /v1/completions",
+        Operation::Embeddings => "POST /v1/embeddings",
+    }
+}
+
+/// Why an attempt failed, and whether another model may be tried.
+struct Failure {
+    message: String,
+    /// Connection errors, timeouts, 429 and 5xx: try the next model. Other 4xx: answer now.
+    retryable: bool,
+    status: Option<StatusCode>,
+    /// For metrics: connect, timeout, status_429, status_5xx, status_4xx, bad_response, stream.
+    kind: &'static str,
+}
+
+/// How a request reaches the provider: the unified (OpenAI-shaped) conversion, or Anthropic's
+/// Messages API passed through.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Unified,
+    AnthropicPassthrough,
+}
+
+pub async fn run(g: &Shared, call: Call, headers: &HeaderMap, body: Value) -> Response {
+    let served = super::operation(g.endpoint.endpoint_type);
+    if call.op != served {
+        return reject(
+            g,
+            call.route,
+            StatusCode::BAD_REQUEST,
+            format!(
+                "endpoint {:?} serves {}: use {}",
+                g.endpoint.name,
+                g.endpoint.endpoint_type.as_str(),
+                endpoint_route(served)
+            ),
+        );
+    }
+    execute(g, call, headers, body, Mode::Unified).await
+}
+
+pub async fn run_anthropic_passthrough(
+    g: &Shared,
+    route: &'static str,
+    headers: &HeaderMap,
+    body: Value,
+) -> Response {
+    if super::operation(g.endpoint.endpoint_type) != Operation::Chat {
+        return reject(
+            g,
+            route,
+            StatusCode::BAD_REQUEST,
+            format!(
+                "endpoint {:?} serves {}, not chat",
+                g.endpoint.name,
+                g.endpoint.endpoint_type.as_str()
+            ),
+        );
+    }
+    let call = Call::new(
+        Operation::Chat,
+        route,
+        "passthrough/model/anthropic-messages",
+    );
+    execute(g, call, headers, body, Mode::AnthropicPassthrough).await
+}
+
+async fn execute(g: &Shared, call: Call, headers: &HeaderMap, body: Value, mode: Mode) -> Response {
+    let started = Instant::now();
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if stream && call.op == Operation::Embeddings {
+        return reject(
+            g,
+            call.route,
+            StatusCode::BAD_REQUEST,
+            "embeddings cannot be streamed",
+        );
+    }
+    let mut order = plan(g);
+    if mode == Mode::AnthropicPassthrough {
+        // Pass-through only makes sense when the chosen model speaks the Messages API.
+        if order
+            .first()
+            .is_none_or(|u| u.provider != Provider::Anthropic)
+        {
+            return reject(
+                g,
+                call.route,
+                StatusCode::BAD_REQUEST,
+                "the Anthropic Messages pass-through needs the chosen model to be provider anthropic; use /v1/chat/completions",
+            );
+        }
+        order.retain(|u| u.provider == Provider::Anthropic);
+    }
+    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    let invocation = g.telemetry.start_invocation(
+        call.request_type,
+        crate::telemetry::caller_from_headers(headers).as_deref(),
+        traceparent,
+        &body,
+    );
+    let trace_id = invocation.trace_id();
+    let wants_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+
+    let mut upstream_time = Duration::ZERO;
+    let mut last: Option<(String, Failure)> = None;
+    for (i, up) in order.iter().enumerate() {
+        if i > 0 {
+            g.metrics.fallbacks.inc();
+        }
+        let attempt = invocation.start_attempt(
+            up.provider_name(),
+            &up.model,
+            method(call.op, stream),
+            stream,
+        );
+        let request = match mode {
+            Mode::Unified => up.build_request(&g.http, call.op, &body),
+            Mode::AnthropicPassthrough => up.build_anthropic_passthrough(&g.http, &body),
+        };
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => {
+                // The client's request cannot be sent as is: no other model will do better.
+                let message = e.to_string();
+                attempt.fail("InvalidRequest", &message, None);
+                invocation.finish(None, Some(&message));
+                let status = match e {
+                    ProviderError::InvalidRequest(_) | ProviderError::Unsupported(_) => {
+                        StatusCode::BAD_REQUEST
+                    }
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                record(g, call.route, status, Some(started));
+                return openai_error(status, "invalid_request_error", message);
+            }
+        };
+        let t0 = Instant::now();
+        if stream {
+            match open_stream(g, up, call.op, request, wants_usage, mode).await {
+                Ok(opened) => {
+                    upstream_time += t0.elapsed();
+                    return stream_response(
+                        g.clone(),
+                        call,
+                        opened,
+                        attempt,
+                        invocation,
+                        trace_id,
+                        started,
+                    );
+                }
+                Err(f) => {
+                    upstream_time += t0.elapsed();
+                    g.metrics.upstream_error(up.provider_name(), f.kind);
+                    attempt.fail(f.kind, &f.message, f.status.map(|s| s.as_u16()));
+                    if !f.retryable {
+                        return client_error(g, call, invocation, f, trace_id, started);
+                    }
+                    last = Some((label(up), f));
+                }
+            }
+            continue;
+        }
+        let outcome = unary(g, up, call.op, &body, request, mode).await;
+        upstream_time += t0.elapsed();
+        match outcome {
+            Ok(response) => {
+                let usage = usage_of(&response);
+                if let Some(u) = usage {
+                    g.metrics.tokens(u.input_tokens, u.output_tokens);
+                }
+                attempt.succeed(usage.map(token_usage), Some(&response));
+                invocation.finish(Some(&response), None);
+                record(g, call.route, StatusCode::OK, Some(started));
+                let mut resp = axum::Json(response).into_response();
+                timing_headers(
+                    resp.headers_mut(),
+                    started,
+                    upstream_time,
+                    trace_id.as_deref(),
+                );
+                return resp;
+            }
+            Err(f) => {
+                g.metrics.upstream_error(up.provider_name(), f.kind);
+                attempt.fail(f.kind, &f.message, f.status.map(|s| s.as_u16()));
+                if !f.retryable {
+                    return client_error(g, call, invocation, f, trace_id, started);
+                }
+                last = Some((label(up), f));
+            }
+        }
+    }
+    let message = match &last {
+        Some((who, f)) => format!(
+            "all {} attempts failed; last: {who}: {}",
+            order.len(),
+            f.message
+        ),
+        None => "no model to try".to_string(),
+    };
+    invocation.finish(None, Some(&message));
+    record(g, call.route, StatusCode::BAD_GATEWAY, Some(started));
+    openai_error(StatusCode::BAD_GATEWAY, "upstream_error", message)
+}
+
+fn label(up: &Upstream) -> String {
+    format!("{} ({}/{})", up.name, up.provider_name(), up.model)
+}
+
+fn token_usage(u: crate::providers::Usage) -> TokenUsage {
+    TokenUsage {
+        input_tokens: u.input_tokens,
+        output_tokens: u.output_tokens,
+        total_tokens: u.total_tokens,
+    }
+}
+
+/// MLflow's gateway headers, plus the trace id.
+fn timing_headers(h: &mut HeaderMap, started: Instant, upstream: Duration, trace_id: Option<&str>) {
+    let total = started.elapsed();
+    let ms = |d: Duration| HeaderValue::from(d.as_millis() as u64);
+    h.insert("x-mlflow-gateway-duration-ms", ms(total));
+    h.insert(
+        "x-mlflow-gateway-overhead-duration-ms",
+        ms(total.saturating_sub(upstream)),
+    );
+    if let Some(id) = trace_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        h.insert("x-mlflow-trace-id", id);
+    }
+}
+
+/// An upstream client error (4xx other than 429): passed through with its status, no fallback.
+fn client_error(
+    g: &Gateway,
+    call: Call,
+    invocation: Invocation,
+    f: Failure,
+    trace_id: Option<String>,
+    started: Instant,
+) -> Response {
+    invocation.finish(None, Some(&f.message));
+    let status = f.status.unwrap_or(StatusCode::BAD_REQUEST);
+    record(g, call.route, status, Some(started));
+    let mut resp = openai_error(status, "upstream_error", f.message);
+    timing_headers(
+        resp.headers_mut(),
+        started,
+        Duration::ZERO,
+        trace_id.as_deref(),
+    );
+    resp
+}
+
+fn classify_status(up: &Upstream, status: StatusCode, body: &[u8]) -> Failure {
+    let message = format!(
+        "HTTP {}: {}",
+        status.as_u16(),
+        up.error_message(status.as_u16(), body)
+    );
+    let (retryable, kind) = if status == StatusCode::TOO_MANY_REQUESTS {
+        (true, "status_429")
+    } else if status.is_server_error() {
+        (true, "status_5xx")
+    } else {
+        (false, "status_4xx")
+    };
+    Failure {
+        message,
+        retryable,
+        status: Some(status),
+        kind,
+    }
+}
+
+fn transport_failure(e: &reqwest::Error) -> Failure {
+    let kind = if e.is_timeout() { "timeout" } else { "connect" };
+    Failure {
+        message: error_chain(e),
+        retryable: true,
+        status: None,
+        kind,
+    }
+}
+
+fn timeout_failure(after: Duration) -> Failure {
+    Failure {
+        message: format!("no answer within {} ms", after.as_millis()),
+        retryable: true,
+        status: None,
+        kind: "timeout",
+    }
+}
+
+/// The error and its causes, without the URL's query (which never holds keys, but may be long).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// One non-streamed attempt, within the attempt timeout.
+async fn unary(
+    g: &Gateway,
+    up: &Upstream,
+    op: Operation,
+    body: &Value,
+    request: reqwest::RequestBuilder,
+    mode: Mode,
+) -> Result<Value, Failure> {
+    let call = async {
+        let resp = request.send().await.map_err(|e| transport_failure(&e))?;
+        let status =
+            StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let bytes = resp.bytes().await.map_err(|e| transport_failure(&e))?;
+        Ok::<_, Failure>((status, bytes))
+    };
+    let (status, bytes) = tokio::time::timeout(g.attempt_timeout, call)
+        .await
+        .map_err(|_| timeout_failure(g.attempt_timeout))??;
+    if !status.is_success() {
+        return Err(classify_status(up, status, &bytes));
+    }
+    let parsed = match mode {
+        // The client's request tells how to encode embeddings (float or base64).
+        Mode::Unified => up.parse_response_for(op, Some(body), &bytes),
+        Mode::AnthropicPassthrough => serde_json::from_slice(&bytes)
+            .map_err(|e| ProviderError::BadUpstreamResponse(format!("not JSON: {e}"))),
+    };
+    parsed.map_err(|e| Failure {
+        message: e.to_string(),
+        retryable: true,
+        status: None,
+        kind: "bad_response",
+    })
+}
+
+type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// A stream whose provider answered 2xx and sent its first bytes: from here on, no fallback.
+struct Opened {
+    upstream: ByteStream,
+    converter: StreamConverter,
+    /// What is ready to send (converted from the first bytes).
+    pending: VecDeque<Bytes>,
+    mode: Mode,
+    provider: &'static str,
+}
+
+fn sse_event(v: &Value) -> Bytes {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(b"data: ");
+    // Serializing a Value cannot fail.
+    let _ = serde_json::to_writer(&mut out, v);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// Sends the request and waits, within the attempt timeout, for a 2xx answer and its first bytes.
+async fn open_stream(
+    g: &Gateway,
+    up: &Upstream,
+    op: Operation,
+    request: reqwest::RequestBuilder,
+    wants_usage: bool,
+    mode: Mode,
+) -> Result<Opened, Failure> {
+    let open = async {
+        let resp = request.send().await.map_err(|e| transport_failure(&e))?;
+        let status =
+            StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        if !status.is_success() {
+            let bytes = resp.bytes().await.map_err(|e| transport_failure(&e))?;
+            return Err(classify_status(up, status, &bytes));
+        }
+        let mut upstream: ByteStream = Box::pin(resp.bytes_stream());
+        let mut converter = up.stream_converter(op, wants_usage);
+        let mut pending = VecDeque::new();
+        // Read until there is something to send: only then is the client committed to this model.
+        while pending.is_empty() {
+            match upstream.next().await {
+                Some(Ok(bytes)) => {
+                    let chunks = converter.push(&bytes).map_err(|e| Failure {
+                        message: e.to_string(),
+                        retryable: true,
+                        status: None,
+                        kind: "stream",
+                    })?;
+                    match mode {
+                        Mode::Unified => pending.extend(chunks.iter().map(sse_event)),
+                        Mode::AnthropicPassthrough => {
+                            if !bytes.is_empty() {
+                                pending.push_back(bytes)
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => return Err(transport_failure(&e)),
+                None => {
+                    return Err(Failure {
+                        message: "the stream ended before any event".into(),
+                        retryable: true,
+                        status: None,
+                        kind: "stream",
+                    });
+                }
+            }
+        }
+        Ok(Opened {
+            upstream,
+            converter,
+            pending,
+            mode,
+            provider: up.provider_name(),
+        })
+    };
+    tokio::time::timeout(g.attempt_timeout, open)
+        .await
+        .map_err(|_| timeout_failure(g.attempt_timeout))?
+}
+
+/// Streams the rest to the client; the attempt and the invocation end with the stream (or when
+/// the client goes away, which drops them).
+struct Streaming {
+    g: Shared,
+    call: Call,
+    opened: Opened,
+    attempt: Option<Attempt>,
+    invocation: Option<Invocation>,
+    started: Instant,
+    done: bool,
+}
+
+impl Streaming {
+    fn fail(&mut self, kind: &'static str, message: String) {
+        self.g.metrics.upstream_error(self.opened.provider, kind);
+        if let Some(a) = self.attempt.take() {
+            a.fail(kind, &message, None);
+        }
+        if let Some(i) = self.invocation.take() {
+            i.finish(None, Some(&message));
+        }
+        let err = serde_json::json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": 502}});
+        self.opened.pending.push_back(sse_event(&err));
+        self.done = true;
+    }
+
+    fn complete(&mut self) {
+        match self.opened.converter.finish() {
+            Ok(chunks) => {
+                if self.opened.mode == Mode::Unified {
+                    self.opened.pending.extend(chunks.iter().map(sse_event));
+                    self.opened
+                        .pending
+                        .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                }
+            }
+            Err(e) => return self.fail("stream", e.to_string()),
+        }
+        let usage = self.opened.converter.usage();
+        if let Some(u) = usage {
+            self.g.metrics.tokens(u.input_tokens, u.output_tokens);
+        }
+        let output = self.opened.converter.aggregated();
+        if let Some(a) = self.attempt.take() {
+            a.succeed(usage.map(token_usage), Some(&output));
+        }
+        if let Some(i) = self.invocation.take() {
+            i.finish(Some(&output), None);
+        }
+        self.done = true;
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        // Counted when the stream ends, however it ends (a client gone away included).
+        record(&self.g, self.call.route, StatusCode::OK, Some(self.started));
+    }
+}
+
+fn stream_response(
+    g: Shared,
+    call: Call,
+    opened: Opened,
+    attempt: Attempt,
+    invocation: Invocation,
+    trace_id: Option<String>,
+    started: Instant,
+) -> Response {
+    let state = Streaming {
+        g,
+        call,
+        opened,
+        attempt: Some(attempt),
+        invocation: Some(invocation),
+        started,
+        done: false,
+    };
+    let body = futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(b) = st.opened.pending.pop_front() {
+                return Some((Ok::<Bytes, Infallible>(b), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.opened.upstream.next().await {
+                Some(Ok(bytes)) => match st.opened.converter.push(&bytes) {
+                    Ok(chunks) => match st.opened.mode {
+                        Mode::Unified => st.opened.pending.extend(chunks.iter().map(sse_event)),
+                        Mode::AnthropicPassthrough => st.opened.pending.push_back(bytes),
+                    },
+                    Err(e) => st.fail("stream", e.to_string()),
+                },
+                Some(Err(e)) => st.fail("stream", error_chain(&e)),
+                None => st.complete(),
+            }
+        }
+    });
+    let mut resp = Response::new(Body::from_stream(body));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Some(id) = trace_id
+        .as_deref()
+        .and_then(|id| HeaderValue::from_str(id).ok())
+    {
+        h.insert("x-mlflow-trace-id", id);
+    }
+    resp
+}

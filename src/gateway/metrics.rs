@@ -1,0 +1,159 @@
+//! The gateway's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::telemetry::ExportStats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamError {
+    pub provider: &'static str,
+    /// connect, timeout, status_429, status_5xx, status_4xx, bad_response, stream
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Direction {
+    pub direction: &'static str,
+}
+
+pub struct GatewayMetrics {
+    pub requests: Family<RouteStatus, Counter>,
+    pub duration: Family<RouteLabel, Histogram>,
+    pub upstream_errors: Family<UpstreamError, Counter>,
+    pub tokens: Family<Direction, Counter>,
+    pub fallbacks: Counter,
+    trace_queue: Gauge,
+    traces_exported: Counter,
+    spans_exported: Counter,
+    spans_dropped: Counter,
+    spans_failed: Counter,
+    registry: Registry,
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        let m = GatewayMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+            }),
+            upstream_errors: Family::default(),
+            tokens: Family::default(),
+            fallbacks: Counter::default(),
+            trace_queue: Gauge::default(),
+            traces_exported: Counter::default(),
+            spans_exported: Counter::default(),
+            spans_dropped: Counter::default(),
+            spans_failed: Counter::default(),
+            registry: Registry::default(),
+        };
+        let mut r = Registry::with_prefix("mlflow_gateway");
+        r.register(
+            "requests",
+            "Requests served, by route and HTTP status",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time to answer a request (to the last byte for streams), by route",
+            m.duration.clone(),
+        );
+        r.register(
+            "upstream_errors",
+            "Failed attempts at a provider, by provider and kind",
+            m.upstream_errors.clone(),
+        );
+        r.register(
+            "tokens",
+            "Tokens reported by providers, by direction (input, output)",
+            m.tokens.clone(),
+        );
+        r.register(
+            "fallbacks",
+            "Attempts beyond the first (fallbacks taken)",
+            m.fallbacks.clone(),
+        );
+        r.register(
+            "trace_export_queue_spans",
+            "Spans ended and waiting to be exported to MLflow",
+            m.trace_queue.clone(),
+        );
+        r.register(
+            "traces_exported",
+            "Traces exported to MLflow",
+            m.traces_exported.clone(),
+        );
+        r.register(
+            "spans_exported",
+            "Spans exported to MLflow",
+            m.spans_exported.clone(),
+        );
+        r.register(
+            "spans_dropped",
+            "Spans dropped because the export queue was full",
+            m.spans_dropped.clone(),
+        );
+        r.register(
+            "spans_export_failed",
+            "Spans MLflow did not accept (unreachable, error answers)",
+            m.spans_failed.clone(),
+        );
+        GatewayMetrics { registry: r, ..m }
+    }
+}
+
+fn catch_up(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
+impl GatewayMetrics {
+    /// Renders the metrics, with the trace exporter's figures as of now.
+    pub fn encode(&self, stats: ExportStats) -> String {
+        self.trace_queue
+            .set(i64::try_from(stats.queued).unwrap_or(i64::MAX));
+        catch_up(&self.traces_exported, stats.exported_traces);
+        catch_up(&self.spans_exported, stats.exported_spans);
+        catch_up(&self.spans_dropped, stats.dropped_spans);
+        catch_up(&self.spans_failed, stats.failed_spans);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn upstream_error(&self, provider: &'static str, kind: &'static str) {
+        self.upstream_errors
+            .get_or_create(&UpstreamError { provider, kind })
+            .inc();
+    }
+
+    pub fn tokens(&self, input: u64, output: u64) {
+        self.tokens
+            .get_or_create(&Direction { direction: "input" })
+            .inc_by(input);
+        self.tokens
+            .get_or_create(&Direction {
+                direction: "output",
+            })
+            .inc_by(output);
+    }
+}
