@@ -876,3 +876,106 @@ print([m.id for m in client.models.list()])
         ]
     );
 }
+
+#[tokio::test]
+async fn a_stream_falls_back_only_before_its_first_event_reached_the_client() {
+    let primary = FakeLlm::start("primary", KEY).await;
+    let backup = FakeLlm::start("backup", KEY).await;
+    let models = model("main", "openai", &primary, "");
+    let rest = format!("  fallbacks:\n{}", model("backup", "openai", &backup, ""));
+    let m = format!(
+        "{}  usageTracking: false\n",
+        manifest("llm/v1/chat", &models, &rest)
+    );
+    let gw = GatewayProcess::start(
+        &m,
+        &[
+            ("GATEWAY_API_KEY_MAIN", KEY),
+            ("GATEWAY_API_KEY_BACKUP", KEY),
+        ],
+    )
+    .await;
+    let url = format!("{}/v1/chat/completions", gw.url);
+    let mut body = chat_body("one two three four");
+    body["stream"] = json!(true);
+
+    // 200, then the connection drops before any event: nothing reached the client, so fall back.
+    primary.break_stream_after(0);
+    let (events, done) = read_sse(post(&url, &body).await).await;
+    assert!(done);
+    let text: String = events
+        .iter()
+        .filter_map(|e| {
+            e.pointer("/choices/0/delta/content")
+                .and_then(Value::as_str)
+        })
+        .collect();
+    assert_eq!(text, "reply from backup to: one two three four");
+    assert_eq!(backup.request_count(), 1);
+
+    // Events already sent: no fallback; the client gets what came and an error event.
+    primary.break_stream_after(3);
+    let (events, done) = read_sse(post(&url, &body).await).await;
+    assert!(!done, "a broken stream does not end with [DONE]");
+    assert!(events.len() >= 2, "{events:?}");
+    assert!(
+        events.last().unwrap()["error"]["message"].is_string(),
+        "{events:?}"
+    );
+    assert_eq!(
+        backup.request_count(),
+        1,
+        "no second model once the client got events"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_model_times_out_per_attempt_and_the_fallback_answers() {
+    let slow = FakeLlm::start("slow", KEY).await;
+    let backup = FakeLlm::start("backup", KEY).await;
+    slow.set_delay(Duration::from_secs(5));
+    let models = model("main", "openai", &slow, "");
+    let rest = format!("  fallbacks:\n{}", model("backup", "openai", &backup, ""));
+    let m = format!(
+        "{}  usageTracking: false\n",
+        manifest("llm/v1/chat", &models, &rest)
+    );
+    let gw = GatewayProcess::start(
+        &m,
+        &[
+            ("GATEWAY_API_KEY_MAIN", KEY),
+            ("GATEWAY_API_KEY_BACKUP", KEY),
+            ("GATEWAY_ATTEMPT_TIMEOUT_SECONDS", "1"),
+        ],
+    )
+    .await;
+    let t = std::time::Instant::now();
+    let resp = post(
+        &format!("{}/v1/chat/completions", gw.url),
+        &chat_body("hurry"),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "reply from backup to: hurry"
+    );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert_eq!(
+        gw.metric(
+            "mlflow_gateway_upstream_errors_total",
+            &["kind=\"timeout\""]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric(
+            "mlflow_gateway_requests_total",
+            &["route=\"/v1/chat/completions\"", "status=\"200\""]
+        )
+        .await,
+        1.0
+    );
+}
