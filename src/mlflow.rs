@@ -733,6 +733,57 @@ impl fmt::Debug for MlflowClient {
     }
 }
 
+/// An HTTP client for the tracking server as `config` says (rustls, CA bundle, insecure flag),
+/// shared by the REST client and the trace exporter. Redirects are not followed: a redirect would
+/// turn POSTs into GETs and may drop credentials.
+pub fn tracking_http_client(
+    config: &MlflowConfig,
+    timeout: Duration,
+) -> Result<reqwest::Client, ConfigError> {
+    if config.insecure_tls && config.server_cert_path.is_some() {
+        return Err(ConfigError::InsecureTlsWithCertPath);
+    }
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!(
+            env!("CARGO_PKG_NAME"),
+            "/",
+            env!("CARGO_PKG_VERSION")
+        ));
+    if let Some(path) = &config.server_cert_path {
+        let pem = std::fs::read(path).map_err(|e| ConfigError::CaBundle {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ConfigError::CaBundle {
+                path: path.clone(),
+                reason: format!("not a PEM certificate bundle ({e})"),
+            })?;
+        if certs.is_empty() {
+            return Err(ConfigError::CaBundle {
+                path: path.clone(),
+                reason: "no PEM certificate in the file".to_string(),
+            });
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if config.insecure_tls {
+        tracing::warn!(
+            "MLFLOW_TRACKING_INSECURE_TLS=true: the tracking server's certificate is not verified"
+        );
+        builder = builder.danger_accept_invalid_certs(true);
+    }
+    builder.build().map_err(|e| ConfigError::HttpClient {
+        reason: e.to_string(),
+    })
+}
+
 impl MlflowClient {
     pub fn new(config: &MlflowConfig) -> Result<Self, ConfigError> {
         validate_tracking_uri(&config.tracking_uri)?;
@@ -745,46 +796,7 @@ impl MlflowClient {
             return Err(ConfigError::InsecureTlsWithCertPath);
         }
 
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .timeout(config.request_timeout)
-            .connect_timeout(config.request_timeout)
-            // A redirect would turn POSTs into GETs and may drop credentials: report it instead.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!(
-                env!("CARGO_PKG_NAME"),
-                "/",
-                env!("CARGO_PKG_VERSION")
-            ));
-        if let Some(path) = &config.server_cert_path {
-            let pem = std::fs::read(path).map_err(|e| ConfigError::CaBundle {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ConfigError::CaBundle {
-                    path: path.clone(),
-                    reason: format!("not a PEM certificate bundle ({e})"),
-                })?;
-            if certs.is_empty() {
-                return Err(ConfigError::CaBundle {
-                    path: path.clone(),
-                    reason: "no PEM certificate in the file".to_string(),
-                });
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        if config.insecure_tls {
-            tracing::warn!(
-                "MLFLOW_TRACKING_INSECURE_TLS=true: the tracking server's certificate is not verified"
-            );
-            builder = builder.danger_accept_invalid_certs(true);
-        }
-        let http = builder.build().map_err(|e| ConfigError::HttpClient {
-            reason: e.to_string(),
-        })?;
+        let http = tracking_http_client(config, config.request_timeout)?;
 
         Ok(MlflowClient {
             http,

@@ -1315,46 +1315,7 @@ impl MlflowHttp {
             }
             Auth::Bearer { token } => Some(sensitive_header(&format!("Bearer {token}"))?),
         };
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!(
-                env!("CARGO_PKG_NAME"),
-                "/",
-                env!("CARGO_PKG_VERSION")
-            ));
-        if let Some(path) = &config.server_cert_path {
-            let pem = std::fs::read(path).map_err(|e| ConfigError::CaBundle {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ConfigError::CaBundle {
-                    path: path.clone(),
-                    reason: format!("not a PEM certificate bundle ({e})"),
-                })?;
-            if certs.is_empty() {
-                return Err(ConfigError::CaBundle {
-                    path: path.clone(),
-                    reason: "no PEM certificate in the file".to_string(),
-                }
-                .into());
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        if config.insecure_tls {
-            tracing::warn!(
-                "MLFLOW_TRACKING_INSECURE_TLS=true: the tracking server's certificate is not verified (trace export)"
-            );
-            builder = builder.danger_accept_invalid_certs(true);
-        }
-        let client = builder.build().map_err(|e| ConfigError::HttpClient {
-            reason: e.to_string(),
-        })?;
+        let client = crate::mlflow::tracking_http_client(config, timeout)?;
         let experiment_id = HeaderValue::from_str(experiment_id).map_err(|_| {
             TelemetryError::Invalid("experiment_id is not usable in an HTTP header".to_string())
         })?;
