@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use serde_json::{Value, json};
 
 use crate::api::EndpointType;
@@ -66,23 +66,47 @@ pub fn http_client() -> reqwest::Result<reqwest::Client> {
 
 pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(openai_chat))
-        .route("/v1/completions", post(openai_completions))
-        .route("/v1/embeddings", post(openai_embeddings))
+        .route(
+            "/v1/chat/completions",
+            unified_route(Operation::Chat, "/v1/chat/completions"),
+        )
+        .route(
+            "/v1/completions",
+            unified_route(Operation::Completions, "/v1/completions"),
+        )
+        .route(
+            "/v1/embeddings",
+            unified_route(Operation::Embeddings, "/v1/embeddings"),
+        )
         .route("/v1/models", get(models))
         .route(
             "/gateway/{endpoint}/mlflow/invocations",
             post(mlflow_invocations),
         )
-        .route("/gateway/mlflow/v1/chat/completions", post(mlflow_chat))
+        .route(
+            "/gateway/mlflow/v1/chat/completions",
+            named_route(
+                Operation::Chat,
+                "/gateway/mlflow/v1/chat/completions",
+                "unified/chat",
+            ),
+        )
         .route("/gateway/mlflow/v1/models", get(models))
         .route(
             "/gateway/openai/v1/chat/completions",
-            post(passthrough_openai_chat),
+            named_route(
+                Operation::Chat,
+                "/gateway/openai/v1/chat/completions",
+                "passthrough/model/openai-chat",
+            ),
         )
         .route(
             "/gateway/openai/v1/embeddings",
-            post(passthrough_openai_embeddings),
+            named_route(
+                Operation::Embeddings,
+                "/gateway/openai/v1/embeddings",
+                "passthrough/model/openai-embeddings",
+            ),
         )
         .route(
             "/gateway/anthropic/v1/messages",
@@ -177,48 +201,6 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
     }
 }
 
-async fn openai_chat(
-    State(g): State<Shared>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody,
-) -> Response {
-    invoke::run(
-        &g,
-        Call::unified(Operation::Chat, "/v1/chat/completions"),
-        &headers,
-        body,
-    )
-    .await
-}
-
-async fn openai_completions(
-    State(g): State<Shared>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody,
-) -> Response {
-    invoke::run(
-        &g,
-        Call::unified(Operation::Completions, "/v1/completions"),
-        &headers,
-        body,
-    )
-    .await
-}
-
-async fn openai_embeddings(
-    State(g): State<Shared>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody,
-) -> Response {
-    invoke::run(
-        &g,
-        Call::unified(Operation::Embeddings, "/v1/embeddings"),
-        &headers,
-        body,
-    )
-    .await
-}
-
 /// MLflow's unified invocations route: chat, completions or embeddings by the body's shape.
 async fn mlflow_invocations(
     State(g): State<Shared>,
@@ -247,47 +229,29 @@ async fn mlflow_invocations(
     invoke::run(&g, Call::unified(op, ROUTE), &headers, body).await
 }
 
-/// MLflow's OpenAI-style chat route: the body's `model` names the endpoint.
-async fn mlflow_chat(
-    State(g): State<Shared>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody,
-) -> Response {
-    const ROUTE: &str = "/gateway/mlflow/v1/chat/completions";
-    if let Some(resp) = check_model_is_endpoint(&g, ROUTE, &body) {
-        return resp;
-    }
-    invoke::run(&g, Call::unified(Operation::Chat, ROUTE), &headers, body).await
+/// A route of the OpenAI API for this endpoint.
+fn unified_route(op: Operation, route: &'static str) -> MethodRouter<Shared> {
+    post(
+        move |State(g): State<Shared>, headers: HeaderMap, JsonBody(body): JsonBody| async move {
+            invoke::run(&g, Call::unified(op, route), &headers, body).await
+        },
+    )
 }
 
-async fn passthrough_openai_chat(
-    State(g): State<Shared>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody,
-) -> Response {
-    const ROUTE: &str = "/gateway/openai/v1/chat/completions";
-    if let Some(resp) = check_model_is_endpoint(&g, ROUTE, &body) {
-        return resp;
-    }
-    let call = Call::new(Operation::Chat, ROUTE, "passthrough/model/openai-chat");
-    invoke::run(&g, call, &headers, body).await
-}
-
-async fn passthrough_openai_embeddings(
-    State(g): State<Shared>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody,
-) -> Response {
-    const ROUTE: &str = "/gateway/openai/v1/embeddings";
-    if let Some(resp) = check_model_is_endpoint(&g, ROUTE, &body) {
-        return resp;
-    }
-    let call = Call::new(
-        Operation::Embeddings,
-        ROUTE,
-        "passthrough/model/openai-embeddings",
-    );
-    invoke::run(&g, call, &headers, body).await
+/// One of MLflow's routes that take the endpoint's name as `model`.
+fn named_route(
+    op: Operation,
+    route: &'static str,
+    request_type: &'static str,
+) -> MethodRouter<Shared> {
+    post(
+        move |State(g): State<Shared>, headers: HeaderMap, JsonBody(body): JsonBody| async move {
+            if let Some(resp) = check_model_is_endpoint(&g, route, &body) {
+                return resp;
+            }
+            invoke::run(&g, Call::new(op, route, request_type), &headers, body).await
+        },
+    )
 }
 
 async fn passthrough_anthropic(
