@@ -979,3 +979,73 @@ async fn a_slow_model_times_out_per_attempt_and_the_fallback_answers() {
         1.0
     );
 }
+
+/// A tracking server that answers 500, or takes 10 s, must not show in requests either. (A local
+/// server stands in for a broken MLflow here: the failure is what is under test.)
+#[tokio::test]
+async fn a_tracking_server_answering_500_or_taking_10_s_changes_nothing_for_clients() {
+    let fake = FakeLlm::start("openai", KEY).await;
+    for broken in ["500", "slow"] {
+        let tracking = FakeLlm::start("broken-mlflow", "unused").await;
+        match broken {
+            "500" => tracking.fail_always(500),
+            _ => tracking.set_delay(Duration::from_secs(10)),
+        }
+        let m = manifest("llm/v1/chat", &model("main", "openai", &fake, ""), "");
+        let env = [
+            ("GATEWAY_API_KEY_MAIN", KEY),
+            ("MLFLOW_TRACKING_URI", tracking.url.as_str()),
+            ("MLFLOW_EXPERIMENT_ID", "1"),
+        ];
+        let gw = GatewayProcess::start(&m, &env).await;
+        let url = format!("{}/v1/chat/completions", gw.url);
+        let mut slowest = Duration::ZERO;
+        for i in 0..100 {
+            let t = std::time::Instant::now();
+            let resp = post(&url, &chat_body(&format!("q{i}"))).await;
+            slowest = slowest.max(t.elapsed());
+            assert_eq!(resp.status(), 200, "{broken}");
+        }
+        assert!(
+            slowest < Duration::from_millis(500),
+            "{broken}: a request waited: {slowest:?}"
+        );
+        support::eventually(30, "the tracking server was tried", || async {
+            (tracking.request_count() > 0).then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn usage_tracking_off_exports_nothing() {
+    let fake = FakeLlm::start("openai", KEY).await;
+    let tracking = FakeLlm::start("would-be-mlflow", "unused").await;
+    let m = format!(
+        "{}  usageTracking: false\n",
+        manifest("llm/v1/chat", &model("main", "openai", &fake, ""), "")
+    );
+    let env = [
+        ("GATEWAY_API_KEY_MAIN", KEY),
+        ("MLFLOW_TRACKING_URI", tracking.url.as_str()),
+        ("MLFLOW_EXPERIMENT_ID", "1"),
+    ];
+    let gw = GatewayProcess::start(&m, &env).await;
+    let resp = post(
+        &format!("{}/v1/chat/completions", gw.url),
+        &chat_body("quiet"),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("x-mlflow-trace-id").is_none());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        tracking.request_count(),
+        0,
+        "nothing was sent to the tracking server"
+    );
+    assert_eq!(
+        gw.metric("mlflow_gateway_spans_exported_total", &[]).await,
+        0.0
+    );
+}
