@@ -14,6 +14,10 @@ use mlflow_gateway_operator::metrics::{self, Metrics};
 use mlflow_gateway_operator::mlflow::{MlflowClient, MlflowConfig};
 use mlflow_gateway_operator::telemetry::Telemetry;
 
+// The gateway's hot path allocates many small JSON values: glibc's malloc was a fifth of its CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Kubernetes operator for traced LLM gateway endpoints, each with its experiment in MLflow.
 #[derive(Parser)]
 #[command(version, about)]
