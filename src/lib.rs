@@ -9,3 +9,19 @@ pub mod metrics;
 pub mod mlflow;
 pub mod providers;
 pub mod telemetry;
+
+/// An error and its causes on one line, each cause once (libraries often repeat their source's
+/// text in their own message).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}

@@ -675,17 +675,7 @@ fn transport_reason(err: &reqwest::Error, timeout: Duration) -> String {
             .unwrap_or_default();
         return format!("no answer{from} within {} ms", timeout.as_millis());
     }
-    let mut reason = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !reason.contains(&text) {
-            reason.push_str(": ");
-            reason.push_str(&text);
-        }
-        source = cause.source();
-    }
-    reason
+    crate::error_chain(err)
 }
 
 /// Delay before retry number `retry` (0-based): 200 ms, doubling, at most 2 s.

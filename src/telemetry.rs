@@ -1349,17 +1349,7 @@ fn transport_reason(err: &reqwest::Error) -> String {
     if err.is_timeout() {
         return "no answer within the export timeout".to_string();
     }
-    let mut reason = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !reason.contains(&text) {
-            reason.push_str(": ");
-            reason.push_str(&text);
-        }
-        source = cause.source();
-    }
-    reason
+    crate::error_chain(err)
 }
 
 #[async_trait::async_trait]

@@ -390,7 +390,7 @@ fn classify_status(up: &Upstream, status: StatusCode, body: &[u8]) -> Failure {
 fn transport_failure(e: &reqwest::Error) -> Failure {
     let kind = if e.is_timeout() { "timeout" } else { "connect" };
     Failure {
-        message: error_chain(e),
+        message: crate::error_chain(e),
         retryable: true,
         status: None,
         kind,
@@ -404,18 +404,6 @@ fn timeout_failure(after: Duration) -> Failure {
         status: None,
         kind: "timeout",
     }
-}
-
-/// The error and its causes, without the URL's query (which never holds keys, but may be long).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// One non-streamed attempt, within the attempt timeout.
@@ -632,7 +620,7 @@ fn stream_response(
                     },
                     Err(e) => st.fail("stream", e.to_string()),
                 },
-                Some(Err(e)) => st.fail("stream", error_chain(&e)),
+                Some(Err(e)) => st.fail("stream", crate::error_chain(&e)),
                 None => st.complete(),
             }
         }
