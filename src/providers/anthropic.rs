@@ -360,28 +360,15 @@ fn convert_tools(req: &mut ChatRequest, out: &mut Map<String, Value>) -> Result<
         None | Some(Value::Null) => {}
         Some(Value::Array(tools)) => {
             let mut converted = Vec::with_capacity(tools.len());
-            for (i, tool) in tools.iter().enumerate() {
-                let kind = tool.get("type").and_then(Value::as_str).unwrap_or("");
-                if kind != "function" {
-                    return Err(invalid(format!(
-                        "tools[{i}]: only function tools can be converted for anthropic (got type {kind:?})"
-                    )));
-                }
-                let function = tool.get("function").unwrap_or(&Value::Null);
-                let name = function
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| invalid(format!("tools[{i}]: function.name is required")))?;
+            for tool in super::function_tools(&tools, "anthropic")? {
                 let mut t = Map::new();
-                t.insert("name".into(), json!(name));
-                if let Some(d) = function.get("description").filter(|d| !d.is_null()) {
+                t.insert("name".into(), json!(tool.name));
+                if let Some(d) = tool.description {
                     t.insert("description".into(), d.clone());
                 }
                 t.insert(
                     "input_schema".into(),
-                    function
-                        .get("parameters")
-                        .filter(|p| !p.is_null())
+                    tool.parameters
                         .cloned()
                         .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
                 );

@@ -364,24 +364,13 @@ fn convert_tools(req: &mut ChatRequest, out: &mut Map<String, Value>) -> Result<
         None | Some(Value::Null) => {}
         Some(Value::Array(tools)) => {
             let mut declarations = Vec::with_capacity(tools.len());
-            for (i, tool) in tools.iter().enumerate() {
-                let kind = tool.get("type").and_then(Value::as_str).unwrap_or("");
-                if kind != "function" {
-                    return Err(invalid(format!(
-                        "tools[{i}]: only function tools can be converted for gemini (got type {kind:?})"
-                    )));
-                }
-                let function = tool.get("function").unwrap_or(&Value::Null);
-                let name = function
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| invalid(format!("tools[{i}]: function.name is required")))?;
+            for tool in super::function_tools(&tools, "gemini")? {
                 let mut d = Map::new();
-                d.insert("name".into(), json!(name));
-                if let Some(desc) = function.get("description").filter(|d| !d.is_null()) {
+                d.insert("name".into(), json!(tool.name));
+                if let Some(desc) = tool.description {
                     d.insert("description".into(), desc.clone());
                 }
-                if let Some(params) = function.get("parameters").filter(|p| !p.is_null()) {
+                if let Some(params) = tool.parameters {
                     d.insert("parametersJsonSchema".into(), params.clone());
                 }
                 declarations.push(Value::Object(d));

@@ -93,6 +93,42 @@ pub enum ProviderError {
     Config(String),
 }
 
+/// An OpenAI function tool, read for a provider that has its own tool format.
+pub(crate) struct FunctionTool<'a> {
+    pub name: &'a str,
+    pub description: Option<&'a Value>,
+    pub parameters: Option<&'a Value>,
+}
+
+/// Reads OpenAI `tools`: only function tools, each with a name, can be converted for `provider`.
+pub(crate) fn function_tools<'a>(
+    tools: &'a [Value],
+    provider: &str,
+) -> Result<Vec<FunctionTool<'a>>, ProviderError> {
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            let kind = tool.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind != "function" {
+                return Err(invalid(format!(
+                    "tools[{i}]: only function tools can be converted for {provider} (got type {kind:?})"
+                )));
+            }
+            let function = tool.get("function").unwrap_or(&Value::Null);
+            let name = function
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid(format!("tools[{i}]: function.name is required")))?;
+            Ok(FunctionTool {
+                name,
+                description: function.get("description").filter(|d| !d.is_null()),
+                parameters: function.get("parameters").filter(|p| !p.is_null()),
+            })
+        })
+        .collect()
+}
+
 fn invalid(msg: impl Into<String>) -> ProviderError {
     ProviderError::InvalidRequest(msg.into())
 }
