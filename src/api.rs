@@ -3,6 +3,9 @@
 //! Everything that can be checked without I/O is in the schema (types, bounds, patterns) or in a
 //! CEL rule, so a bad manifest is rejected at `kubectl apply` with a message that says what to fix.
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -28,6 +31,7 @@ pub const VERSION: &str = "v1alpha1";
     printcolumn = r#"{"name":"Experiment","type":"string","jsonPath":".status.experimentId"}"#,
     printcolumn = r#"{"name":"Experiment Name","type":"string","jsonPath":".status.experimentName","priority":1}"#,
     printcolumn = r#"{"name":"URL","type":"string","jsonPath":".status.url"}"#,
+    printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.readyReplicas","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(
@@ -97,6 +101,43 @@ pub struct GatewayEndpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub replicas: Option<i32>,
+
+    /// How the gateway pods run: image, resources, scheduling, extra labels and annotations.
+    /// Everything is optional; the operator's defaults apply to what is left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayPodSpec>,
+}
+
+/// Overrides for the endpoint's gateway pods and Service.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPodSpec {
+    /// Container image of the gateway (default: the operator's gateway image, the same binary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    /// CPU and memory requests and limits of the gateway container (default: the operator's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Schedule the pods on nodes with these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod (anti-)affinity of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Extra labels on the pods (the operator's own labels win on a clash).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_labels: BTreeMap<String, String>,
+    /// Extra annotations on the pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
+    /// Port of the endpoint's Service (default 8080).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub service_port: Option<i32>,
 }
 
 fn default_true() -> bool {
@@ -292,12 +333,30 @@ pub struct TracingSpec {
     /// traces keep timings, token counts, models and status.
     #[serde(default = "default_true")]
     pub capture_content: bool,
+
+    /// A Secret in the endpoint's namespace holding the MLflow credential the gateway pods write
+    /// traces with: keys `username` and `password` (Basic), or `token` (Bearer). Without it, the
+    /// pods use the operator-wide gateway credential, if the operator has one, or none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// A Secret in the endpoint's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub struct SecretRef {
+    /// Name of the Secret.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
 }
 
 impl Default for TracingSpec {
     fn default() -> Self {
         TracingSpec {
             capture_content: true,
+            credentials_secret_ref: None,
         }
     }
 }
@@ -321,7 +380,13 @@ pub struct GatewayEndpointStatus {
     /// In-cluster URL of the endpoint's gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
-    /// Conditions: Ready (the summary), ExperimentReady, ...
+    /// Gateway pods that exist (from the Deployment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Gateway pods that are ready to serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Conditions: Ready (the summary), ExperimentReady, SecretsReady, Available, Progressing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

@@ -1,23 +1,29 @@
-//! The reconciler: makes each `GatewayEndpoint`'s experiment exist (see [`crate::experiment`]) and
-//! tells the truth about it in status conditions and Events.
+//! The reconciler: makes each `GatewayEndpoint`'s experiment exist (see [`crate::experiment`]),
+//! runs the endpoint as gateway pods (see [`pods`] and [`crate::deploy`]), and tells the truth
+//! about both in status conditions and Events.
+
+pub mod pods;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::api::{ExperimentDeletionPolicy, GatewayEndpoint, GatewayEndpointStatus};
+use crate::deploy::{self, GatewayDefaults};
 use crate::experiment::{self, Change, Declared, EndpointIdentity, Outcome};
 use crate::metrics::Metrics;
 use crate::mlflow::{ErrorCode, MlflowClient, MlflowError};
@@ -40,6 +46,10 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("{0}")]
     InvalidResource(String),
+    #[error(
+        "a {kind} named {name} already exists and is not this endpoint's: rename or delete it, or rename the endpoint"
+    )]
+    NameConflict { kind: String, name: String },
 }
 
 impl Error {
@@ -54,6 +64,7 @@ impl Error {
                 _ => "finalizer",
             },
             Error::InvalidResource(_) => "invalid_resource",
+            Error::NameConflict { .. } => "name_conflict",
         }
     }
 }
@@ -71,6 +82,38 @@ pub struct Settings {
     pub namespace: Option<String>,
     /// The longest wait between retries of a failing endpoint.
     pub max_backoff: Duration,
+    /// Defaults of the gateway pods.
+    pub gateway: GatewayDefaults,
+    /// A Secret in the operator's namespace holding the trace-writing credential the gateway pods
+    /// use (mirrored into each endpoint's namespace) unless an endpoint names its own.
+    pub gateway_credentials_secret: Option<String>,
+    /// The namespace the operator runs in.
+    pub operator_namespace: Option<String>,
+}
+
+/// Caches of the objects the operator owns, filled by its watches.
+#[derive(Clone)]
+pub struct Stores {
+    pub deployments: Store<Deployment>,
+    pub config_maps: Store<ConfigMap>,
+    pub services: Store<Service>,
+}
+
+impl Stores {
+    /// Waits until every cache holds its first full list (at once if the watches ended).
+    async fn ready(&self) {
+        let _ = tokio::join!(
+            self.deployments.wait_until_ready(),
+            self.config_maps.wait_until_ready(),
+            self.services.wait_until_ready()
+        );
+    }
+}
+
+struct Writers {
+    deployments: Writer<Deployment>,
+    config_maps: Writer<ConfigMap>,
+    services: Writer<Service>,
 }
 
 /// What every reconcile shares.
@@ -80,8 +123,13 @@ pub struct Context {
     pub recorder: Recorder,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
+    pub stores: Stores,
+    writers: Mutex<Option<Writers>>,
     /// Consecutive failures per endpoint, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<GatewayEndpoint>, u32>>,
+    /// When each endpoint's experiment was last found as declared, and for which generation:
+    /// reconciles that a pod or Secret change triggers soon after skip the MLflow round trip.
+    verified: Mutex<HashMap<ObjectRef<GatewayEndpoint>, (Option<i64>, Instant)>>,
 }
 
 impl Context {
@@ -95,13 +143,44 @@ impl Context {
             controller: FIELD_MANAGER.to_string(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let (deployments, deployments_writer) = reflector::store();
+        let (config_maps, config_maps_writer) = reflector::store();
+        let (services, services_writer) = reflector::store();
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             tracking,
             settings,
             metrics,
+            stores: Stores {
+                deployments,
+                config_maps,
+                services,
+            },
+            writers: Mutex::new(Some(Writers {
+                deployments: deployments_writer,
+                config_maps: config_maps_writer,
+                services: services_writer,
+            })),
             failures: Mutex::default(),
+            verified: Mutex::default(),
+        }
+    }
+
+    /// True when the experiment was found as declared for this generation less than half a resync
+    /// period ago.
+    fn recently_verified(&self, key: &ObjectRef<GatewayEndpoint>, generation: Option<i64>) -> bool {
+        let map = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key)
+            .is_some_and(|(g, at)| *g == generation && at.elapsed() < self.settings.resync / 2)
+    }
+
+    fn set_verified(&self, key: &ObjectRef<GatewayEndpoint>, generation: Option<i64>, ok: bool) {
+        let mut map = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            map.insert(key.clone(), (generation, Instant::now()));
+        } else {
+            map.remove(key);
         }
     }
 
@@ -118,14 +197,108 @@ impl Context {
     }
 }
 
-/// Runs the controller until SIGTERM or Ctrl-C.
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller until SIGTERM or Ctrl-C. Watches the endpoints, the objects the operator
+/// owns (label `app.kubernetes.io/managed-by=mlflow-gateway-operator`; a change or deletion
+/// reconciles the owner) and Secrets (metadata only; a change reconciles the endpoints reading it).
 pub async fn run(ctx: Arc<Context>) {
-    let endpoints: Api<GatewayEndpoint> = match &ctx.settings.namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
+    let Some(writers) = ctx.writers.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        warn!("controller::run called twice on one Context");
+        return;
     };
+    let client = &ctx.client;
+    let ns = &ctx.settings.namespace;
+    let owned = watcher::Config::default()
+        .labels(&format!(
+            "{}={}",
+            deploy::LABEL_MANAGED_BY,
+            deploy::MANAGED_BY
+        ))
+        .any_semantic();
+    // Cached without managedFields: they are most of an object's size and never read.
+    let deployments = watcher(scoped::<Deployment>(client, ns), owned.clone())
+        .modify(|o| o.managed_fields_mut().clear())
+        .default_backoff()
+        .reflect(writers.deployments)
+        .touched_objects();
+    let config_maps = watcher(scoped::<ConfigMap>(client, ns), owned.clone())
+        .modify(|o| o.managed_fields_mut().clear())
+        .default_backoff()
+        .reflect(writers.config_maps)
+        .touched_objects();
+    let services = watcher(scoped::<Service>(client, ns), owned.clone())
+        .modify(|o| o.managed_fields_mut().clear())
+        .default_backoff()
+        .reflect(writers.services)
+        .touched_objects();
+    // Secrets in the watched namespaces, plus the operator's own namespace for its credential.
+    let secrets = watcher(
+        scoped::<PartialObjectMeta<Secret>>(client, ns),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let operator_secret = match (
+        &ctx.settings.gateway_credentials_secret,
+        &ctx.settings.operator_namespace,
+    ) {
+        (Some(name), Some(op_ns)) if ns.as_ref().is_some_and(|w| w != op_ns) => Some(
+            watcher(
+                Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), op_ns),
+                watcher::Config::default()
+                    .fields(&format!("metadata.name={name}"))
+                    .any_semantic(),
+            )
+            .default_backoff()
+            .touched_objects(),
+        ),
+        _ => None,
+    };
+
     let config = ControllerConfig::default().concurrency(ctx.settings.concurrency);
-    Controller::new(endpoints, watcher::Config::default().any_semantic())
+    let controller = Controller::new(
+        scoped::<GatewayEndpoint>(client, ns),
+        watcher::Config::default().any_semantic(),
+    );
+    let endpoints = controller.store();
+    let credential = ctx
+        .settings
+        .gateway_credentials_secret
+        .clone()
+        .zip(ctx.settings.operator_namespace.clone());
+    let map_secret = move |s: PartialObjectMeta<Secret>| {
+        let owner = s
+            .owner_references()
+            .iter()
+            .find(|r| r.controller == Some(true) && r.kind == "GatewayEndpoint")
+            .map(|r| r.uid.clone());
+        pods::endpoints_reading(
+            &endpoints,
+            credential.as_ref().map(|(n, ns)| (ns.as_str(), n.as_str())),
+            &s.namespace().unwrap_or_default(),
+            &s.name_any(),
+            owner.as_deref(),
+        )
+    };
+    let mut controller = controller
+        .owns_stream(deployments)
+        .owns_stream(config_maps)
+        .owns_stream(services)
+        .watches_stream(secrets, map_secret.clone());
+    if let Some(stream) = operator_secret {
+        controller = controller.watches_stream(stream, map_secret);
+    }
+    let counts = count_endpoints(controller.store(), ctx.metrics.clone());
+    let running = controller
         .with_config(config)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -134,8 +307,41 @@ pub async fn run(ctx: Arc<Context>) {
                 Ok((obj, _)) => debug!(endpoint = %obj, "reconciled"),
                 Err(e) => debug!(error = %e, "reconcile failed"),
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        () = running => {}
+        () = counts => {}
+    }
+}
+
+/// Keeps the `endpoints{ready}` gauge in step with the watched endpoints.
+async fn count_endpoints(store: Store<GatewayEndpoint>, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        let mut counts: HashMap<&str, i64> =
+            HashMap::from([("true", 0), ("false", 0), ("unknown", 0)]);
+        for ep in store.state() {
+            let ready = ep
+                .status
+                .as_ref()
+                .and_then(|s| s.condition(CONDITION_READY))
+                .map_or("unknown", |c| match c.status.as_str() {
+                    "True" => "true",
+                    "False" => "false",
+                    _ => "unknown",
+                });
+            *counts.entry(ready).or_default() += 1;
+        }
+        for (ready, n) in counts {
+            metrics
+                .endpoints
+                .get_or_create(&crate::metrics::ReadyLabels {
+                    ready: ready.to_string(),
+                })
+                .set(n);
+        }
+    }
 }
 
 async fn reconcile(ep: Arc<GatewayEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -214,30 +420,233 @@ pub struct ConditionState {
 }
 
 async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
+    // Owned objects are compared with the caches: wait until the first list filled them.
+    ctx.stores.ready().await;
     let id = identity(ep)?;
+    let key = ObjectRef::from_obj(ep);
     let declared = declared(ep, &id);
     let current = ep.status.clone().unwrap_or_default();
-    let known = current.experiment_id.as_deref();
-    let outcome = experiment::ensure(&ctx.tracking, &id, &declared, known).await;
+    let generation = ep.metadata.generation;
 
     let mut status = GatewayEndpointStatus {
-        observed_generation: ep.metadata.generation,
-        url: current.url.clone(),
+        observed_generation: generation,
         ..Default::default()
     };
     let mut events = Vec::new();
-    let experiment_ready;
     let mut failure = None;
-    match outcome {
-        Ok(Outcome::Disabled) => {
-            experiment_ready = ConditionState {
-                type_: CONDITION_EXPERIMENT_READY,
-                status: true,
-                reason: "UsageTrackingDisabled".into(),
-                message: "usageTracking is false: no experiment, and the gateway exports no traces"
-                    .into(),
-            };
+    let experiment_ready = match current_if_recently_verified(ctx, &key, ep, &current) {
+        Some(kept) => {
+            status.experiment_id = current.experiment_id.clone();
+            status.experiment_name = current.experiment_name.clone();
+            status.experiment_url = current.experiment_url.clone();
+            kept
         }
+        None => {
+            let known = current.experiment_id.as_deref();
+            let outcome = experiment::ensure(&ctx.tracking, &id, &declared, known).await;
+            let verified = matches!(outcome, Ok(Outcome::Ready { .. } | Outcome::Disabled));
+            ctx.set_verified(&key, generation, verified);
+            experiment_condition(
+                ctx,
+                outcome,
+                &declared,
+                &current,
+                &mut status,
+                &mut events,
+                &mut failure,
+            )
+        }
+    };
+    // A Warning Event when the endpoint enters a failing state, not on every retry.
+    warn_on_entering(&current, &experiment_ready, "EnsureExperiment", &mut events);
+
+    // The pods trace into the experiment in status (kept while MLflow is unreachable).
+    let gateway = match pods::ensure_gateway(
+        ep,
+        ctx,
+        status.experiment_id.as_deref(),
+        ep.spec.usage_tracking,
+    )
+    .await
+    {
+        Ok(g) => g,
+        Err(Error::NameConflict { kind, name }) => {
+            let e = Error::NameConflict { kind, name };
+            let conflict = ConditionState {
+                type_: pods::CONDITION_AVAILABLE,
+                status: false,
+                reason: "NameConflict".into(),
+                message: e.to_string(),
+            };
+            failure.get_or_insert(e);
+            pods::GatewayState {
+                secrets: current
+                    .condition(pods::CONDITION_SECRETS_READY)
+                    .map(kept_condition)
+                    .unwrap_or_else(|| ConditionState {
+                        type_: pods::CONDITION_SECRETS_READY,
+                        status: false,
+                        reason: "NameConflict".into(),
+                        message: "not checked: the gateway objects cannot be created".into(),
+                    }),
+                progressing: ConditionState {
+                    type_: pods::CONDITION_PROGRESSING,
+                    status: false,
+                    reason: "NameConflict".into(),
+                    message: conflict.message.clone(),
+                },
+                available: conflict,
+                url: deploy::url(ep),
+                replicas: None,
+                ready_replicas: None,
+                events: Vec::new(),
+            }
+        }
+        Err(e) => return Err(fail_before_status(e, &events, ctx, ep).await),
+    };
+    warn_on_entering(&current, &gateway.secrets, "ResolveSecrets", &mut events);
+    warn_on_entering(&current, &gateway.available, "ApplyGateway", &mut events);
+    events.extend(gateway.events);
+    status.url = Some(gateway.url.clone());
+    status.replicas = gateway.replicas;
+    status.ready_replicas = gateway.ready_replicas;
+
+    let parts = [&experiment_ready, &gateway.secrets, &gateway.available];
+    let ready = match parts.iter().find(|c| !c.status) {
+        Some(failing) => ConditionState {
+            type_: CONDITION_READY,
+            status: false,
+            reason: failing.reason.clone(),
+            message: format!("{}: {}", failing.type_, failing.message),
+        },
+        None => ConditionState {
+            type_: CONDITION_READY,
+            status: true,
+            reason: "Ready".into(),
+            message: format!(
+                "serving at {} ({}); {}",
+                gateway.url, gateway.available.message, experiment_ready.message
+            ),
+        },
+    };
+    status.conditions = merge_conditions(
+        &current.conditions,
+        &[
+            experiment_ready,
+            gateway.secrets,
+            gateway.available,
+            gateway.progressing,
+            ready,
+        ],
+        generation,
+    );
+
+    if status != current {
+        patch_status(ctx, ep, &status).await?;
+    }
+    publish_all(ctx, ep, &events).await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(Action::requeue(jitter(ctx.settings.resync, ep))),
+    }
+}
+
+/// Events already decided are still published when the gateway part fails.
+async fn fail_before_status(
+    e: Error,
+    events: &[Event],
+    ctx: &Context,
+    ep: &GatewayEndpoint,
+) -> Error {
+    publish_all(ctx, ep, events).await;
+    e
+}
+
+async fn publish_all(ctx: &Context, ep: &GatewayEndpoint, events: &[Event]) {
+    for event in events {
+        if let Err(e) = ctx.recorder.publish(event, &ep.object_ref(&())).await {
+            warn!(error = %e, reason = %event.reason, "could not publish event");
+        }
+    }
+}
+
+/// A Warning Event when `wanted` is failing and was not failing the same way before.
+fn warn_on_entering(
+    current: &GatewayEndpointStatus,
+    wanted: &ConditionState,
+    action: &str,
+    events: &mut Vec<Event>,
+) {
+    let previous = current.condition(wanted.type_);
+    if !wanted.status
+        && previous.is_none_or(|c| {
+            c.status != "False" || c.reason != wanted.reason || c.message != wanted.message
+        })
+    {
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: wanted.reason.clone(),
+            note: Some(truncate(&wanted.message, 1000)),
+            action: action.into(),
+            secondary: None,
+        });
+    }
+}
+
+fn kept_condition(c: &Condition) -> ConditionState {
+    let type_ = [
+        CONDITION_EXPERIMENT_READY,
+        pods::CONDITION_SECRETS_READY,
+        pods::CONDITION_AVAILABLE,
+        pods::CONDITION_PROGRESSING,
+        CONDITION_READY,
+    ]
+    .into_iter()
+    .find(|t| *t == c.type_)
+    .unwrap_or(CONDITION_EXPERIMENT_READY);
+    ConditionState {
+        type_,
+        status: c.status == "True",
+        reason: c.reason.clone(),
+        message: c.message.clone(),
+    }
+}
+
+/// The current ExperimentReady, when the experiment was verified for this generation moments ago
+/// (the reconcile was triggered by a pod or Secret change): no MLflow round trip then.
+fn current_if_recently_verified(
+    ctx: &Context,
+    key: &ObjectRef<GatewayEndpoint>,
+    ep: &GatewayEndpoint,
+    current: &GatewayEndpointStatus,
+) -> Option<ConditionState> {
+    let c = current.condition(CONDITION_EXPERIMENT_READY)?;
+    let fresh = c.status == "True"
+        && c.observed_generation == ep.metadata.generation
+        && (current.experiment_id.is_some() || !ep.spec.usage_tracking)
+        && ctx.recently_verified(key, ep.metadata.generation);
+    fresh.then(|| kept_condition(c))
+}
+
+/// ExperimentReady from what [`experiment::ensure`] found, filling the experiment fields of
+/// `status` and the Events of what changed.
+fn experiment_condition(
+    ctx: &Context,
+    outcome: Result<Outcome, MlflowError>,
+    declared: &Declared,
+    current: &GatewayEndpointStatus,
+    status: &mut GatewayEndpointStatus,
+    events: &mut Vec<Event>,
+    failure: &mut Option<Error>,
+) -> ConditionState {
+    match outcome {
+        Ok(Outcome::Disabled) => ConditionState {
+            type_: CONDITION_EXPERIMENT_READY,
+            status: true,
+            reason: "UsageTrackingDisabled".into(),
+            message: "usageTracking is false: no experiment, and the gateway exports no traces"
+                .into(),
+        },
         Ok(Outcome::Ready {
             experiment,
             changes,
@@ -249,15 +658,16 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
                     &experiment.name,
                 ));
             }
-            let how = if declared_is_user(&declared) {
+            let user = declared_is_user(declared);
+            let how = if user {
                 "the experiment given by experimentId"
             } else {
                 "managed by the operator"
             };
-            experiment_ready = ConditionState {
+            let ready = ConditionState {
                 type_: CONDITION_EXPERIMENT_READY,
                 status: true,
-                reason: if declared_is_user(&declared) {
+                reason: if user {
                     "ExistingExperiment".into()
                 } else {
                     "ExperimentActive".into()
@@ -273,84 +683,40 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
             ));
             status.experiment_id = Some(experiment.experiment_id);
             status.experiment_name = Some(experiment.name);
+            ready
         }
         Ok(Outcome::Blocked {
             reason,
             message,
             experiment_id,
         }) => {
-            experiment_ready = ConditionState {
-                type_: CONDITION_EXPERIMENT_READY,
-                status: false,
-                reason: reason.as_str().into(),
-                message,
-            };
             // Still tracing into the current experiment (a rename that could not be made).
             if experiment_id.is_some() && experiment_id == current.experiment_id {
                 status.experiment_id = current.experiment_id.clone();
                 status.experiment_name = current.experiment_name.clone();
                 status.experiment_url = current.experiment_url.clone();
             }
+            ConditionState {
+                type_: CONDITION_EXPERIMENT_READY,
+                status: false,
+                reason: reason.as_str().into(),
+                message,
+            }
         }
         Err(e) => {
-            experiment_ready = ConditionState {
+            // Keep what was known: the pods still trace there.
+            status.experiment_id = current.experiment_id.clone();
+            status.experiment_name = current.experiment_name.clone();
+            status.experiment_url = current.experiment_url.clone();
+            let c = ConditionState {
                 type_: CONDITION_EXPERIMENT_READY,
                 status: false,
                 reason: tracking_error_reason(&e).into(),
                 message: format!("{e}; retrying with backoff"),
             };
-            // Keep what was known: the pods still trace there.
-            status.experiment_id = current.experiment_id.clone();
-            status.experiment_name = current.experiment_name.clone();
-            status.experiment_url = current.experiment_url.clone();
-            failure = Some(e);
+            *failure = Some(e.into());
+            c
         }
-    }
-
-    let ready = ConditionState {
-        type_: CONDITION_READY,
-        status: experiment_ready.status,
-        reason: if experiment_ready.status {
-            "Ready".into()
-        } else {
-            experiment_ready.reason.clone()
-        },
-        message: experiment_ready.message.clone(),
-    };
-    // A Warning Event when the endpoint enters a failing state, not on every retry.
-    let previous = current.condition(CONDITION_EXPERIMENT_READY);
-    if !experiment_ready.status
-        && previous.is_none_or(|c| {
-            c.status != "False"
-                || c.reason != experiment_ready.reason
-                || c.message != experiment_ready.message
-        })
-    {
-        events.push(Event {
-            type_: EventType::Warning,
-            reason: experiment_ready.reason.clone(),
-            note: Some(truncate(&experiment_ready.message, 1000)),
-            action: "EnsureExperiment".into(),
-            secondary: None,
-        });
-    }
-    status.conditions = merge_conditions(
-        &current.conditions,
-        &[experiment_ready, ready],
-        ep.metadata.generation,
-    );
-
-    if status != current {
-        patch_status(ctx, ep, &status).await?;
-    }
-    for event in events {
-        if let Err(e) = ctx.recorder.publish(&event, &ep.object_ref(&())).await {
-            warn!(error = %e, reason = %event.reason, "could not publish event");
-        }
-    }
-    match failure {
-        Some(e) => Err(e.into()),
-        None => Ok(Action::requeue(jitter(ctx.settings.resync, ep))),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod controller;
+pub mod deploy;
 pub mod experiment;
 pub mod gateway;
 pub mod metrics;

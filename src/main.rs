@@ -7,8 +7,10 @@ use axum::http::Method;
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::CustomResourceExt;
 
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use mlflow_gateway_operator::api::GatewayEndpoint;
 use mlflow_gateway_operator::controller::{self, Context, Settings};
+use mlflow_gateway_operator::deploy::{self, GatewayDefaults};
 use mlflow_gateway_operator::gateway;
 use mlflow_gateway_operator::metrics::{self, Metrics};
 use mlflow_gateway_operator::mlflow::{MlflowClient, MlflowConfig};
@@ -86,6 +88,39 @@ struct ControllerArgs {
     /// Address of the /metrics, /healthz and /readyz server.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
+    /// Image of the gateway pods (the operator's own image: the same binary).
+    #[arg(long, env = "GATEWAY_IMAGE", default_value = DEFAULT_GATEWAY_IMAGE)]
+    gateway_image: String,
+    /// Tracking URI the gateway pods send traces to (default: MLFLOW_TRACKING_URI), e.g. the
+    /// tracking server's in-cluster Service when the operator reaches it another way.
+    #[arg(long, env = "GATEWAY_MLFLOW_TRACKING_URI")]
+    gateway_tracking_uri: Option<url::Url>,
+    /// Skip TLS verification of the tracking server in the gateway pods.
+    #[arg(long, env = "GATEWAY_MLFLOW_TRACKING_INSECURE_TLS", default_value_t = false, action = clap::ArgAction::Set)]
+    gateway_insecure_tls: bool,
+    /// A Secret in the operator's namespace (POD_NAMESPACE) holding the trace-writing MLflow
+    /// credential of the gateway pods: keys `username` and `password`, or `token`. The operator
+    /// mirrors it into each endpoint's namespace, for endpoints without
+    /// spec.tracing.credentialsSecretRef. Never the operator's own credential.
+    #[arg(long, env = "GATEWAY_MLFLOW_CREDENTIALS_SECRET")]
+    gateway_credentials_secret: Option<String>,
+    /// Default requests and limits of the gateway container, as JSON, e.g.
+    /// '{"requests":{"cpu":"100m","memory":"64Mi"},"limits":{"memory":"256Mi"}}'.
+    #[arg(long, env = "GATEWAY_RESOURCES", value_parser = parse_resources)]
+    gateway_resources: Option<ResourceRequirements>,
+    /// The namespace the operator runs in (from the downward API in the Helm chart).
+    #[arg(long, env = "POD_NAMESPACE")]
+    operator_namespace: Option<String>,
+}
+
+/// The image this build of the operator is published as.
+const DEFAULT_GATEWAY_IMAGE: &str = concat!(
+    "ghcr.io/mlflow-gateway-operator/mlflow-gateway-operator:",
+    env!("CARGO_PKG_VERSION")
+);
+
+fn parse_resources(s: &str) -> Result<ResourceRequirements, String> {
+    serde_json::from_str(s).map_err(|e| format!("not a ResourceRequirements JSON object: {e}"))
 }
 
 #[tokio::main]
@@ -150,7 +185,31 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         .context("Kubernetes client")?
         .with_layer(&count_writes)
         .build();
+    if args.gateway_credentials_secret.is_some() && args.operator_namespace.is_none() {
+        anyhow::bail!(
+            "GATEWAY_MLFLOW_CREDENTIALS_SECRET is set, but not the namespace it is in: set POD_NAMESPACE"
+        );
+    }
+    let mut gateway_tracking_uri = args
+        .gateway_tracking_uri
+        .unwrap_or_else(|| mlflow.tracking_uri.clone());
+    // Credentials in the URI would land in every Deployment: never copy them.
+    let _ = gateway_tracking_uri.set_username("");
+    let _ = gateway_tracking_uri.set_password(None);
     let settings = Settings {
+        gateway: GatewayDefaults {
+            image: args.gateway_image,
+            tracking_uri: gateway_tracking_uri
+                .as_str()
+                .trim_end_matches('/')
+                .to_string(),
+            insecure_tls: args.gateway_insecure_tls,
+            resources: args
+                .gateway_resources
+                .unwrap_or_else(deploy::default_resources),
+        },
+        gateway_credentials_secret: args.gateway_credentials_secret,
+        operator_namespace: args.operator_namespace,
         ui_url,
         resync: Duration::from_secs(args.resync_period_seconds),
         concurrency: args.concurrency,

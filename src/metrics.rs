@@ -8,6 +8,7 @@ use axum::{Router, extract::State, http::header, response::IntoResponse, routing
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -29,6 +30,16 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReadyLabels {
+    pub ready: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
 pub struct Metrics {
     pub reconciles: Counter,
     pub reconcile_errors: Family<ReasonLabels, Counter>,
@@ -38,6 +49,8 @@ pub struct Metrics {
     pub mlflow_writes: Counter,
     pub status_patches: Counter,
     pub kube_writes: Counter,
+    pub endpoints: Family<ReadyLabels, Gauge>,
+    pub object_applies: Family<KindLabels, Counter>,
     registry: Registry,
 }
 
@@ -57,6 +70,8 @@ impl Default for Metrics {
             mlflow_writes: Counter::default(),
             status_patches: Counter::default(),
             kube_writes: Counter::default(),
+            endpoints: Family::default(),
+            object_applies: Family::default(),
             registry: Registry::default(),
         };
         registry.register("reconciles", "Reconciles run", m.reconciles.clone());
@@ -94,6 +109,16 @@ impl Default for Metrics {
             "kube_writes",
             "Mutating requests to the Kubernetes API (create, patch, update, delete)",
             m.kube_writes.clone(),
+        );
+        registry.register(
+            "endpoints",
+            "GatewayEndpoints watched, by their Ready condition (true, false, unknown)",
+            m.endpoints.clone(),
+        );
+        registry.register(
+            "object_applies",
+            "Server-side applies of owned objects (ConfigMap, Deployment, Service, Secret), by kind",
+            m.object_applies.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -1,0 +1,854 @@
+//! What each `GatewayEndpoint` runs as: a ConfigMap holding the endpoint as the gateway reads it, a
+//! Deployment of gateway pods, a Service, and (with the operator-wide trace credential) a mirrored
+//! Secret. Pure functions: [`crate::controller`] decides when to apply them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::api::{GatewayEndpoint, GatewayPodSpec};
+
+/// `app.kubernetes.io/managed-by` on every object the operator creates; its watches select on it.
+pub const MANAGED_BY: &str = "mlflow-gateway-operator";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+/// The endpoint an object belongs to (its name; the namespace is the object's own).
+pub const LABEL_ENDPOINT: &str = "mlflow-gateway.dev/endpoint";
+/// On the pod template: a hash of the endpoint config and of the referenced Secrets' versions, so
+/// that a change to either rolls the pods.
+pub const ANNOTATION_CONFIG_HASH: &str = "mlflow-gateway.dev/config-hash";
+/// On each owned object: a hash of what the operator last applied, to tell its own changes from
+/// nothing changed without a write.
+pub const ANNOTATION_APPLIED: &str = "mlflow-gateway.dev/applied";
+/// The ConfigMap key the endpoint manifest is stored under, and where the pods mount it.
+pub const CONFIG_KEY: &str = "endpoint.yaml";
+pub const CONFIG_DIR: &str = "/etc/mlflow-gateway";
+/// The gateway container's port.
+pub const CONTAINER_PORT: i32 = 8080;
+/// The Service's port unless `spec.gateway.servicePort` says otherwise.
+pub const DEFAULT_SERVICE_PORT: i32 = 8080;
+/// Keys of a trace-credential Secret.
+pub const CREDENTIAL_USERNAME: &str = "username";
+pub const CREDENTIAL_PASSWORD: &str = "password";
+pub const CREDENTIAL_TOKEN: &str = "token";
+
+/// Operator-wide defaults for the gateway pods.
+#[derive(Clone, Debug)]
+pub struct GatewayDefaults {
+    /// Image of the gateway container (the operator's own image: the same binary).
+    pub image: String,
+    /// Tracking URI the pods send traces to (may differ from the operator's, e.g. a Service name).
+    pub tracking_uri: String,
+    /// `MLFLOW_TRACKING_INSECURE_TLS=true` in the pods.
+    pub insecure_tls: bool,
+    /// Requests and limits of the gateway container.
+    pub resources: ResourceRequirements,
+}
+
+/// Requests 100m CPU and 64Mi memory; limits 1 CPU and 256Mi.
+pub fn default_resources() -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.to_string());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), q("100m")),
+            ("memory".to_string(), q("64Mi")),
+        ])),
+        limits: Some(BTreeMap::from([
+            ("cpu".to_string(), q("1")),
+            ("memory".to_string(), q("256Mi")),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// The credential the pods write traces with: a Secret in the endpoint's namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TraceCredential {
+    /// The tracking server needs none (or tracking is off).
+    None,
+    /// Keys `username` and `password`.
+    Basic { secret: String },
+    /// Key `token`.
+    Bearer { secret: String },
+}
+
+/// What the Deployment needs beyond the endpoint itself.
+#[derive(Clone, Debug)]
+pub struct PodInputs {
+    /// The experiment traces go to; None when `usageTracking` is false.
+    pub experiment_id: Option<String>,
+    pub credential: TraceCredential,
+    /// [`config_hash`] of the config and the Secrets the pods read.
+    pub config_hash: String,
+}
+
+/// The labels every object of the endpoint carries.
+pub fn labels(ep: &GatewayEndpoint) -> BTreeMap<String, String> {
+    let mut l = selector_labels(ep);
+    l.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
+    l.insert(LABEL_COMPONENT.into(), "gateway".into());
+    l.insert(LABEL_ENDPOINT.into(), ep.name_any());
+    l
+}
+
+/// The Deployment's selector and the Service's: fixed for the life of the endpoint.
+pub fn selector_labels(ep: &GatewayEndpoint) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_NAME.to_string(), "mlflow-gateway".to_string()),
+        (LABEL_INSTANCE.to_string(), ep.name_any()),
+    ])
+}
+
+/// The owner reference that ties an object to its endpoint (garbage-collected with it).
+pub fn owner_reference(ep: &GatewayEndpoint) -> OwnerReference {
+    OwnerReference {
+        api_version: GatewayEndpoint::api_version(&()).into_owned(),
+        kind: GatewayEndpoint::kind(&()).into_owned(),
+        name: ep.name_any(),
+        uid: ep.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// True when `meta` names this endpoint as its controller.
+pub fn is_owned_by(meta: &ObjectMeta, ep: &GatewayEndpoint) -> bool {
+    let uid = ep.uid();
+    meta.owner_references.as_ref().is_some_and(|refs| {
+        refs.iter()
+            .any(|r| r.controller == Some(true) && Some(&r.uid) == uid.as_ref())
+    })
+}
+
+fn metadata(ep: &GatewayEndpoint, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: ep.namespace(),
+        labels: Some(labels(ep)),
+        owner_references: Some(vec![owner_reference(ep)]),
+        ..Default::default()
+    }
+}
+
+/// Name of the ConfigMap, Deployment and Service: the endpoint's own, so the URL reads
+/// `http://<endpoint>.<namespace>.svc:<port>`.
+pub fn object_name(ep: &GatewayEndpoint) -> String {
+    ep.name_any()
+}
+
+/// Name of the Secret mirroring the operator-wide trace credential into the endpoint's namespace.
+pub fn credential_secret_name(ep: &GatewayEndpoint) -> String {
+    format!("{}-mlflow-credentials", ep.name_any())
+}
+
+pub fn service_port(ep: &GatewayEndpoint) -> i32 {
+    pod_spec(ep)
+        .and_then(|g| g.service_port)
+        .unwrap_or(DEFAULT_SERVICE_PORT)
+}
+
+fn pod_spec(ep: &GatewayEndpoint) -> Option<&GatewayPodSpec> {
+    ep.spec.gateway.as_ref()
+}
+
+/// The in-cluster URL of the endpoint's Service.
+pub fn url(ep: &GatewayEndpoint) -> String {
+    format!(
+        "http://{}.{}.svc:{}",
+        object_name(ep),
+        ep.namespace().unwrap_or_default(),
+        service_port(ep)
+    )
+}
+
+/// The endpoint as `gateway --endpoint` reads it: the manifest with its uid and namespace, without
+/// status and without what only concerns the pods (replicas, `gateway`), so that scaling does not
+/// roll the pods. Nothing in it is secret: API keys are Secret references.
+pub fn endpoint_config(ep: &GatewayEndpoint) -> Result<String, serde_yaml::Error> {
+    let mut spec = ep.spec.clone();
+    spec.replicas = None;
+    spec.gateway = None;
+    let manifest = json!({
+        "apiVersion": GatewayEndpoint::api_version(&()),
+        "kind": GatewayEndpoint::kind(&()),
+        "metadata": {
+            "name": ep.name_any(),
+            "namespace": ep.namespace(),
+            "uid": ep.uid(),
+        },
+        "spec": spec,
+    });
+    serde_yaml::to_string(&manifest)
+}
+
+pub fn config_map(ep: &GatewayEndpoint, config: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: metadata(ep, object_name(ep)),
+        data: Some(BTreeMap::from([(
+            CONFIG_KEY.to_string(),
+            config.to_string(),
+        )])),
+        ..Default::default()
+    }
+}
+
+pub fn service(ep: &GatewayEndpoint) -> Service {
+    Service {
+        metadata: metadata(ep, object_name(ep)),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(ep)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: service_port(ep),
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                app_protocol: Some("http".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The mirror of the operator-wide trace credential: the same keys, owned by the endpoint.
+pub fn credential_secret(ep: &GatewayEndpoint, source: &Secret) -> Secret {
+    let keep = [CREDENTIAL_USERNAME, CREDENTIAL_PASSWORD, CREDENTIAL_TOKEN];
+    let data = source.data.as_ref().map(|d| {
+        d.iter()
+            .filter(|(k, _)| keep.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<BTreeMap<_, _>>()
+    });
+    Secret {
+        metadata: metadata(ep, credential_secret_name(ep)),
+        type_: Some("Opaque".into()),
+        data,
+        ..Default::default()
+    }
+}
+
+/// Which credential a Secret's keys make, or None if they make none.
+pub fn credential_kind(secret_name: &str, keys: &[&str]) -> Option<TraceCredential> {
+    let has = |k: &str| keys.contains(&k);
+    if has(CREDENTIAL_TOKEN) {
+        Some(TraceCredential::Bearer {
+            secret: secret_name.into(),
+        })
+    } else if has(CREDENTIAL_USERNAME) && has(CREDENTIAL_PASSWORD) {
+        Some(TraceCredential::Basic {
+            secret: secret_name.into(),
+        })
+    } else {
+        None
+    }
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn plain_env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+/// The gateway container's environment: API keys from their Secrets, MLflow settings, and the
+/// trace credential from its Secret. No value in it is secret.
+pub fn environment(
+    ep: &GatewayEndpoint,
+    defaults: &GatewayDefaults,
+    inputs: &PodInputs,
+) -> Vec<EnvVar> {
+    let mut env = vec![
+        plain_env(
+            "GATEWAY_ENDPOINT_FILE",
+            &format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+        ),
+        plain_env("GATEWAY_LISTEN", &format!("0.0.0.0:{CONTAINER_PORT}")),
+        plain_env("LOG_FORMAT", "json"),
+    ];
+    for m in ep.spec.all_models() {
+        if let Some(r) = &m.api_key_secret_ref {
+            env.push(secret_env(&m.api_key_env(), &r.name, &r.key));
+        }
+    }
+    if let Some(experiment_id) = &inputs.experiment_id {
+        env.push(plain_env("MLFLOW_TRACKING_URI", &defaults.tracking_uri));
+        env.push(plain_env("MLFLOW_EXPERIMENT_ID", experiment_id));
+        if defaults.insecure_tls {
+            env.push(plain_env("MLFLOW_TRACKING_INSECURE_TLS", "true"));
+        }
+        match &inputs.credential {
+            TraceCredential::None => {}
+            TraceCredential::Basic { secret } => {
+                env.push(secret_env(
+                    "MLFLOW_TRACKING_USERNAME",
+                    secret,
+                    CREDENTIAL_USERNAME,
+                ));
+                env.push(secret_env(
+                    "MLFLOW_TRACKING_PASSWORD",
+                    secret,
+                    CREDENTIAL_PASSWORD,
+                ));
+            }
+            TraceCredential::Bearer { secret } => {
+                env.push(secret_env(
+                    "MLFLOW_TRACKING_TOKEN",
+                    secret,
+                    CREDENTIAL_TOKEN,
+                ));
+            }
+        }
+    }
+    env
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            scheme: Some("HTTP".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+pub fn deployment(
+    ep: &GatewayEndpoint,
+    defaults: &GatewayDefaults,
+    inputs: &PodInputs,
+) -> Deployment {
+    let overrides = pod_spec(ep).cloned().unwrap_or_default();
+    // User labels first, so that the operator's (which the selector needs) win on a clash.
+    let mut pod_labels = overrides.pod_labels.clone();
+    pod_labels.extend(labels(ep));
+    let mut pod_annotations = overrides.pod_annotations.clone();
+    pod_annotations.insert(ANNOTATION_CONFIG_HASH.into(), inputs.config_hash.clone());
+    let container = Container {
+        name: "gateway".into(),
+        image: Some(overrides.image.clone().unwrap_or(defaults.image.clone())),
+        args: Some(vec!["gateway".into()]),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: CONTAINER_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        env: Some(environment(ep, defaults, inputs)),
+        resources: Some(
+            overrides
+                .resources
+                .clone()
+                .unwrap_or(defaults.resources.clone()),
+        ),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        readiness_probe: Some(probe("/readyz", 5, 2)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "config".into(),
+                mount_path: CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..Default::default()
+            },
+        ]),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    };
+    let pod = PodSpec {
+        containers: vec![container],
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(30),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        node_selector: (!overrides.node_selector.is_empty()).then_some(overrides.node_selector),
+        tolerations: (!overrides.tolerations.is_empty()).then_some(overrides.tolerations),
+        affinity: overrides.affinity,
+        volumes: Some(vec![
+            Volume {
+                name: "config".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: object_name(ep),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: Some(Quantity("16Mi".into())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: metadata(ep, object_name(ep)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(ep.spec.replicas.unwrap_or(1)),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(ep)),
+                ..Default::default()
+            },
+            // One new pod at a time, and no old pod goes before a new one is ready.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            revision_history_limit: Some(3),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(pod_annotations),
+                    ..Default::default()
+                }),
+                spec: Some(pod),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        // Length-prefixed, so that ("ab", "c") and ("a", "bc") differ.
+        ctx.update(&(p.len() as u64).to_le_bytes());
+        ctx.update(p);
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What the pods read at start that is not in their template: the endpoint config and the
+/// versions of the Secrets their variables come from (name -> resourceVersion).
+pub fn config_hash(config: &str, secret_versions: &BTreeMap<String, String>) -> String {
+    let mut parts: Vec<&[u8]> = vec![config.as_bytes()];
+    for (name, version) in secret_versions {
+        parts.push(name.as_bytes());
+        parts.push(version.as_bytes());
+    }
+    sha256_hex(&parts)
+}
+
+/// Stamps `obj` with [`ANNOTATION_APPLIED`]: the hash of everything else the operator declares in
+/// it, so a later change of the operator's mind is seen without comparing whole objects.
+pub fn stamp<K: Resource + serde::Serialize>(mut obj: K) -> Result<K, serde_json::Error> {
+    obj.annotations_mut().remove(ANNOTATION_APPLIED);
+    let hash = sha256_hex(&[serde_json::to_vec(&obj)?.as_slice()]);
+    obj.annotations_mut()
+        .insert(ANNOTATION_APPLIED.to_string(), hash);
+    Ok(obj)
+}
+
+/// Whether `actual` no longer holds what `desired` declares: every field set in `desired` must
+/// have the same value in `actual` (the API server adds defaults, other managers add fields: those
+/// are not drift). Lists match element by element in order, and may go on with elements others
+/// added (an injected sidecar); quantities under `resources` compare by value (`0.5` is `500m`).
+/// The operator's own changes show through [`ANNOTATION_APPLIED`].
+pub fn drifted(desired: &Value, actual: &Value) -> bool {
+    !contains(desired, actual, false)
+}
+
+fn contains(desired: &Value, actual: &Value, quantities: bool) -> bool {
+    match (desired, actual) {
+        (Value::Object(d), Value::Object(a)) => d.iter().all(|(k, dv)| {
+            if dv.is_null() {
+                return true;
+            }
+            a.get(k)
+                .is_some_and(|av| contains(dv, av, quantities || k == "resources"))
+        }),
+        (Value::Array(d), Value::Array(a)) => {
+            d.len() <= a.len() && d.iter().zip(a).all(|(dv, av)| contains(dv, av, quantities))
+        }
+        (Value::String(d), Value::String(a)) if quantities && d != a => {
+            match (parse_quantity(d), parse_quantity(a)) {
+                (Some(x), Some(y)) => (x - y).abs() <= f64::EPSILON * x.abs().max(y.abs()) * 4.0,
+                _ => false,
+            }
+        }
+        _ => desired == actual,
+    }
+}
+
+/// A Kubernetes quantity as a number: `100m`, `1.5`, `64Mi`, `2G`, `1e3`.
+fn parse_quantity(s: &str) -> Option<f64> {
+    const SUFFIXES: [(&str, f64); 16] = [
+        ("Ki", 1024.0),
+        ("Mi", 1_048_576.0),
+        ("Gi", 1_073_741_824.0),
+        ("Ti", 1_099_511_627_776.0),
+        ("Pi", 1_125_899_906_842_624.0),
+        ("Ei", 1_152_921_504_606_846_976.0),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+        ("", 1.0),
+    ];
+    let s = s.trim();
+    SUFFIXES.iter().find_map(|(suffix, factor)| {
+        let number = s.strip_suffix(suffix)?;
+        if number.is_empty() || number.ends_with(['e', 'E']) && !suffix.is_empty() {
+            return None;
+        }
+        number.parse::<f64>().ok().map(|n| n * factor)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(extra: &str) -> GatewayEndpoint {
+        let mut ep: GatewayEndpoint = serde_yaml::from_str(&format!(
+            r#"
+apiVersion: mlflow-gateway.dev/v1alpha1
+kind: GatewayEndpoint
+metadata: {{name: chat, namespace: team-a, uid: 1234-abcd, generation: 3}}
+spec:
+  models:
+    - {{name: mini, provider: openai, model: gpt-4o-mini, apiKeySecretRef: {{name: llm-keys, key: openai}}}}
+  fallbacks:
+    - {{name: claude-backup, provider: anthropic, model: claude-x, apiKeySecretRef: {{name: other, key: anthropic}}}}
+{extra}
+"#
+        ))
+        .unwrap();
+        ep.status = None;
+        ep
+    }
+
+    fn defaults() -> GatewayDefaults {
+        GatewayDefaults {
+            image: "example.com/mgo:1".into(),
+            tracking_uri: "http://mlflow.mlflow.svc:5000".into(),
+            insecure_tls: false,
+            resources: default_resources(),
+        }
+    }
+
+    fn inputs(credential: TraceCredential) -> PodInputs {
+        PodInputs {
+            experiment_id: Some("42".into()),
+            credential,
+            config_hash: "h1".into(),
+        }
+    }
+
+    fn env_map(d: &Deployment) -> BTreeMap<String, EnvVar> {
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name.clone(), e))
+            .collect()
+    }
+
+    #[test]
+    fn config_is_the_manifest_with_uid_and_without_pod_settings() {
+        let ep = endpoint("  replicas: 3\n  gateway: {image: x/y:z}\n");
+        let config = endpoint_config(&ep).unwrap();
+        let back: GatewayEndpoint = serde_yaml::from_str(&config).unwrap();
+        assert_eq!(back.uid().as_deref(), Some("1234-abcd"));
+        assert_eq!(back.namespace().as_deref(), Some("team-a"));
+        assert_eq!(back.spec.replicas, None);
+        assert_eq!(back.spec.gateway, None);
+        assert_eq!(back.spec.models, ep.spec.models);
+        assert!(!config.contains("status"));
+        // Scaling changes nothing the pods read.
+        let scaled = endpoint("  replicas: 5\n");
+        assert_eq!(endpoint_config(&scaled).unwrap(), config);
+    }
+
+    #[test]
+    fn api_keys_come_from_secret_references_and_the_credential_by_kind() {
+        let ep = endpoint("");
+        let d = deployment(
+            &ep,
+            &defaults(),
+            &inputs(TraceCredential::Basic {
+                secret: "creds".into(),
+            }),
+        );
+        let env = env_map(&d);
+        let key = env["GATEWAY_API_KEY_MINI"].value_from.as_ref().unwrap();
+        let key = key.secret_key_ref.as_ref().unwrap();
+        assert_eq!(
+            (key.name.as_str(), key.key.as_str()),
+            ("llm-keys", "openai")
+        );
+        assert!(env.contains_key("GATEWAY_API_KEY_CLAUDE_BACKUP"));
+        assert_eq!(env["MLFLOW_EXPERIMENT_ID"].value.as_deref(), Some("42"));
+        assert_eq!(
+            env["MLFLOW_TRACKING_URI"].value.as_deref(),
+            Some("http://mlflow.mlflow.svc:5000")
+        );
+        assert!(env["MLFLOW_TRACKING_PASSWORD"].value.is_none());
+        assert!(!env.contains_key("MLFLOW_TRACKING_TOKEN"));
+        for e in env.values() {
+            assert!(
+                e.value.is_none() || !e.name.contains("KEY") && !e.name.contains("PASSWORD"),
+                "{} has a literal value",
+                e.name
+            );
+        }
+        let bearer = deployment(
+            &ep,
+            &defaults(),
+            &inputs(TraceCredential::Bearer {
+                secret: "creds".into(),
+            }),
+        );
+        assert!(env_map(&bearer).contains_key("MLFLOW_TRACKING_TOKEN"));
+    }
+
+    #[test]
+    fn tracking_off_sets_no_mlflow_variables() {
+        let ep = endpoint("  usageTracking: false\n");
+        let mut i = inputs(TraceCredential::None);
+        i.experiment_id = None;
+        let env = env_map(&deployment(&ep, &defaults(), &i));
+        assert!(!env.keys().any(|k| k.starts_with("MLFLOW_")));
+    }
+
+    #[test]
+    fn pods_are_hardened_and_overrides_apply() {
+        let ep = endpoint(
+            r#"  replicas: 2
+  gateway:
+    image: registry.example.com/gw:2
+    resources: {requests: {cpu: 250m}}
+    nodeSelector: {pool: llm}
+    tolerations: [{key: dedicated, operator: Equal, value: llm, effect: NoSchedule}]
+    podLabels: {team: a, app.kubernetes.io/instance: hijack}
+    podAnnotations: {note: x}
+    servicePort: 80
+"#,
+        );
+        let d = deployment(&ep, &defaults(), &inputs(TraceCredential::None));
+        let spec = d.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(2));
+        let pod = spec.template.spec.as_ref().unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.example.com/gw:2"));
+        assert_eq!(
+            c.resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"].0,
+            "250m"
+        );
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert!(c.liveness_probe.is_some() && c.readiness_probe.is_some());
+        assert_eq!(pod.node_selector.as_ref().unwrap()["pool"], "llm");
+        assert_eq!(pod.tolerations.as_ref().unwrap().len(), 1);
+        let meta = spec.template.metadata.as_ref().unwrap();
+        let labels = meta.labels.as_ref().unwrap();
+        assert_eq!(labels["team"], "a");
+        assert_eq!(labels[LABEL_INSTANCE], "chat");
+        let annotations = meta.annotations.as_ref().unwrap();
+        assert_eq!(annotations["note"], "x");
+        assert_eq!(annotations[ANNOTATION_CONFIG_HASH], "h1");
+        assert_eq!(url(&ep), "http://chat.team-a.svc:80");
+        assert_eq!(service(&ep).spec.unwrap().ports.unwrap()[0].port, 80);
+        // Defaults when nothing is overridden.
+        let plain = deployment(&endpoint(""), &defaults(), &inputs(TraceCredential::None));
+        let c = &plain.spec.unwrap().template.spec.unwrap().containers[0];
+        assert_eq!(c.image.as_deref(), Some("example.com/mgo:1"));
+        assert_eq!(c.resources, Some(default_resources()));
+    }
+
+    #[test]
+    fn every_object_is_owned_by_the_endpoint() {
+        let ep = endpoint("");
+        let d = deployment(&ep, &defaults(), &inputs(TraceCredential::None));
+        let cm = config_map(&ep, "x");
+        let svc = service(&ep);
+        for meta in [&d.metadata, &cm.metadata, &svc.metadata] {
+            assert!(is_owned_by(meta, &ep));
+            assert_eq!(meta.labels.as_ref().unwrap()[LABEL_MANAGED_BY], MANAGED_BY);
+        }
+        let r = owner_reference(&ep);
+        assert_eq!(r.kind, "GatewayEndpoint");
+        assert_eq!(r.api_version, "mlflow-gateway.dev/v1alpha1");
+        assert_eq!(r.block_owner_deletion, Some(true));
+    }
+
+    #[test]
+    fn config_hash_changes_with_config_and_secret_versions_only() {
+        let v1 = BTreeMap::from([("llm-keys".to_string(), "100".to_string())]);
+        let v2 = BTreeMap::from([("llm-keys".to_string(), "101".to_string())]);
+        assert_eq!(config_hash("a", &v1), config_hash("a", &v1));
+        assert_ne!(config_hash("a", &v1), config_hash("a", &v2));
+        assert_ne!(config_hash("a", &v1), config_hash("b", &v1));
+    }
+
+    #[test]
+    fn credential_kind_needs_a_token_or_both_basic_keys() {
+        assert_eq!(
+            credential_kind("s", &["token"]),
+            Some(TraceCredential::Bearer { secret: "s".into() })
+        );
+        assert_eq!(
+            credential_kind("s", &["username", "password"]),
+            Some(TraceCredential::Basic { secret: "s".into() })
+        );
+        assert_eq!(credential_kind("s", &["username"]), None);
+    }
+
+    #[test]
+    fn mirrored_credential_keeps_only_credential_keys() {
+        use k8s_openapi::ByteString;
+        let source = Secret {
+            data: Some(BTreeMap::from([
+                ("token".to_string(), ByteString(b"t".to_vec())),
+                ("admin-password".to_string(), ByteString(b"x".to_vec())),
+            ])),
+            ..Default::default()
+        };
+        let ep = endpoint("");
+        let s = credential_secret(&ep, &source);
+        let data = s.data.unwrap();
+        assert_eq!(data.keys().collect::<Vec<_>>(), vec!["token"]);
+        assert_eq!(s.metadata.name.as_deref(), Some("chat-mlflow-credentials"));
+    }
+
+    #[test]
+    fn drift_ignores_defaults_and_sees_edits() {
+        let desired = json!({"spec": {"replicas": 2, "template": {"containers": [{"image": "a", "resources": {"limits": {"cpu": "0.5", "memory": "1Gi"}}}]}}});
+        let defaulted = json!({"spec": {"replicas": 2, "progressDeadlineSeconds": 600, "template": {"containers": [{"image": "a", "imagePullPolicy": "IfNotPresent", "resources": {"limits": {"cpu": "500m", "memory": "1024Mi"}}}]}}});
+        assert!(!drifted(&desired, &defaulted));
+        let edited = json!({"spec": {"replicas": 5, "template": {"containers": [{"image": "a", "resources": {"limits": {"cpu": "500m", "memory": "1Gi"}}}]}}});
+        assert!(drifted(&desired, &edited));
+        let sidecar = json!({"spec": {"replicas": 2, "template": {"containers": [{"image": "a", "resources": {"limits": {"cpu": "500m", "memory": "1Gi"}}}, {"image": "b"}]}}});
+        assert!(!drifted(&desired, &sidecar));
+        let removed = json!({"spec": {"replicas": 2, "template": {"containers": []}}});
+        assert!(drifted(&desired, &removed));
+        // Outside resources, strings compare as strings.
+        assert!(drifted(&json!({"a": "1"}), &json!({"a": "1.0"})));
+        assert!(drifted(
+            &json!({"resources": {"cpu": "1"}}),
+            &json!({"resources": {"cpu": "2"}})
+        ));
+    }
+
+    #[test]
+    fn quantities_parse_with_suffixes() {
+        assert_eq!(parse_quantity("100m"), Some(0.1));
+        assert_eq!(parse_quantity("64Mi"), Some(64.0 * 1_048_576.0));
+        assert_eq!(parse_quantity("2G"), Some(2e9));
+        assert_eq!(parse_quantity("1e3"), Some(1000.0));
+        assert_eq!(parse_quantity("abc"), None);
+    }
+
+    #[test]
+    fn stamp_hash_follows_content() {
+        let ep = endpoint("");
+        let a = stamp(config_map(&ep, "x")).unwrap();
+        let b = stamp(config_map(&ep, "y")).unwrap();
+        let a2 = stamp(a.clone()).unwrap();
+        assert_eq!(
+            a.annotations()[ANNOTATION_APPLIED],
+            a2.annotations()[ANNOTATION_APPLIED]
+        );
+        assert_ne!(
+            a.annotations()[ANNOTATION_APPLIED],
+            b.annotations()[ANNOTATION_APPLIED]
+        );
+    }
+}
