@@ -143,7 +143,7 @@ up() {
   start "$dir" kube-scheduler kube-scheduler --kubeconfig "$kc" --authentication-kubeconfig "$kc" \
     --authorization-kubeconfig "$kc" --leader-elect=false --bind-address 127.0.0.1 --secure-port "$sched_port" --profiling=false
   start "$dir" kwok kwok --kubeconfig "$kc" --manage-all-nodes=true --cidr 10.244.0.0/16 \
-    --node-ip 127.0.0.1 --node-port "$kwok_port"
+    --node-ip 127.0.0.1 --node-port "$kwok_port" --node-lease-duration-seconds 40
 
   # The one Node. kwok keeps it Ready and moves the Pods bound to it to Running.
   kubectl --kubeconfig "$kc" apply -f - >/dev/null <<NODE

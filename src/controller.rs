@@ -129,8 +129,11 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<GatewayEndpoint>, u32>>,
     /// When each endpoint's experiment was last found as declared, and for which generation:
     /// reconciles that a pod or Secret change triggers soon after skip the MLflow round trip.
-    verified: Mutex<HashMap<ObjectRef<GatewayEndpoint>, (Option<i64>, Instant)>>,
+    verified: Mutex<HashMap<ObjectRef<GatewayEndpoint>, Verified>>,
 }
+
+/// The generation an experiment was found as declared for, and when.
+type Verified = (Option<i64>, Instant);
 
 impl Context {
     pub fn new(
@@ -461,7 +464,7 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
     warn_on_entering(&current, &experiment_ready, "EnsureExperiment", &mut events);
 
     // The pods trace into the experiment in status (kept while MLflow is unreachable).
-    let gateway = match pods::ensure_gateway(
+    let mut gateway = match pods::ensure_gateway(
         ep,
         ctx,
         status.experiment_id.as_deref(),
@@ -470,43 +473,14 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
     .await
     {
         Ok(g) => g,
-        Err(Error::NameConflict { kind, name }) => {
-            let e = Error::NameConflict { kind, name };
-            let conflict = ConditionState {
-                type_: pods::CONDITION_AVAILABLE,
-                status: false,
-                reason: "NameConflict".into(),
-                message: e.to_string(),
-            };
-            failure.get_or_insert(e);
-            pods::GatewayState {
-                secrets: current
-                    .condition(pods::CONDITION_SECRETS_READY)
-                    .map(kept_condition)
-                    .unwrap_or_else(|| ConditionState {
-                        type_: pods::CONDITION_SECRETS_READY,
-                        status: false,
-                        reason: "NameConflict".into(),
-                        message: "not checked: the gateway objects cannot be created".into(),
-                    }),
-                progressing: ConditionState {
-                    type_: pods::CONDITION_PROGRESSING,
-                    status: false,
-                    reason: "NameConflict".into(),
-                    message: conflict.message.clone(),
-                },
-                available: conflict,
-                url: deploy::url(ep),
-                replicas: None,
-                ready_replicas: None,
-                events: Vec::new(),
-            }
-        }
         Err(e) => return Err(fail_before_status(e, &events, ctx, ep).await),
     };
+    if let Some(conflict) = gateway.conflict.take() {
+        failure.get_or_insert(conflict);
+    }
     warn_on_entering(&current, &gateway.secrets, "ResolveSecrets", &mut events);
     warn_on_entering(&current, &gateway.available, "ApplyGateway", &mut events);
-    events.extend(gateway.events);
+    events.append(&mut gateway.events);
     status.url = Some(gateway.url.clone());
     status.replicas = gateway.replicas;
     status.ready_replicas = gateway.ready_replicas;

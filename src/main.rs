@@ -45,7 +45,7 @@ enum Command {
     /// MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (Basic) or
     /// MLFLOW_TRACKING_TOKEN (Bearer), MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH.
     /// Kubernetes: KUBECONFIG, ~/.kube/config, or the in-cluster service account.
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Serve one GatewayEndpoint as an OpenAI-compatible LLM gateway that traces every invocation
     /// into the endpoint's MLflow experiment. API keys come from GATEWAY_API_KEY_<MODEL NAME>;
     /// MLflow from MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_ID and the credential variables.
@@ -132,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", serde_yaml::to_string(&GatewayEndpoint::crd())?);
             Ok(())
         }
-        Command::Controller(args) => run_controller(args).await,
+        Command::Controller(args) => run_controller(*args).await,
         Command::Gateway(args) => run_gateway(args).await,
     }
 }

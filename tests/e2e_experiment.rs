@@ -47,6 +47,7 @@ fn apply(ns: &str, yaml: &str) {
 async fn setup(prefix: &str) -> (kube::Client, String, Api<GatewayEndpoint>) {
     let client = cluster().client().await;
     let ns = support::namespace(&client, prefix).await;
+    support::secret(&client, &ns, "llm-keys", &[("openai", "sk-test")]).await;
     let api = Api::namespaced(client.clone(), &ns);
     (client, ns, api)
 }
@@ -179,6 +180,9 @@ async fn quiet_resyncs_write_nothing_to_kubernetes_or_mlflow() {
     let reconciles = op
         .metric("mlflow_gateway_operator_reconciles_total", &[])
         .await;
+    let kube_writes = op
+        .metric("mlflow_gateway_operator_kube_writes_total", &[])
+        .await;
 
     // Three resync periods (2 s each, +10% jitter).
     tokio::time::sleep(std::time::Duration::from_secs(7)).await;
@@ -198,6 +202,12 @@ async fn quiet_resyncs_write_nothing_to_kubernetes_or_mlflow() {
             .await,
         writes,
         "no MLflow write"
+    );
+    assert_eq!(
+        op.metric("mlflow_gateway_operator_kube_writes_total", &[])
+            .await,
+        kube_writes,
+        "no Kubernetes write (status, ConfigMap, Deployment, Service, Event)"
     );
     assert_eq!(
         experiments_of(&tracking(ml), &ns, "chat").await,

@@ -33,6 +33,8 @@ pub struct GatewayState {
     pub replicas: Option<i32>,
     pub ready_replicas: Option<i32>,
     pub events: Vec<Event>,
+    /// An object of one of the endpoint's names that is someone else's (then `available` says so).
+    pub conflict: Option<Error>,
 }
 
 /// The Secrets the pods read, checked.
@@ -296,16 +298,46 @@ pub async fn ensure_gateway(
 
     let config = deploy::endpoint_config(ep)
         .map_err(|e| Error::InvalidResource(format!("cannot render the endpoint config: {e}")))?;
-    ensure(
-        ctx,
-        ep,
-        deploy::config_map(ep, &config),
-        Some(&ctx.stores.config_maps),
-    )
-    .await?;
-    ensure(ctx, ep, deploy::service(ep), Some(&ctx.stores.services)).await?;
-    if let Some(mirror) = resolved.mirror.clone() {
-        ensure(ctx, ep, mirror, None).await?;
+    let supporting = async {
+        ensure(
+            ctx,
+            ep,
+            deploy::config_map(ep, &config),
+            Some(&ctx.stores.config_maps),
+        )
+        .await?;
+        ensure(ctx, ep, deploy::service(ep), Some(&ctx.stores.services)).await?;
+        if let Some(mirror) = resolved.mirror.clone() {
+            ensure(ctx, ep, mirror, None).await?;
+        }
+        Ok::<_, Error>(())
+    };
+    match supporting.await {
+        Ok(()) => {}
+        Err(e @ Error::NameConflict { .. }) => {
+            let conflict = ConditionState {
+                type_: CONDITION_AVAILABLE,
+                status: false,
+                reason: "NameConflict".into(),
+                message: e.to_string(),
+            };
+            return Ok(GatewayState {
+                secrets,
+                progressing: ConditionState {
+                    type_: CONDITION_PROGRESSING,
+                    status: false,
+                    reason: "NameConflict".into(),
+                    message: conflict.message.clone(),
+                },
+                available: conflict,
+                url: deploy::url(ep),
+                replicas: None,
+                ready_replicas: None,
+                events,
+                conflict: Some(e),
+            });
+        }
+        Err(e) => return Err(e),
     }
 
     let key = ObjectRef::new(&deploy::object_name(ep)).within(&ns);
@@ -335,7 +367,33 @@ pub async fn ensure_gateway(
                 config_hash: deploy::config_hash(&config, &resolved.versions),
             };
             let desired = deploy::deployment(ep, &ctx.settings.gateway, &inputs);
-            let (current, wrote) = ensure(ctx, ep, desired, Some(&ctx.stores.deployments)).await?;
+            let (current, wrote) =
+                match ensure(ctx, ep, desired, Some(&ctx.stores.deployments)).await {
+                    Err(e @ Error::NameConflict { .. }) => {
+                        let conflict = ConditionState {
+                            type_: CONDITION_AVAILABLE,
+                            status: false,
+                            reason: "NameConflict".into(),
+                            message: e.to_string(),
+                        };
+                        return Ok(GatewayState {
+                            secrets,
+                            progressing: ConditionState {
+                                type_: CONDITION_PROGRESSING,
+                                status: false,
+                                reason: "NameConflict".into(),
+                                message: conflict.message.clone(),
+                            },
+                            available: conflict,
+                            url: deploy::url(ep),
+                            replicas: None,
+                            ready_replicas: None,
+                            events,
+                            conflict: Some(e),
+                        });
+                    }
+                    other => other?,
+                };
             if wrote {
                 events.push(Event {
                     type_: EventType::Normal,
@@ -369,6 +427,7 @@ pub async fn ensure_gateway(
                 .unwrap_or_default()
         }),
         events,
+        conflict: None,
     })
 }
 

@@ -187,6 +187,31 @@ pub async fn namespace(client: &kube::Client, prefix: &str) -> String {
     name
 }
 
+/// Creates or replaces the Secret `name` in `ns` with `data` (server-side apply).
+pub async fn secret(client: &kube::Client, ns: &str, name: &str, data: &[(&str, &str)]) {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, Patch, PatchParams};
+    let string_data: serde_json::Map<String, serde_json::Value> = data
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+        .collect();
+    let body = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns},
+        "stringData": string_data,
+    });
+    // stringData is merged into data: replace the whole Secret so removed keys go.
+    let api = Api::<Secret>::namespaced(client.clone(), ns);
+    let _ = api.delete(name, &Default::default()).await;
+    api.patch(
+        name,
+        &PatchParams::apply("tests").force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .expect("apply Secret");
+}
+
 /// Polls `check` every 200 ms until it returns Some, or panics after `secs` with `what`.
 pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
 where
@@ -506,6 +531,67 @@ impl Drop for GatewayProcess {
             );
         }
     }
+}
+
+/// Runs the gateway locally exactly as the endpoint's Deployment declares it (kwok pods run no
+/// process): the `endpoint.yaml` of the ConfigMap its `config` volume mounts, and its container's
+/// environment with every Secret reference resolved through the API server.
+pub async fn gateway_from_deployment(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    extra_env: &[(&str, &str)],
+) -> GatewayProcess {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use kube::api::Api;
+    let dep = Api::<Deployment>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .expect("the endpoint's Deployment");
+    let pod = dep.spec.unwrap().template.spec.unwrap();
+    let container = &pod.containers[0];
+    assert_eq!(
+        container.args.as_deref(),
+        Some(&["gateway".to_string()][..])
+    );
+    let config_map = pod
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .find(|v| v.name == "config")
+        .and_then(|v| v.config_map)
+        .expect("a config volume from a ConfigMap")
+        .name;
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get(&config_map)
+        .await
+        .expect("the endpoint's ConfigMap");
+    let manifest = cm.data.unwrap()["endpoint.yaml"].clone();
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    let mut env: Vec<(String, String)> = Vec::new();
+    for e in container.env.clone().unwrap_or_default() {
+        let value = match (e.value, e.value_from) {
+            (Some(v), _) => v,
+            (None, Some(from)) => {
+                let r = from
+                    .secret_key_ref
+                    .expect("env only from Secret references");
+                let s = secrets.get(&r.name).await.expect("referenced Secret");
+                let bytes = s.data.unwrap_or_default()[&r.key].0.clone();
+                String::from_utf8(bytes).unwrap()
+            }
+            (None, None) => String::new(),
+        };
+        env.push((e.name, value));
+    }
+    env.extend(
+        extra_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    GatewayProcess::start(&manifest, &env).await
 }
 
 /// The sum of a metric's samples (Prometheus text) whose labels contain every `label="value"`.
