@@ -100,7 +100,8 @@ pub struct Stores {
 }
 
 impl Stores {
-    /// Waits until every cache holds its first full list (at once if the watches ended).
+    /// Waits until every cache holds its first full list (at once if the watches ended). Awaited
+    /// by one task only: many concurrent waiters on one store can miss their wake-up.
     async fn ready(&self) {
         let _ = tokio::join!(
             self.deployments.wait_until_ready(),
@@ -125,6 +126,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
     writers: Mutex<Option<Writers>>,
+    /// True once every cache of owned objects is filled.
+    stores_ready: tokio::sync::watch::Sender<bool>,
     /// Consecutive failures per endpoint, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<GatewayEndpoint>, u32>>,
     /// When each endpoint's experiment was last found as declared, and for which generation:
@@ -165,9 +168,15 @@ impl Context {
                 config_maps: config_maps_writer,
                 services: services_writer,
             })),
+            stores_ready: tokio::sync::watch::Sender::new(false),
             failures: Mutex::default(),
             verified: Mutex::default(),
         }
+    }
+
+    async fn wait_stores_ready(&self) {
+        let mut rx = self.stores_ready.subscribe();
+        let _ = rx.wait_for(|ready| *ready).await;
     }
 
     /// True when the experiment was found as declared for this generation less than half a resync
@@ -301,6 +310,12 @@ pub async fn run(ctx: Arc<Context>) {
         controller = controller.watches_stream(stream, map_secret);
     }
     let counts = count_endpoints(controller.store(), ctx.metrics.clone());
+    let stores = ctx.stores.clone();
+    let ready = ctx.stores_ready.clone();
+    tokio::spawn(async move {
+        stores.ready().await;
+        ready.send_replace(true);
+    });
     let running = controller
         .with_config(config)
         .shutdown_on_signal()
@@ -424,7 +439,7 @@ pub struct ConditionState {
 
 async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
     // Owned objects are compared with the caches: wait until the first list filled them.
-    ctx.stores.ready().await;
+    ctx.wait_stores_ready().await;
     let id = identity(ep)?;
     let key = ObjectRef::from_obj(ep);
     let declared = declared(ep, &id);
