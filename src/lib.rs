@@ -5,6 +5,7 @@ pub mod api;
 pub mod controller;
 pub mod experiment;
 pub mod gateway;
+pub mod leader;
 pub mod metrics;
 pub mod mlflow;
 pub mod providers;

@@ -8,6 +8,7 @@ use axum::{Router, extract::State, http::header, response::IntoResponse, routing
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -38,6 +39,8 @@ pub struct Metrics {
     pub mlflow_writes: Counter,
     pub status_patches: Counter,
     pub kube_writes: Counter,
+    /// 1 while this instance runs the controller (leads), 0 while it waits for the lease.
+    pub leader: Gauge,
     registry: Registry,
 }
 
@@ -57,6 +60,7 @@ impl Default for Metrics {
             mlflow_writes: Counter::default(),
             status_patches: Counter::default(),
             kube_writes: Counter::default(),
+            leader: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("reconciles", "Reconciles run", m.reconciles.clone());
@@ -94,6 +98,11 @@ impl Default for Metrics {
             "kube_writes",
             "Mutating requests to the Kubernetes API (create, patch, update, delete)",
             m.kube_writes.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this instance holds the leader lease and runs the controller, 0 while it waits",
+            m.leader.clone(),
         );
         Metrics { registry, ..m }
     }
