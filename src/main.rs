@@ -95,27 +95,27 @@ struct ControllerArgs {
 struct LeaderArgs {
     /// Compete for a coordination.k8s.io Lease and reconcile only while holding it (for several
     /// replicas). The identity is POD_NAME, else the host name and a random suffix.
-    #[arg(long = "leader-election", env = "LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set)]
-    enabled: bool,
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set)]
+    leader_election: bool,
     /// Namespace of the Lease (default: POD_NAMESPACE, else the kubeconfig's namespace).
-    #[arg(long = "leader-election-namespace", env = "LEADER_ELECTION_NAMESPACE")]
-    namespace: Option<String>,
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
     /// Name of the Lease.
     #[arg(
-        long = "leader-election-id",
+        long,
         env = "LEADER_ELECTION_ID",
         default_value = "mlflow-gateway-operator"
     )]
-    id: String,
+    leader_election_id: String,
     /// Seconds a follower waits, after the Lease last changed, before it takes over.
-    #[arg(long = "leader-election-lease-duration-seconds", env = "LEADER_ELECTION_LEASE_DURATION_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
-    lease_duration_seconds: u64,
+    #[arg(long, env = "LEADER_ELECTION_LEASE_DURATION_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    leader_election_lease_duration_seconds: u64,
     /// Seconds the leader keeps trying to renew before it stops (and exits non-zero).
-    #[arg(long = "leader-election-renew-deadline-seconds", env = "LEADER_ELECTION_RENEW_DEADLINE_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
-    renew_deadline_seconds: u64,
+    #[arg(long, env = "LEADER_ELECTION_RENEW_DEADLINE_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    leader_election_renew_deadline_seconds: u64,
     /// Seconds between attempts to acquire or renew the Lease.
-    #[arg(long = "leader-election-retry-period-seconds", env = "LEADER_ELECTION_RETRY_PERIOD_SECONDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
-    retry_period_seconds: u64,
+    #[arg(long, env = "LEADER_ELECTION_RETRY_PERIOD_SECONDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    leader_election_retry_period_seconds: u64,
 }
 
 #[tokio::main]
@@ -207,21 +207,21 @@ fn leader_elector(
     args: &LeaderArgs,
     kube_config: &kube::Config,
 ) -> anyhow::Result<Option<leader::Elector>> {
-    if !args.enabled {
+    if !args.leader_election {
         return Ok(None);
     }
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let config = leader::Config {
         namespace: args
-            .namespace
+            .leader_election_namespace
             .clone()
             .or_else(|| env("POD_NAMESPACE"))
             .unwrap_or_else(|| kube_config.default_namespace.clone()),
-        name: args.id.clone(),
+        name: args.leader_election_id.clone(),
         identity: env("POD_NAME").unwrap_or_else(leader::default_identity),
-        lease_duration: Duration::from_secs(args.lease_duration_seconds),
-        renew_deadline: Duration::from_secs(args.renew_deadline_seconds),
-        retry_period: Duration::from_secs(args.retry_period_seconds),
+        lease_duration: Duration::from_secs(args.leader_election_lease_duration_seconds),
+        renew_deadline: Duration::from_secs(args.leader_election_renew_deadline_seconds),
+        retry_period: Duration::from_secs(args.leader_election_retry_period_seconds),
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let client = kube::Client::try_from(kube_config.clone())

@@ -28,12 +28,7 @@ fn chart() -> PathBuf {
 }
 
 fn ci_values(name: &str) -> String {
-    chart()
-        .join("ci")
-        .join(name)
-        .to_str()
-        .unwrap()
-        .to_string()
+    chart().join("ci").join(name).to_str().unwrap().to_string()
 }
 
 /// `helm template` of the chart: Ok(manifests) or Err(stderr).
@@ -126,10 +121,7 @@ fn the_values_schema_and_the_chart_reject_bad_values_with_clear_messages() {
             &["--set", "controller.concurrency=0"],
             &["at '/controller/concurrency': minimum: got 0, want 1"],
         ),
-        (
-            &["--set", "image.digest=latest"],
-            &["at '/image/digest'"],
-        ),
+        (&["--set", "image.digest=latest"], &["at '/image/digest'"]),
         (
             &["--set", "mlflow.uiUrl=mlflow.example.com"],
             &["at '/mlflow/uiUrl'"],
@@ -232,9 +224,17 @@ fn the_rendered_rbac_and_pod_are_least_privilege_and_hardened() {
                 v(&["gatewayendpoints/finalizers"]),
                 v(&["update"])
             ),
-            (v(&[""]), v(&["configmaps", "services", "secrets"]), v(&crud)),
+            (
+                v(&[""]),
+                v(&["configmaps", "services", "secrets"]),
+                v(&crud)
+            ),
             (v(&["apps"]), v(&["deployments"]), v(&crud)),
-            (v(&["events.k8s.io"]), v(&["events"]), v(&["create", "patch"])),
+            (
+                v(&["events.k8s.io"]),
+                v(&["events"]),
+                v(&["create", "patch"])
+            ),
         ],
         "the ClusterRole must grant exactly the requests the operator makes"
     );
@@ -259,8 +259,14 @@ fn the_rendered_rbac_and_pod_are_least_privilege_and_hardened() {
     assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
     assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
     assert_eq!(sc["capabilities"]["drop"][0].as_str(), Some("ALL"));
-    assert_eq!(c["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
-    assert_eq!(c["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
+    assert_eq!(
+        c["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        c["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
     assert!(c["resources"]["requests"]["memory"].as_str().is_some());
     let env = container_env(deploy);
     assert_eq!(env["LEADER_ELECTION"]["value"].as_str(), Some("true"));
@@ -283,16 +289,13 @@ fn the_rendered_rbac_and_pod_are_least_privilege_and_hardened() {
 /// Server-side dry run of `manifests`, with strict field validation.
 fn dry_run(manifests: &str) {
     let (ok, out, err) = cluster().kubectl_run(
-        &[
-            "apply",
-            "--dry-run=server",
-            "--validate=strict",
-            "-f",
-            "-",
-        ],
+        &["apply", "--dry-run=server", "--validate=strict", "-f", "-"],
         Some(manifests),
     );
-    assert!(ok, "the API server rejected the rendered chart:\n{err}\n{out}");
+    assert!(
+        ok,
+        "the API server rejected the rendered chart:\n{err}\n{out}"
+    );
 }
 
 #[tokio::test]
@@ -493,7 +496,10 @@ async fn installed_chart_runs_the_operator_as_its_service_account_through_upgrad
     let kubeconfig = c.kubeconfig_as(&sa);
     let pod_a = format!("{fullname}-a");
     let env = deployment_env(&admin, &rel_ns, &fullname, &pod_a).await;
-    assert_eq!(env_value(&env, "MLFLOW_TRACKING_USERNAME"), Some(user.clone()));
+    assert_eq!(
+        env_value(&env, "MLFLOW_TRACKING_USERNAME"),
+        Some(user.clone())
+    );
     assert_eq!(env_value(&env, "MLFLOW_TRACKING_TOKEN"), None);
     assert_eq!(env_value(&env, "LEADER_ELECTION"), Some("true".into()));
     let mut op = Operator::start_with(&kubeconfig, &env);
@@ -645,7 +651,11 @@ spec:
             .is_none()
     );
     let e = t.get_experiment(&id).await.unwrap();
-    assert_eq!(e.lifecycle_stage, "active", "uninstall keeps the experiment");
+    assert_eq!(
+        e.lifecycle_stage,
+        mlflow_gateway_operator::mlflow::LifecycleStage::Active,
+        "uninstall keeps the experiment"
+    );
     assert!(
         endpoints.get_opt("chat").await.unwrap().is_some(),
         "uninstall keeps the CRD and the endpoints"

@@ -109,7 +109,11 @@ func main() {
 	}
 	failed := 0
 	for _, tc := range tests.Tests {
-		input, err := os.ReadFile(filepath.Join(filepath.Dir(os.Args[2]), tc.InputPath))
+		path := tc.InputPath
+		if !filepath.IsAbs(path) {
+			path = filepath.Join(filepath.Dir(os.Args[2]), path)
+		}
+		input, err := os.ReadFile(path)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(2)
