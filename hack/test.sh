@@ -15,6 +15,7 @@ cargo clippy --all-targets --locked -- -D warnings
 # The heavy, cached prerequisites (cold: ~25 min for the Kubernetes binaries, ~2 min for MLflow).
 hack/build-tools.sh >/dev/null
 hack/mlflow.sh install >/dev/null
+hack/argocd-lua.sh >/dev/null
 
 run=$(mktemp -d "${TMPDIR:-/tmp}/mlflow-gateway-operator-test.XXXXXX")
 cleanup() {

@@ -6,6 +6,7 @@ pub mod controller;
 pub mod deploy;
 pub mod experiment;
 pub mod gateway;
+pub mod leader;
 pub mod metrics;
 pub mod mlflow;
 pub mod providers;

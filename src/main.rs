@@ -12,6 +12,7 @@ use mlflow_gateway_operator::api::GatewayEndpoint;
 use mlflow_gateway_operator::controller::{self, Context, Settings};
 use mlflow_gateway_operator::deploy::{self, GatewayDefaults};
 use mlflow_gateway_operator::gateway;
+use mlflow_gateway_operator::leader;
 use mlflow_gateway_operator::metrics::{self, Metrics};
 use mlflow_gateway_operator::mlflow::{MlflowClient, MlflowConfig};
 use mlflow_gateway_operator::telemetry::Telemetry;
@@ -111,6 +112,35 @@ struct ControllerArgs {
     /// The namespace the operator runs in (from the downward API in the Helm chart).
     #[arg(long, env = "POD_NAMESPACE")]
     operator_namespace: Option<String>,
+    #[command(flatten)]
+    leader: LeaderArgs,
+}
+
+#[derive(clap::Args)]
+struct LeaderArgs {
+    /// Compete for a coordination.k8s.io Lease and reconcile only while holding it (for several
+    /// replicas). The identity is POD_NAME, else the host name and a random suffix.
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the Lease (default: POD_NAMESPACE, else the kubeconfig's namespace).
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(
+        long,
+        env = "LEADER_ELECTION_ID",
+        default_value = "mlflow-gateway-operator"
+    )]
+    leader_election_id: String,
+    /// Seconds a follower waits, after the Lease last changed, before it takes over.
+    #[arg(long, env = "LEADER_ELECTION_LEASE_DURATION_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    leader_election_lease_duration_seconds: u64,
+    /// Seconds the leader keeps trying to renew before it stops (and exits non-zero).
+    #[arg(long, env = "LEADER_ELECTION_RENEW_DEADLINE_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    leader_election_renew_deadline_seconds: u64,
+    /// Seconds between attempts to acquire or renew the Lease.
+    #[arg(long, env = "LEADER_ELECTION_RETRY_PERIOD_SECONDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    leader_election_retry_period_seconds: u64,
 }
 
 /// The image this build of the operator is published as.
@@ -181,6 +211,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             }
             req
         });
+    let elector = leader_elector(&args.leader, &config)?;
     let client = kube::client::ClientBuilder::try_from(config)
         .context("Kubernetes client")?
         .with_layer(&count_writes)
@@ -222,10 +253,99 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         namespace = settings.namespace.as_deref().unwrap_or("<all>"),
         "starting controller"
     );
-    let ctx = Arc::new(Context::new(client, tracking, settings, metrics));
+    let ctx = Arc::new(Context::new(client, tracking, settings, metrics.clone()));
     tokio::select! {
-        () = controller::run(ctx) => Ok(()),
+        led = lead(ctx, elector, &metrics) => led,
         served = server => served.with_context(|| format!("metrics server on {}", args.metrics_addr)),
+    }
+}
+
+/// The leader elector, when leader election is on. Its Lease requests go through a client of
+/// their own, so `kube_writes_total` keeps counting only what the controller writes.
+fn leader_elector(
+    args: &LeaderArgs,
+    kube_config: &kube::Config,
+) -> anyhow::Result<Option<leader::Elector>> {
+    if !args.leader_election {
+        return Ok(None);
+    }
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let config = leader::Config {
+        namespace: args
+            .leader_election_namespace
+            .clone()
+            .or_else(|| env("POD_NAMESPACE"))
+            .unwrap_or_else(|| kube_config.default_namespace.clone()),
+        name: args.leader_election_id.clone(),
+        identity: env("POD_NAME").unwrap_or_else(leader::default_identity),
+        lease_duration: Duration::from_secs(args.leader_election_lease_duration_seconds),
+        renew_deadline: Duration::from_secs(args.leader_election_renew_deadline_seconds),
+        retry_period: Duration::from_secs(args.leader_election_retry_period_seconds),
+    };
+    config.validate().map_err(anyhow::Error::msg)?;
+    let client = kube::Client::try_from(kube_config.clone())
+        .context("Kubernetes client for leader election")?;
+    Ok(Some(leader::Elector::new(client, config)))
+}
+
+/// Runs the controller: at once without leader election; otherwise once this instance holds the
+/// Lease, for as long as it holds it. A leader that loses the Lease stops reconciling at once and
+/// the process exits non-zero (it restarts as a follower). On SIGTERM/SIGINT the controller
+/// finishes what it is doing, then the Lease is released so a follower takes over at once.
+async fn lead(
+    ctx: Arc<Context>,
+    elector: Option<leader::Elector>,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    let Some(mut elector) = elector else {
+        metrics.leader.set(1);
+        controller::run(ctx).await;
+        return Ok(());
+    };
+    let lease = format!("{}/{}", elector.config().namespace, elector.config().name);
+    tracing::info!(%lease, identity = %elector.config().identity, "waiting to become the leader");
+    tokio::select! {
+        () = elector.acquire() => {}
+        () = shutdown_signal() => {
+            tracing::info!("shutting down; was not the leader");
+            return Ok(());
+        }
+    }
+    metrics.leader.set(1);
+    let lost = tokio::select! {
+        () = controller::run(ctx) => None,
+        lost = elector.hold() => Some(lost),
+    };
+    metrics.leader.set(0);
+    if let Some(lost) = lost {
+        anyhow::bail!("lost leadership of {lease}: {lost}; exiting to restart as a follower");
+    }
+    match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
+        Ok(Ok(true)) => tracing::info!(%lease, "released the leader lease"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %mlflow_gateway_operator::error_chain(&e), "could not release the leader lease; a follower takes over when it expires")
+        }
+        Err(_) => tracing::warn!(
+            "timed out releasing the leader lease; a follower takes over when it expires"
+        ),
+    }
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
     }
 }
 

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub kube_writes: Counter,
     pub endpoints: Family<ReadyLabels, Gauge>,
     pub object_applies: Family<KindLabels, Counter>,
+    /// 1 while this instance runs the controller (leads), 0 while it waits for the lease.
+    pub leader: Gauge,
     registry: Registry,
 }
 
@@ -72,6 +74,7 @@ impl Default for Metrics {
             kube_writes: Counter::default(),
             endpoints: Family::default(),
             object_applies: Family::default(),
+            leader: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("reconciles", "Reconciles run", m.reconciles.clone());
@@ -119,6 +122,11 @@ impl Default for Metrics {
             "object_applies",
             "Server-side applies of owned objects (ConfigMap, Deployment, Service, Secret), by kind",
             m.object_applies.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this instance holds the leader lease and runs the controller, 0 while it waits",
+            m.leader.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -171,6 +171,46 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// A kubeconfig of its own with the admin's credentials that impersonates `user` (`as:`), for
+    /// processes (the operator, kubectl) that must be evaluated by RBAC as that identity.
+    pub fn kubeconfig_as(&self, user: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.kubeconfig).expect("read kubeconfig");
+        let mut kc: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
+        for u in kc["users"].as_sequence_mut().expect("kubeconfig users") {
+            u["user"]["as"] = serde_yaml::Value::String(user.to_string());
+        }
+        let path = unique_dir("kubeconfig-as");
+        std::fs::write(&path, serde_yaml::to_string(&kc).unwrap()).expect("write kubeconfig");
+        path
+    }
+
+    /// Runs helm (the pinned build beside kubectl) against this cluster: (success, stdout, stderr).
+    pub fn helm(&self, args: &[&str]) -> (bool, String, String) {
+        let path = format!(
+            "{}:{}",
+            self.bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let home = unique_dir("helm-home");
+        let out = Command::new(self.bin_dir.join("helm"))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("PATH", path)
+            // Helm's caches and config of its own: nothing from the developer's ~/.config/helm.
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .output()
+            .expect("run helm");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
 /// Creates a namespace of the test's own: `<prefix>-<random>`.
 pub async fn namespace(client: &kube::Client, prefix: &str) -> String {
     use k8s_openapi::api::core::v1::Namespace;
@@ -391,6 +431,64 @@ impl Operator {
             child,
             metrics_url: format!("http://127.0.0.1:{port}/metrics"),
             log,
+        }
+    }
+
+    /// The operator binary with exactly `env` (plus PATH and a RUST_LOG default), using
+    /// `kubeconfig`: for tests that configure it as the Helm chart does. `METRICS_ADDR` is set to
+    /// a free loopback port unless given.
+    pub fn start_with(kubeconfig: &Path, env: &[(String, String)]) -> Operator {
+        install_crds();
+        let port = free_port();
+        let log = unique_dir("operator-log");
+        let file = std::fs::File::create(&log).expect("operator log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mlflow-gateway-operator"));
+        cmd.arg("controller")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info,mlflow_gateway_operator=debug,kube=warn")
+            .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("KUBECONFIG", kubeconfig)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        let metrics_addr = env
+            .iter()
+            .find(|(k, _)| k == "METRICS_ADDR")
+            .map_or_else(|| format!("127.0.0.1:{port}"), |(_, v)| v.clone());
+        let child = cmd.spawn().expect("start the operator");
+        Operator {
+            child,
+            metrics_url: format!("http://{metrics_addr}/metrics"),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Asks the process to stop (SIGTERM), as the kubelet does.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {} failed", self.child.id());
+    }
+
+    /// Waits up to `secs` for the process to exit and returns its status.
+    pub async fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("operator status") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the operator did not exit within {secs}s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
 
