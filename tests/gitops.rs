@@ -155,6 +155,7 @@ fn diff(ns: &str, yaml: &str, server_side_as: Option<&str>) -> Result<(), String
 async fn nothing_the_operator_writes_shows_as_drift_in_what_the_user_applied() {
     let client = cluster().client().await;
     let ns = support::namespace(&client, "gitops").await;
+    support::secret(&client, &ns, "llm-keys", &[("openai", "sk-test")]).await;
     let _op = Operator::start(
         &ns,
         &support::mlflow().uri,

@@ -14,8 +14,9 @@ use std::path::PathBuf;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::rbac::v1::ClusterRole;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use mlflow_gateway_operator::api::GatewayEndpoint;
 use mlflow_gateway_operator::mlflow::{Auth, MlflowClient, MlflowConfig};
@@ -461,6 +462,17 @@ async fn installed_chart_runs_the_operator_as_its_service_account_through_upgrad
         )
         .await
         .unwrap();
+    // The gateway pods' trace-writing credential (a different MLflow user in real life).
+    Api::<Secret>::namespaced(admin.clone(), &rel_ns)
+        .create(
+            &PostParams::default(),
+            &secret(
+                "gateway-writer",
+                &[("username", "gateway-writer"), ("password", "writer-pw")],
+            ),
+        )
+        .await
+        .unwrap();
 
     let release = format!("mgo-{}", support::suffix());
     let fullname = format!("{release}-mlflow-gateway-operator");
@@ -479,6 +491,8 @@ async fn installed_chart_runs_the_operator_as_its_service_account_through_upgrad
         &tracking_uri,
         "--set",
         "mlflow.credentials.existingSecret=mlflow-operator",
+        "--set",
+        "gateway.credentialsSecret=gateway-writer",
         "--set",
         &watch,
         "--wait",
@@ -535,6 +549,59 @@ spec:
         Some(format!("{team}/chat").as_str())
     );
     assert_eq!(e.tag("mlflow.experiment.isGateway"), Some("true"));
+
+    // The gateway pods, applied with the chart's RBAC: Deployment, Service, ConfigMap, and the
+    // mirrored trace credential (the operator's own credential is not copied).
+    let deployment = Api::<Deployment>::namespaced(admin.clone(), &team)
+        .get("chat")
+        .await
+        .expect("the gateway Deployment");
+    let image = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .image
+        .clone();
+    assert_eq!(
+        image.as_deref(),
+        Some(env_value(&env, "GATEWAY_IMAGE").unwrap().as_str())
+    );
+    assert!(
+        Api::<Service>::namespaced(admin.clone(), &team)
+            .get("chat")
+            .await
+            .is_ok()
+    );
+    assert!(
+        Api::<ConfigMap>::namespaced(admin.clone(), &team)
+            .get("chat")
+            .await
+            .is_ok()
+    );
+    let mirror = Api::<Secret>::namespaced(admin.clone(), &team)
+        .get("chat-mlflow-credentials")
+        .await
+        .expect("the mirrored gateway credential");
+    assert_eq!(mirror.data.unwrap()["password"].0, b"writer-pw");
+    assert_eq!(ep.status.as_ref().unwrap().ready_replicas, Some(1));
+    // A deleted Deployment comes back, through the ServiceAccount's rights.
+    Api::<Deployment>::namespaced(admin.clone(), &team)
+        .delete("chat", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(60, "the Deployment re-created", || async {
+        let d = Api::<Deployment>::namespaced(admin.clone(), &team)
+            .get_opt("chat")
+            .await
+            .ok()??;
+        (d.uid() != deployment.uid()).then_some(())
+    })
+    .await;
 
     // It leads through the Lease the chart's Role allows, in the release namespace.
     let leases = Api::<Lease>::namespaced(admin.clone(), &rel_ns);

@@ -92,6 +92,7 @@ fn seconds_between(
 async fn one_leader_reconciles_and_a_follower_takes_over_on_sigterm_and_on_a_crash() {
     let client = cluster().client().await;
     let ns = support::namespace(&client, "leader").await;
+    support::secret(&client, &ns, "llm-keys", &[("openai", "sk-test")]).await;
     let leases = Api::<Lease>::namespaced(client.clone(), &ns);
     let endpoints = Api::<GatewayEndpoint>::namespaced(client.clone(), &ns);
 
@@ -208,6 +209,7 @@ async fn one_leader_reconciles_and_a_follower_takes_over_on_sigterm_and_on_a_cra
 async fn a_leader_that_sees_another_holder_stops_reconciling_and_exits_non_zero() {
     let client = cluster().client().await;
     let ns = support::namespace(&client, "leader-lost").await;
+    support::secret(&client, &ns, "llm-keys", &[("openai", "sk-test")]).await;
     let leases = Api::<Lease>::namespaced(client.clone(), &ns);
     let mut op = start(&ns, "op-a");
     eventually(30, "op-a leads", || async {
@@ -234,6 +236,7 @@ async fn a_leader_that_sees_another_holder_stops_reconciling_and_exits_non_zero(
 async fn a_leader_that_cannot_renew_within_the_deadline_exits_non_zero() {
     let client = cluster().client().await;
     let ns = support::namespace(&client, "leader-deadline").await;
+    support::secret(&client, &ns, "llm-keys", &[("openai", "sk-test")]).await;
     let leases = Api::<Lease>::namespaced(client.clone(), &ns);
     // A ServiceAccount allowed only its Lease: revoking that makes every renewal fail.
     let sa = "elector";

@@ -5,8 +5,16 @@
 local hs = {}
 local generation = obj.metadata and obj.metadata.generation
 
--- Ready=False reasons that mean "still converging" rather than "needs attention".
-local in_progress = { Progressing = true, Reconciling = true }
+-- Ready=False reasons that mean "still converging" rather than "needs attention": the experiment
+-- or the first gateway pods are on their way. While the pods roll out (condition Progressing=True),
+-- Ready=False is converging too; a stuck rollout turns Progressing False (ProgressDeadlineExceeded).
+local in_progress = {
+  Progressing = true,
+  Reconciling = true,
+  WaitingForExperiment = true,
+  DeploymentPending = true,
+  RollingOut = true,
+}
 
 if obj.status == nil or obj.status.conditions == nil then
   hs.status = "Progressing"
@@ -22,9 +30,12 @@ if generation ~= nil and (observed == nil or observed < generation) then
 end
 
 local ready = nil
+local rolling_out = false
 for _, condition in ipairs(obj.status.conditions) do
   if condition.type == "Ready" then
     ready = condition
+  elseif condition.type == "Progressing" and condition.status == "True" then
+    rolling_out = true
   end
 end
 
@@ -43,7 +54,7 @@ end
 local detail = (ready.reason or "") .. ": " .. (ready.message or "")
 if ready.status == "True" then
   hs.status = "Healthy"
-elseif ready.status == "False" and not in_progress[ready.reason or ""] then
+elseif ready.status == "False" and not in_progress[ready.reason or ""] and not rolling_out then
   hs.status = "Degraded"
 else
   hs.status = "Progressing"
