@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Controller benchmark (not a test): on a fresh local control plane and MLflow server, create N
 # GatewayEndpoints at once and measure
-#   - time until every one has status.experimentId (and Ready),
+#   - time until every one has status.experimentId, and until every one is Ready (its experiment
+#     ready and its gateway Deployment available: kwok makes the pods Running),
 #   - MLflow requests and API-server writes per endpoint (the operator's own counters),
 #   - writes during two resync periods in which nothing changed (target 0),
 #   - the controller's peak memory (VmHWM).
@@ -30,6 +31,7 @@ export PATH=$KUBE_BIN_DIR:$PATH
 kubectl apply --server-side -f crds/ >/dev/null
 kubectl wait --for condition=Established crd/gatewayendpoints.mlflow-gateway.dev --timeout=60s >/dev/null
 kubectl create namespace bench >/dev/null
+kubectl create secret generic keys -n bench --from-literal=openai=sk-bench >/dev/null
 
 port=$(free_port)
 METRICS_ADDR=127.0.0.1:$port RESYNC_PERIOD_SECONDS=$resync RUST_LOG=warn \
@@ -68,6 +70,8 @@ ml_req=$(metric mlflow_gateway_operator_mlflow_requests_total)
 ml_w=$(metric mlflow_gateway_operator_mlflow_writes_total)
 kube_w=$(metric mlflow_gateway_operator_kube_writes_total)
 patches=$(metric mlflow_gateway_operator_status_patches_total)
+applies=$(metric mlflow_gateway_operator_object_applies_total)
+pods=$(kubectl get pods -n bench --field-selector=status.phase=Running -o name | wc -l)
 experiments=$(curl -fsS -X POST "$MLFLOW_TRACKING_URI/api/2.0/mlflow/experiments/search" \
   -H 'content-type: application/json' \
   -d '{"filter":"tags.`mlflow.experiment.isGateway` = '"'"'true'"'"'","max_results":5000}' \
@@ -82,19 +86,19 @@ quiet_reconciles=$(metric mlflow_gateway_operator_reconciles_total)
 peak_kib=$(awk '/VmHWM/ {print $2}' "/proc/$op_pid/status")
 rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$op_pid/status")
 
-python3 - "$n" "$t0" "$t_applied" "$t_ids" "$t_ready" "$ml_req" "$ml_w" "$kube_w" "$patches" "$experiments" \
+python3 - "$n" "$t0" "$t_applied" "$t_ids" "$t_ready" "$ml_req" "$ml_w" "$kube_w" "$patches" "$experiments" "$applies" "$pods" \
   "$quiet_ml_req" "$quiet_ml_w" "$quiet_kube_w" "$quiet_reconciles" "$peak_kib" "$rss_kib" "$resync" <<'PY'
 import sys
-(n, t0, ta, ti, tr, mlr, mlw, kw, sp, ex, qr, qw, qk, qrec, peak, rss, resync) = sys.argv[1:]
+(n, t0, ta, ti, tr, mlr, mlw, kw, sp, ex, ap, pods, qr, qw, qk, qrec, peak, rss, resync) = sys.argv[1:]
 n = int(n); t0, ta, ti, tr = map(float, (t0, ta, ti, tr))
 print(f"""
 controller benchmark: {n} GatewayEndpoints created at once (kubectl apply --server-side)
   kubectl apply returned after        {ta - t0:7.1f} s
   every endpoint has experimentId     {ti - t0:7.1f} s   ({n / (ti - t0):.1f} endpoints/s)
-  every endpoint Ready                {tr - t0:7.1f} s
+  every endpoint Ready (pods Running) {tr - t0:7.1f} s   ({pods} gateway pods Running)
   MLflow experiments with gateway tag {ex}
   MLflow requests per endpoint        {int(mlr) / n:.2f}   (writes {int(mlw) / n:.2f})
-  API-server writes per endpoint      {int(kw) / n:.2f}   (status patches {int(sp) / n:.2f})
+  API-server writes per endpoint      {int(kw) / n:.2f}   (status patches {int(sp) / n:.2f}, owned-object applies {int(ap) / n:.2f}, the rest Events and finalizers)
   two quiet resync periods ({resync} s):  MLflow writes {qw}, API-server writes {qk}, MLflow reads {qr}
   controller memory                   peak {int(peak) / 1024:.1f} MiB, now {int(rss) / 1024:.1f} MiB""")
 PY

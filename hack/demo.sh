@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole thing, locally: a real Kubernetes control plane, a real MLflow server, the operator,
-# and the endpoints of examples/, each with its experiment.
+# the endpoints of examples/ (each with its experiment and its gateway pods), and one traced chat
+# request through an endpoint's gateway. kwok pods run no process, so the gateway runs here, exactly
+# as its Deployment declares it (hack/run-gateway.py), in front of a local fake of the OpenAI API.
 #   hack/demo.sh up     (make demo)       start everything and print where to look
 #   hack/demo.sh down   (make demo-down)  stop everything it started
 set -euo pipefail
@@ -9,10 +11,12 @@ cd "$REPO_ROOT"
 dir=${MGO_DEMO_DIR:-$REPO_ROOT/.stack/demo}
 
 down() {
-  if [ -f "$dir/operator.pid" ]; then
-    kill "$(cat "$dir/operator.pid")" 2>/dev/null || true
-    rm -f "$dir/operator.pid"
-  fi
+  for p in operator gateway fake-openai; do
+    if [ -f "$dir/$p.pid" ]; then
+      kill "$(cat "$dir/$p.pid")" 2>/dev/null || true
+      rm -f "$dir/$p.pid"
+    fi
+  done
   hack/mlflow.sh down "$dir/mlflow"
   hack/cluster.sh down "$dir/cluster"
   log "demo stopped"
@@ -40,8 +44,53 @@ up() {
   log "applying examples/"
   kubectl create namespace demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   kubectl apply -n demo -f examples/ >/dev/null
-  kubectl wait -n demo --for condition=Ready gatewayendpoints --all --timeout=120s >/dev/null \
+
+  log "starting a local fake of the OpenAI API and an endpoint that uses it"
+  local fake_port gw_port
+  fake_port=$(free_port); gw_port=$(free_port)
+  setsid python3 hack/fake-openai.py "$fake_port" sk-demo-local >"$dir/fake-openai.log" 2>&1 < /dev/null &
+  echo $! > "$dir/fake-openai.pid"
+  kubectl apply -n demo -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Secret
+metadata: {name: local-keys}
+stringData: {openai: sk-demo-local}
+---
+apiVersion: mlflow-gateway.dev/v1alpha1
+kind: GatewayEndpoint
+metadata: {name: assistant}
+spec:
+  models:
+    - {name: local, provider: openai, model: gpt-4o-mini, apiBase: "http://127.0.0.1:$fake_port/v1",
+       apiKeySecretRef: {name: local-keys, key: openai}}
+YAML
+  kubectl wait -n demo --for condition=Ready gatewayendpoints --all --timeout=180s >/dev/null \
     || { tail -20 "$dir/operator.log" >&2; die "endpoints did not become Ready (operator log: $dir/operator.log)"; }
+
+  log "running the assistant endpoint's gateway as its Deployment declares it"
+  setsid python3 hack/run-gateway.py demo assistant "127.0.0.1:$gw_port" >"$dir/gateway.log" 2>&1 < /dev/null &
+  echo $! > "$dir/gateway.pid"
+  local i
+  for i in $(seq 1 100); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$gw_port/readyz" 2>/dev/null && break
+    [ "$i" = 100 ] && { cat "$dir/gateway.log" >&2; die "the gateway did not start (log: $dir/gateway.log)"; }
+    sleep 0.2
+  done
+  local headers answer trace_id experiment
+  headers=$(mktemp)
+  answer=$(curl -fsS -D "$headers" "http://127.0.0.1:$gw_port/v1/chat/completions" \
+    -H 'content-type: application/json' \
+    -d '{"model": "assistant", "messages": [{"role": "user", "content": "What does the operator do?"}]}')
+  trace_id=$(awk 'tolower($1) == "x-mlflow-trace-id:" {print $2}' "$headers" | tr -d '\r')
+  rm -f "$headers"
+  experiment=$(kubectl get gatewayendpoint -n demo assistant -o jsonpath='{.status.experimentId}')
+  local trace=""
+  for _ in $(seq 1 60); do
+    trace=$(curl -fsS "$MLFLOW_TRACKING_URI/api/3.0/mlflow/traces/get?trace_id=$trace_id" 2>/dev/null) \
+      && grep -q '"mlflow.gateway.endpointId"' <<<"$trace" && break
+    trace=""; sleep 1
+  done
+  [ -n "$trace" ] || die "the trace $trace_id did not reach MLflow (gateway log: $dir/gateway.log)"
 
   cat <<MSG
 
@@ -54,6 +103,24 @@ The demo is running.
 
 \$ kubectl get gatewayendpoints -n demo
 $(kubectl get gatewayendpoints -n demo)
+
+\$ kubectl get deployments,services,configmaps -n demo -l app.kubernetes.io/managed-by=mlflow-gateway-operator
+$(kubectl get deployments,services,configmaps -n demo -l app.kubernetes.io/managed-by=mlflow-gateway-operator)
+
+A chat request through the assistant endpoint's gateway (http://127.0.0.1:$gw_port):
+  answer: $(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["choices"][0]["message"]["content"])' "$answer")
+  trace:  $trace_id, in experiment $experiment
+$(python3 - "$trace" <<'PY'
+import json, sys
+t = json.loads(sys.argv[1])["trace"]
+info, spans = t["trace_info"], t.get("spans", [])
+print(f"  state:  {info.get('state')}, {len(spans)} spans: " + ", ".join(s["name"] for s in spans))
+usage = info.get("trace_metadata", {}).get("mlflow.trace.tokenUsage")
+if usage:
+    print(f"  tokens: {usage}")
+PY
+)
+  open:   $(kubectl get gatewayendpoint -n demo assistant -o jsonpath='{.status.experimentUrl}')
 
 Each endpoint's experiment:
 $(kubectl get gatewayendpoints -n demo -o jsonpath='{range .items[*]}  {.metadata.name}: experiment {.status.experimentId} ({.status.experimentName}){"\n"}    {.status.experimentUrl}{"\n"}{end}')
