@@ -57,9 +57,13 @@ kubectl apply --server-side -f "$run/endpoints.yaml" >/dev/null
 t_applied=$(date +%s.%N)
 ids_done=""
 while :; do
-  states=$(kubectl get gwe -n bench -o jsonpath='{range .items[*]}{.status.experimentId},{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}')
-  ids=$(grep -c '^[^,]' <<<"$states" || true)
-  ready=$(grep -c ',True$' <<<"$states" || true)
+  read -r ids ready < <(kubectl get gwe -n bench -o json | python3 -c '
+import json, sys
+items = json.load(sys.stdin)["items"]
+status = [i.get("status") or {} for i in items]
+ids = sum(1 for s in status if s.get("experimentId"))
+ready = sum(1 for s in status if any(c.get("type") == "Ready" and c.get("status") == "True" for c in s.get("conditions") or []))
+print(ids, ready)')
   if [ -z "$ids_done" ] && [ "$ids" -ge "$n" ]; then ids_done=1; t_ids=$(date +%s.%N); fi
   [ "$ready" -ge "$n" ] && break
   sleep 0.5

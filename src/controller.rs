@@ -135,8 +135,16 @@ pub struct Context {
     verified: Mutex<HashMap<ObjectRef<GatewayEndpoint>, Verified>>,
 }
 
-/// The generation an experiment was found as declared for, and when.
-type Verified = (Option<i64>, Instant);
+/// An experiment found as declared: for which generation, when, and what status said of it.
+#[derive(Clone)]
+struct Verified {
+    generation: Option<i64>,
+    at: Instant,
+    experiment_id: Option<String>,
+    experiment_name: Option<String>,
+    experiment_url: Option<String>,
+    condition: ConditionState,
+}
 
 impl Context {
     pub fn new(
@@ -179,21 +187,26 @@ impl Context {
         let _ = rx.wait_for(|ready| *ready).await;
     }
 
-    /// True when the experiment was found as declared for this generation less than half a resync
-    /// period ago.
-    fn recently_verified(&self, key: &ObjectRef<GatewayEndpoint>, generation: Option<i64>) -> bool {
+    /// What was found when the experiment was last found as declared, if that was for this
+    /// generation less than half a resync period ago. Kept in memory, not read back from the
+    /// endpoint: the cached endpoint may not show the operator's own status write yet.
+    fn recently_verified(
+        &self,
+        key: &ObjectRef<GatewayEndpoint>,
+        generation: Option<i64>,
+    ) -> Option<Verified> {
         let map = self.verified.lock().unwrap_or_else(|p| p.into_inner());
         map.get(key)
-            .is_some_and(|(g, at)| *g == generation && at.elapsed() < self.settings.resync / 2)
+            .filter(|v| v.generation == generation && v.at.elapsed() < self.settings.resync / 2)
+            .cloned()
     }
 
-    fn set_verified(&self, key: &ObjectRef<GatewayEndpoint>, generation: Option<i64>, ok: bool) {
+    fn set_verified(&self, key: &ObjectRef<GatewayEndpoint>, verified: Option<Verified>) {
         let mut map = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        if ok {
-            map.insert(key.clone(), (generation, Instant::now()));
-        } else {
-            map.remove(key);
-        }
+        match verified {
+            Some(v) => map.insert(key.clone(), v),
+            None => map.remove(key),
+        };
     }
 
     fn failure_count(&self, key: &ObjectRef<GatewayEndpoint>, failed: bool) -> u32 {
@@ -452,19 +465,20 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
     };
     let mut events = Vec::new();
     let mut failure = None;
-    let experiment_ready = match current_if_recently_verified(ctx, &key, ep, &current) {
-        Some(kept) => {
-            status.experiment_id = current.experiment_id.clone();
-            status.experiment_name = current.experiment_name.clone();
-            status.experiment_url = current.experiment_url.clone();
-            kept
+    // A reconcile that a pod or Secret change triggered moments after the experiment was
+    // verified for this generation skips the MLflow round trip.
+    let experiment_ready = match ctx.recently_verified(&key, generation) {
+        Some(v) => {
+            status.experiment_id = v.experiment_id;
+            status.experiment_name = v.experiment_name;
+            status.experiment_url = v.experiment_url;
+            v.condition
         }
         None => {
             let known = current.experiment_id.as_deref();
             let outcome = experiment::ensure(&ctx.tracking, &id, &declared, known).await;
             let verified = matches!(outcome, Ok(Outcome::Ready { .. } | Outcome::Disabled));
-            ctx.set_verified(&key, generation, verified);
-            experiment_condition(
+            let condition = experiment_condition(
                 ctx,
                 outcome,
                 &declared,
@@ -472,7 +486,19 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
                 &mut status,
                 &mut events,
                 &mut failure,
-            )
+            );
+            ctx.set_verified(
+                &key,
+                verified.then(|| Verified {
+                    generation,
+                    at: Instant::now(),
+                    experiment_id: status.experiment_id.clone(),
+                    experiment_name: status.experiment_name.clone(),
+                    experiment_url: status.experiment_url.clone(),
+                    condition: condition.clone(),
+                }),
+            );
+            condition
         }
     };
     // A Warning Event when the endpoint enters a failing state, not on every retry.
@@ -494,7 +520,14 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
         failure.get_or_insert(conflict);
     }
     warn_on_entering(&current, &gateway.secrets, "ResolveSecrets", &mut events);
-    warn_on_entering(&current, &gateway.available, "ApplyGateway", &mut events);
+    // Pods on their way (DeploymentPending, WaitingForExperiment, a rollout) are no Warning; a name
+    // held by someone else's object and a stuck rollout are.
+    if gateway.available.reason == "NameConflict" {
+        warn_on_entering(&current, &gateway.available, "ApplyGateway", &mut events);
+    }
+    if gateway.progressing.reason == "ProgressDeadlineExceeded" {
+        warn_on_entering(&current, &gateway.progressing, "RollOut", &mut events);
+    }
     events.append(&mut gateway.events);
     status.url = Some(gateway.url.clone());
     status.replicas = gateway.replicas;
@@ -580,41 +613,6 @@ fn warn_on_entering(
             secondary: None,
         });
     }
-}
-
-fn kept_condition(c: &Condition) -> ConditionState {
-    let type_ = [
-        CONDITION_EXPERIMENT_READY,
-        pods::CONDITION_SECRETS_READY,
-        pods::CONDITION_AVAILABLE,
-        pods::CONDITION_PROGRESSING,
-        CONDITION_READY,
-    ]
-    .into_iter()
-    .find(|t| *t == c.type_)
-    .unwrap_or(CONDITION_EXPERIMENT_READY);
-    ConditionState {
-        type_,
-        status: c.status == "True",
-        reason: c.reason.clone(),
-        message: c.message.clone(),
-    }
-}
-
-/// The current ExperimentReady, when the experiment was verified for this generation moments ago
-/// (the reconcile was triggered by a pod or Secret change): no MLflow round trip then.
-fn current_if_recently_verified(
-    ctx: &Context,
-    key: &ObjectRef<GatewayEndpoint>,
-    ep: &GatewayEndpoint,
-    current: &GatewayEndpointStatus,
-) -> Option<ConditionState> {
-    let c = current.condition(CONDITION_EXPERIMENT_READY)?;
-    let fresh = c.status == "True"
-        && c.observed_generation == ep.metadata.generation
-        && (current.experiment_id.is_some() || !ep.spec.usage_tracking)
-        && ctx.recently_verified(key, ep.metadata.generation);
-    fresh.then(|| kept_condition(c))
 }
 
 /// ExperimentReady from what [`experiment::ensure`] found, filling the experiment fields of
