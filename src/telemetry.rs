@@ -194,8 +194,12 @@ pub struct ExportStats {
     pub queued: u64,
     /// Spans the tracking server accepted.
     pub exported_spans: u64,
-    /// Spans dropped because `max_queue_spans` were in flight (or telemetry was shut down).
+    /// Spans dropped because `max_queue_spans` were in flight (or telemetry was shut down),
+    /// including the spans of traces dropped whole at their start (never built).
     pub dropped_spans: u64,
+    /// Traces dropped whole at their start because the export queue was full: none of their
+    /// spans was built (no request or response was serialized for them).
+    pub dropped_traces: u64,
     /// Spans in OTLP requests that failed or timed out.
     pub failed_spans: u64,
     /// Traces whose root span was accepted and whose trace info (metadata) was stored.
@@ -316,10 +320,22 @@ impl Telemetry {
         inputs: &serde_json::Value,
     ) -> Invocation {
         let Some(inner) = &self.inner else {
-            return Invocation { inner: None };
+            return Invocation::disabled();
         };
         if inner.closed.load(Ordering::Relaxed) {
-            return Invocation { inner: None };
+            return Invocation::disabled();
+        }
+        if inner.counters.queue_full() {
+            // Shed before any work: a trace that would be dropped at the gate is not built at
+            // all. Its spans (the root now, each attempt as it starts) are counted as dropped.
+            inner.counters.drop_trace();
+            return Invocation {
+                inner: None,
+                shed: Some(Shed {
+                    counters: Arc::clone(&inner.counters),
+                    trace_id: TraceId::from_bytes(fastrand::u128(1..).to_be_bytes()),
+                }),
+            };
         }
         let mut attributes = Vec::with_capacity(10);
         attributes.push(KeyValue::new(ATTR_SPAN_TYPE, "UNKNOWN"));
@@ -370,6 +386,7 @@ impl Telemetry {
                 trace_id,
                 telemetry: Arc::clone(inner),
             })),
+            shed: None,
         }
     }
 
@@ -480,7 +497,21 @@ impl Telemetry {
 /// [`Invocation::finish`] ends the root span with the error "aborted" (the client went away).
 pub struct Invocation {
     inner: Option<Box<InvocationInner>>,
+    /// Set when the trace was dropped at its start (the export queue was full).
+    shed: Option<Shed>,
 }
+
+/// A trace dropped at its start: it keeps its id (the response header names it, as it names a
+/// trace whose spans are dropped at the gate) and counts its attempts as dropped spans.
+struct Shed {
+    counters: Arc<Counters>,
+    trace_id: TraceId,
+}
+
+/// A response as the `mlflow.spanOutputs` of a trace's spans: serialized once (only when the
+/// invocation is traced) and shared by the attempt and the root that carry it.
+#[derive(Clone, Debug, Default)]
+pub struct Outputs(Option<StringValue>);
 
 struct InvocationInner {
     span: opentelemetry_sdk::trace::Span,
@@ -501,12 +532,34 @@ impl fmt::Debug for Invocation {
 impl Invocation {
     /// A no-op invocation, as a disabled [`Telemetry`] gives.
     pub fn disabled() -> Self {
-        Invocation { inner: None }
+        Invocation {
+            inner: None,
+            shed: None,
+        }
     }
 
     /// `tr-<32 hex>`, the MLflow trace id; None when telemetry is disabled.
     pub fn trace_id(&self) -> Option<String> {
-        self.inner.as_ref().map(|i| mlflow_trace_id(i.trace_id))
+        match (&self.inner, &self.shed) {
+            (Some(i), _) => Some(mlflow_trace_id(i.trace_id)),
+            (None, Some(shed)) => Some(mlflow_trace_id(shed.trace_id)),
+            (None, None) => None,
+        }
+    }
+
+    /// Whether this invocation's spans are being built (telemetry on, the trace not dropped).
+    pub fn is_traced(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// `value` (a response) serialized for the spans' outputs, once; empty when not traced.
+    pub fn outputs(&self, value: &serde_json::Value) -> Outputs {
+        match &self.inner {
+            Some(inv) => Outputs(Some(StringValue::from(Arc::<str>::from(
+                content_attribute(value, inv.telemetry.capture_content),
+            )))),
+            None => Outputs(None),
+        }
     }
 
     /// Starts one provider attempt, `provider/<provider>/<model>`. `method`: `chat`,
@@ -519,6 +572,9 @@ impl Invocation {
         streaming: bool,
     ) -> Attempt {
         let Some(inv) = &self.inner else {
+            if let Some(shed) = &self.shed {
+                shed.counters.drop_spans(1);
+            }
             return Attempt { inner: None };
         };
         let name = if model.is_empty() {
@@ -552,16 +608,20 @@ impl Invocation {
 
     /// Ends the root span: `outputs` = the response (if any); `error` = Some(message) when the
     /// invocation failed (root status ERROR with an "exception" event).
-    pub fn finish(mut self, outputs: Option<&serde_json::Value>, error: Option<&str>) {
+    pub fn finish(self, outputs: Option<&serde_json::Value>, error: Option<&str>) {
+        let outputs = outputs.map(|v| self.outputs(v));
+        self.finish_with(outputs.as_ref(), error);
+    }
+
+    /// [`Invocation::finish`] with outputs serialized by [`Invocation::outputs`].
+    pub fn finish_with(mut self, outputs: Option<&Outputs>, error: Option<&str>) {
         let Some(mut inv) = self.inner.take() else {
             return;
         };
         let capture = inv.telemetry.capture_content;
-        if let Some(outputs) = outputs {
-            inv.span.set_attribute(KeyValue::new(
-                ATTR_OUTPUTS,
-                content_attribute(outputs, capture),
-            ));
+        if let Some(Outputs(Some(outputs))) = outputs {
+            inv.span
+                .set_attribute(KeyValue::new(ATTR_OUTPUTS, outputs.clone()));
         }
         match error {
             None => inv.span.set_status(Status::Ok),
@@ -576,6 +636,10 @@ impl Invocation {
 
 impl Drop for Invocation {
     fn drop(&mut self) {
+        if let Some(shed) = self.shed.take() {
+            // The root span, dropped whether the invocation finished or was abandoned.
+            shed.counters.drop_spans(1);
+        }
         if let Some(mut inv) = self.inner.take() {
             record_error(
                 &mut inv.span,
@@ -613,7 +677,19 @@ impl Attempt {
 
     /// The provider answered: `usage` from its answer (or the stream's final chunk), `outputs`
     /// its answer (kept only with `capture_content`; MLflow's provider spans carry none).
-    pub fn succeed(mut self, usage: Option<TokenUsage>, outputs: Option<&serde_json::Value>) {
+    pub fn succeed(self, usage: Option<TokenUsage>, outputs: Option<&serde_json::Value>) {
+        let outputs = match (&self.inner, outputs) {
+            (Some(attempt), Some(v)) if attempt.capture_content => Some(Outputs(Some(
+                StringValue::from(Arc::<str>::from(content_attribute(v, true))),
+            ))),
+            _ => None,
+        };
+        self.succeed_with(usage, outputs.as_ref());
+    }
+
+    /// [`Attempt::succeed`] with outputs serialized by [`Invocation::outputs`] (the same text
+    /// the root gets; kept only with `capture_content`).
+    pub fn succeed_with(mut self, usage: Option<TokenUsage>, outputs: Option<&Outputs>) {
         let Some(mut attempt) = self.inner.take() else {
             return;
         };
@@ -623,12 +699,11 @@ impl Attempt {
                 .set_attribute(KeyValue::new(ATTR_TOKEN_USAGE, usage.to_json()));
         }
         if attempt.capture_content
-            && let Some(outputs) = outputs
+            && let Some(Outputs(Some(outputs))) = outputs
         {
-            attempt.span.set_attribute(KeyValue::new(
-                ATTR_OUTPUTS,
-                content_attribute(outputs, true),
-            ));
+            attempt
+                .span
+                .set_attribute(KeyValue::new(ATTR_OUTPUTS, outputs.clone()));
         }
         attempt.span.set_status(Status::Ok);
         attempt.span.end();
@@ -954,6 +1029,7 @@ struct Counters {
     in_flight_bytes: AtomicUsize,
     exported_spans: AtomicU64,
     dropped_spans: AtomicU64,
+    dropped_traces: AtomicU64,
     failed_spans: AtomicU64,
     exported_traces: AtomicU64,
     failed_traces: AtomicU64,
@@ -975,6 +1051,7 @@ impl Counters {
             in_flight_bytes: AtomicUsize::new(0),
             exported_spans: AtomicU64::new(0),
             dropped_spans: AtomicU64::new(0),
+            dropped_traces: AtomicU64::new(0),
             failed_spans: AtomicU64::new(0),
             exported_traces: AtomicU64::new(0),
             failed_traces: AtomicU64::new(0),
@@ -991,6 +1068,7 @@ impl Counters {
             queued: self.in_flight.load(Ordering::Relaxed) as u64,
             exported_spans: self.exported_spans.load(Ordering::Relaxed),
             dropped_spans: self.dropped_spans.load(Ordering::Relaxed),
+            dropped_traces: self.dropped_traces.load(Ordering::Relaxed),
             failed_spans: self.failed_spans.load(Ordering::Relaxed),
             exported_traces: self.exported_traces.load(Ordering::Relaxed),
             failed_traces: self.failed_traces.load(Ordering::Relaxed),
@@ -1010,18 +1088,35 @@ impl Counters {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.in_flight_bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.drop_spans(1);
-        if !self.dropping.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                max_queue_spans = self.max_in_flight,
-                max_queue_bytes = self.max_bytes,
-                "trace export queue full: dropping spans (is the MLflow tracking server slow or down?)"
-            );
-        }
+        self.warn_dropping();
         false
     }
 
     fn drop_spans(&self, n: u64) {
         self.dropped_spans.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Whether a span would be dropped now (no place left, by count or bytes): a trace started
+    /// now is dropped whole, before anything is built for it.
+    fn queue_full(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) >= self.max_in_flight
+            || self.in_flight_bytes.load(Ordering::Relaxed) >= self.max_bytes
+    }
+
+    /// Counts a trace dropped at its start (its spans are counted as they would have ended).
+    fn drop_trace(&self) {
+        self.dropped_traces.fetch_add(1, Ordering::Relaxed);
+        self.warn_dropping();
+    }
+
+    fn warn_dropping(&self) {
+        if !self.dropping.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                max_queue_spans = self.max_in_flight,
+                max_queue_bytes = self.max_bytes,
+                "trace export queue full: dropping traces (is the MLflow tracking server slow or down?)"
+            );
+        }
     }
 
     /// Frees the places of `n` spans (of `bytes` in all) that were exported or failed.
@@ -1959,6 +2054,55 @@ mod tests {
                 .trace_id()
                 .is_none()
         );
+    }
+
+    /// With the queue full, a trace is dropped whole at its start: nothing is built or
+    /// serialized for it, it keeps a trace id, and it and its spans are counted as dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_drops_traces_before_building_them() {
+        let recorder = Recorder::default();
+        *recorder.mode.lock().unwrap() = Mode::Hang;
+        let telemetry = Telemetry::build(settings(true, 2), recorder.clone(), None);
+        let response = json!({"choices": [{"message": {"content": "answer"}}]});
+        let first = telemetry.start_invocation("unified/chat", None, None, &json!({}));
+        assert!(first.is_traced());
+        let outputs = first.outputs(&response);
+        first
+            .start_attempt("openai", "m", "chat", false)
+            .succeed_with(None, Some(&outputs));
+        first.finish_with(Some(&outputs), None);
+        assert_eq!(telemetry.stats().queued, 2);
+        for _ in 0..10 {
+            let shed = telemetry.start_invocation("unified/chat", None, None, &json!({}));
+            assert!(!shed.is_traced());
+            assert!(shed.trace_id().is_some_and(|id| id.starts_with("tr-")));
+            assert!(
+                shed.outputs(&response).0.is_none(),
+                "serialized for nothing"
+            );
+            shed.start_attempt("openai", "m", "chat", false).fail(
+                "UpstreamError",
+                "429",
+                Some(429),
+            );
+            shed.start_attempt("openai", "m2", "chat", false)
+                .succeed(None, Some(&response));
+            shed.finish(Some(&response), None);
+        }
+        // One more, abandoned (the client went away): its root still counts.
+        drop(telemetry.start_invocation("unified/chat", None, None, &json!({})));
+        let s = telemetry.stats();
+        assert_eq!(
+            (s.dropped_traces, s.dropped_spans, s.queued),
+            (11, 31, 2),
+            "{s:?}"
+        );
+        let metrics = crate::gateway::metrics::GatewayMetrics::default().encode(s);
+        assert!(
+            metrics.contains("mlflow_gateway_traces_dropped_total 11"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("mlflow_gateway_spans_dropped_total 31"));
     }
 
     /// The SDK shuts its provider down when the last clone goes; that must not block a runtime

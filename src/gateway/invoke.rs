@@ -283,8 +283,10 @@ async fn execute(g: &Shared, call: Call, headers: &HeaderMap, body: Value, mode:
                 if let Some(u) = usage {
                     g.metrics.tokens(u.input_tokens, u.output_tokens);
                 }
-                attempt.succeed(usage.map(token_usage), Some(&response));
-                invocation.finish(Some(&response), None);
+                // Serialized once for both spans, and only when the trace is built.
+                let outputs = invocation.outputs(&response);
+                attempt.succeed_with(usage.map(token_usage), Some(&outputs));
+                invocation.finish_with(Some(&outputs), None);
                 record(g, call.route, StatusCode::OK, Some(started));
                 let mut resp = axum::Json(response).into_response();
                 timing_headers(
@@ -568,12 +570,16 @@ impl Streaming {
         if let Some(u) = usage {
             self.g.metrics.tokens(u.input_tokens, u.output_tokens);
         }
-        let output = self.opened.converter.aggregated();
+        // The aggregated answer is only built, and serialized once, for a trace being built.
+        let outputs = match &self.invocation {
+            Some(i) if i.is_traced() => i.outputs(&self.opened.converter.aggregated()),
+            _ => Default::default(),
+        };
         if let Some(a) = self.attempt.take() {
-            a.succeed(usage.map(token_usage), Some(&output));
+            a.succeed_with(usage.map(token_usage), Some(&outputs));
         }
         if let Some(i) = self.invocation.take() {
-            i.finish(Some(&output), None);
+            i.finish_with(Some(&outputs), None);
         }
         self.done = true;
     }
