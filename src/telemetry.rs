@@ -72,7 +72,6 @@ use opentelemetry_sdk::trace::{
     SpanProcessor,
 };
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
-use serde_json::json;
 use url::Url;
 
 use crate::mlflow::{Auth, ConfigError, MlflowConfig};
@@ -554,12 +553,20 @@ impl Invocation {
 
     /// `value` (a response) serialized for the spans' outputs, once; empty when not traced.
     pub fn outputs(&self, value: &serde_json::Value) -> Outputs {
-        match &self.inner {
-            Some(inv) => Outputs(Some(StringValue::from(Arc::<str>::from(
-                content_attribute(value, inv.telemetry.capture_content),
-            )))),
-            None => Outputs(None),
-        }
+        self.outputs_of(value, None)
+    }
+
+    /// [`Invocation::outputs`] of a response whose JSON text is at hand (`json`, the text
+    /// `value` was parsed from, as the provider sent it): that text is kept, not serialized again.
+    pub fn outputs_of(&self, value: &serde_json::Value, json: Option<&str>) -> Outputs {
+        let Some(inv) = &self.inner else {
+            return Outputs(None);
+        };
+        let text = match json {
+            Some(json) if inv.telemetry.capture_content => cut_content(Cow::Borrowed(json)),
+            _ => content_attribute(value, inv.telemetry.capture_content),
+        };
+        Outputs(Some(StringValue::from(Arc::<str>::from(text))))
     }
 
     /// Starts one provider attempt, `provider/<provider>/<model>`. `method`: `chat`,
@@ -851,17 +858,21 @@ const SUMMARY_ARRAYS: [&str; 8] = [
 /// or without `capture`, a summary that holds no text of it.
 fn content_attribute(value: &serde_json::Value, capture: bool) -> String {
     if capture {
-        let json = serde_json::to_string(value).unwrap_or_default();
-        if json.len() <= MAX_CONTENT_BYTES {
-            return json;
-        }
-        let mut end = MAX_CONTENT_BYTES;
-        while !json.is_char_boundary(end) {
-            end -= 1;
-        }
-        return format!("{}…[truncated: {} bytes in all]", &json[..end], json.len());
+        return cut_content(Cow::Owned(serde_json::to_string(value).unwrap_or_default()));
     }
     content_summary(value)
+}
+
+/// JSON text as a span attribute: cut at [`MAX_CONTENT_BYTES`].
+fn cut_content(json: Cow<'_, str>) -> String {
+    if json.len() <= MAX_CONTENT_BYTES {
+        return json.into_owned();
+    }
+    let mut end = MAX_CONTENT_BYTES;
+    while !json.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[truncated: {} bytes in all]", &json[..end], json.len())
 }
 
 fn content_summary(value: &serde_json::Value) -> String {
@@ -1515,35 +1526,48 @@ struct TraceInfoPoster {
 }
 
 impl TraceInfoPoster {
-    /// The StartTraceV3 body: the trace's info with the gateway metadata.
-    fn body(&self, job: &TraceInfoJob) -> serde_json::Value {
-        let mut metadata = serde_json::Map::new();
-        metadata.insert(META_ENDPOINT_ID.into(), self.endpoint_id.clone().into());
-        metadata.insert(META_SCHEMA_VERSION.into(), "3".into());
+    /// The StartTraceV3 body: the trace's info with the gateway metadata. Written directly (one
+    /// per exported trace: no `serde_json::Value` tree to build and drop).
+    fn body(&self, job: &TraceInfoJob) -> String {
+        use std::fmt::Write as _;
+        // Escaping a string into JSON cannot fail.
+        let str_json = |out: &mut String, s: &str| {
+            out.push_str(&serde_json::to_string(s).unwrap_or_default());
+        };
+        let duration = job.end.duration_since(job.start).unwrap_or_default();
+        let mut out = String::with_capacity(512);
+        let _ = write!(
+            out,
+            r#"{{"trace":{{"trace_info":{{"trace_id":"{}","trace_location":{{"type":"MLFLOW_EXPERIMENT","mlflow_experiment":{{"experiment_id":"#,
+            mlflow_trace_id(job.trace_id)
+        );
+        str_json(&mut out, &self.experiment_id);
+        let _ = write!(
+            out,
+            r#"}}}},"request_time":"{}","execution_duration":"{}","state":"{}","trace_metadata":{{"{META_ENDPOINT_ID}":"#,
+            rfc3339(job.start),
+            proto_duration(duration),
+            if job.error { "ERROR" } else { "OK" },
+        );
+        str_json(&mut out, &self.endpoint_id);
+        let _ = write!(out, r#","{META_SCHEMA_VERSION}":"3""#);
         if let Some(request_type) = &job.request_type {
-            metadata.insert(META_REQUEST_TYPE.into(), request_type.clone().into());
+            let _ = write!(out, r#","{META_REQUEST_TYPE}":"#);
+            str_json(&mut out, request_type);
         }
         if let Some(caller) = &job.caller {
-            metadata.insert(META_CALLER.into(), caller.clone().into());
+            let _ = write!(out, r#","{META_CALLER}":"#);
+            str_json(&mut out, caller);
         }
-        let duration = job.end.duration_since(job.start).unwrap_or_default();
-        json!({"trace": {"trace_info": {
-            "trace_id": mlflow_trace_id(job.trace_id),
-            "trace_location": {
-                "type": "MLFLOW_EXPERIMENT",
-                "mlflow_experiment": {"experiment_id": self.experiment_id},
-            },
-            "request_time": rfc3339(job.start),
-            "execution_duration": proto_duration(duration),
-            "state": if job.error { "ERROR" } else { "OK" },
-            "trace_metadata": metadata,
-            "tags": {TAG_TRACE_NAME: self.trace_name},
-        }}})
+        let _ = write!(out, r#"}},"tags":{{"{TAG_TRACE_NAME}":"#);
+        str_json(&mut out, &self.trace_name);
+        out.push_str("}}}}");
+        out
     }
 
     /// Posts the trace info, retrying transient failures; Err(reason) when it was not stored.
     async fn post(&self, job: &TraceInfoJob) -> Result<(), String> {
-        let body = self.body(job).to_string();
+        let body = Bytes::from(self.body(job));
         let mut delay = Duration::from_millis(250);
         let mut attempt = 1;
         loop {
@@ -1635,6 +1659,7 @@ async fn trace_info_worker(
 mod tests {
     use super::*;
     use opentelemetry::Value as OtelValue;
+    use serde_json::json;
     use std::sync::Mutex;
 
     #[test]
@@ -2178,7 +2203,7 @@ mod tests {
             request_type: Some("unified/chat".into()),
             caller: None,
         };
-        let body = poster.body(&job);
+        let body: serde_json::Value = serde_json::from_str(&poster.body(&job)).unwrap();
         let info = &body["trace"]["trace_info"];
         assert_eq!(info["trace_id"], "tr-4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(info["state"], "ERROR");
@@ -2186,6 +2211,18 @@ mod tests {
         assert_eq!(info["trace_metadata"][META_ENDPOINT_ID], "uid-1");
         assert_eq!(info["trace_metadata"][META_REQUEST_TYPE], "unified/chat");
         assert!(info["trace_metadata"].get(META_CALLER).is_none());
+        assert_eq!(info["trace_metadata"][META_SCHEMA_VERSION], "3");
+        assert_eq!(info["request_time"], "1970-01-01T00:00:01.000000000Z");
+        let quoted = TraceInfoJob {
+            caller: Some("a \"quoted\" caller\\".into()),
+            error: false,
+            ..job
+        };
+        let body: serde_json::Value = serde_json::from_str(&poster.body(&quoted)).unwrap();
+        let info = &body["trace"]["trace_info"];
+        assert_eq!(info["trace_metadata"][META_CALLER], "a \"quoted\" caller\\");
+        assert_eq!(info["state"], "OK");
+        assert_eq!(info.as_object().unwrap().len(), 7);
         assert_eq!(info["tags"][TAG_TRACE_NAME], "gateway/chat");
         assert_eq!(
             info["trace_location"]["mlflow_experiment"]["experiment_id"],
