@@ -440,6 +440,11 @@ impl Telemetry {
             settings.max_queue_spans,
             settings.max_queue_bytes,
         ));
+        // Everything of the export pipeline (the batch processor's task, its OTLP requests and
+        // the trace-info requests, with their connections) runs on a thread of its own, so that
+        // encoding and sending a batch never holds up a runtime thread that serves requests.
+        let export_thread = ExportThread::start();
+        let _in_export_runtime = export_thread.as_ref().map(|t| t.handle.enter());
         let (info_tx, info_rx) = tokio::sync::mpsc::channel(settings.max_queue_spans.max(16));
         tokio::spawn(trace_info_worker(info_rx, poster, Arc::clone(&counters)));
         let exporter = CountingExporter {
@@ -466,6 +471,7 @@ impl Telemetry {
             bsp: Arc::clone(&bsp),
             counters: Arc::clone(&counters),
             closed: Arc::clone(&closed),
+            export_thread: std::sync::Mutex::new(export_thread),
         };
         let provider = SdkTracerProvider::builder()
             .with_resource(Resource::builder_empty().build())
@@ -1196,6 +1202,50 @@ struct GateProcessor {
     bsp: Arc<BatchSpanProcessor<Tokio>>,
     counters: Arc<Counters>,
     closed: Arc<AtomicBool>,
+    /// Ended (dropped) once the batch processor has shut down.
+    export_thread: std::sync::Mutex<Option<ExportThread>>,
+}
+
+/// The export pipeline's thread: a current-thread tokio runtime that runs until this is dropped.
+#[derive(Debug)]
+struct ExportThread {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ExportThread {
+    /// None (the export then runs on the caller's runtime) if the thread cannot be started.
+    fn start() -> Option<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        let runtime = match runtime {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::warn!(error = %e, "no runtime for trace export: it shares the gateway's");
+                return None;
+            }
+        };
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let started = std::thread::Builder::new()
+            .name("trace-export".to_string())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            });
+        match started {
+            Ok(_) => Some(ExportThread {
+                handle,
+                _stop: stop,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread for trace export: it shares the gateway's");
+                None
+            }
+        }
+    }
 }
 
 impl fmt::Debug for Counters {
@@ -1226,14 +1276,21 @@ impl SpanProcessor for GateProcessor {
     /// runtime thread): never blocks. After `Telemetry::shutdown` it has nothing left to do;
     /// otherwise the batch processor is stopped on a detached thread (a best-effort flush).
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        let export_thread = self
+            .export_thread
+            .lock()
+            .map(|mut t| t.take())
+            .unwrap_or_default();
         if !self.closed.swap(true, Ordering::SeqCst) {
             let bsp = Arc::clone(&self.bsp);
             let _ = std::thread::Builder::new()
                 .name("telemetry-shutdown".to_string())
                 .spawn(move || {
                     let _ = bsp.shutdown();
+                    drop(export_thread);
                 });
         }
+        // Else `Telemetry::shutdown` stopped the batch processor already: the thread ends here.
         Ok(())
     }
 }
