@@ -363,15 +363,17 @@ bench() {
       requests_sent=$((requests_sent + w))
     fi
     log "$label, $c connections, ${duration}s"
+    side0=0; [ -n "${side_pid:-}" ] && side0=$(cpu_seconds "$side_pid")
     cpu0=$(cpu_seconds "$@")
     BENCH_MODEL=$model run_fg "$run/wrk-$row-$c.txt" timeout $((duration + wrk_timeout + 30)) \
       wrk -t"$threads" -c"$c" -d"${duration}s" --timeout "${wrk_timeout}s" --latency -s "$run/chat.lua" "$url" \
       || log "warning: wrk exited with $? ($run/wrk-$row-$c.txt)"
     cpu1=$(cpu_seconds "$@")
+    side1=0; [ -n "${side_pid:-}" ] && side1=$(cpu_seconds "$side_pid")
     out=$(parse_wrk "$run/wrk-$row-$c.txt")
     requests_sent=$((requests_sent + $(jget requests <<<"$out")))
-    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(row=sys.argv[2], label=sys.argv[3], conc=int(sys.argv[4]), cpu_s=float(sys.argv[6])-float(sys.argv[5])); print(json.dumps(r))' \
-      "$out" "$row" "$label" "$c" "$cpu0" "$cpu1" >>"$results"
+    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(row=sys.argv[2], label=sys.argv[3], conc=int(sys.argv[4]), cpu_s=float(sys.argv[6])-float(sys.argv[5]), side_cpu_s=float(sys.argv[8])-float(sys.argv[7])); print(json.dumps(r))' \
+      "$out" "$row" "$label" "$c" "$cpu0" "$cpu1" "$side0" "$side1" >>"$results"
     "${between_runs:-true}"
   done
 }
@@ -463,8 +465,10 @@ if want on; then
     traces_pid=$(mlflow_env mlflow-traces MLFLOW_PID)
     traces_cpu0=$(cpu_seconds "$traces_pid")
     between_runs=gw_drain
+    side_pid=$traces_pid # MLflow's CPU during each measured run, reported beside it
     run_gateway on "this gateway, tracing on" true MLFLOW_TRACKING_URI="$traces_uri" MLFLOW_EXPERIMENT_ID="$gw_exp"
     between_runs=true
+    side_pid=""
     if curl -fsS -o /dev/null "http://127.0.0.1:$gw_port/metrics"; then
       m() { gw_metric "$gw_port" "$1"; }
       trace_note on "$(trace_stats mlflow-traces "$gw_exp")" "$(printf \
@@ -486,6 +490,7 @@ if want sink; then
     start_bg nginx-sink nginx -e "$run/nginx-sink/error.log" -p "$run/nginx-sink" -c "$run/nginx-sink/nginx.conf"
     sink_pid=$last_pid
     sink_cpu0=$(cpu_seconds "$sink_pid")
+    side_pid=$sink_pid
     sink_drain() { # bounded: until the export queue is empty
       local deadline=$((SECONDS + 30))
       until [ "$(gw_metric "$gw_port" mlflow_gateway_trace_export_queue_spans)" = 0 ] || [ $SECONDS -ge $deadline ]; do sleep 0.5; done
@@ -493,6 +498,7 @@ if want sink; then
     between_runs=sink_drain
     run_gateway sink "this gateway, tracing on, sink" true MLFLOW_TRACKING_URI="http://127.0.0.1:$sink_port" MLFLOW_EXPERIMENT_ID=1
     between_runs=true
+    side_pid=""
     if curl -fsS -o /dev/null "http://127.0.0.1:$gw_port/metrics"; then
       m() { gw_metric "$gw_port" "$1"; }
       trace_note sink "$(printf \
@@ -595,6 +601,14 @@ for c in concs:
         p50 = f"{r['p50']:.3f}" if "p50" in r else "-"
         p99 = f"{r['p99']:.3f}" if "p99" in r else "-"
         print(f"{r['label']:<30} {c:>4} {r['rps']:>9.0f} {p50:>8} {p99:>8} {errs:>7} {cpu:>10}  {added}")
+    print()
+side = [r for r in rows if r.get("side_cpu_s") and r.get("requests")]
+if side:
+    print("trace receiver's CPU during the measured runs (on the same cores as everything above):")
+    for r in side:
+        who = "MLflow" if r["row"] == "on" else "the sink (nginx)"
+        print(f"  {r['label']}, conc {r['conc']}: {who} used {r['side_cpu_s']:.1f} CPU s in {duration} s"
+              f" ({r['side_cpu_s'] / (float(duration) * int(ncpu)) * 100:.0f}% of {ncpu} cores), the gateway {r['cpu_s']:.1f} CPU s")
     print()
 def rps(row, c):
     r = by.get((row, c))
