@@ -327,8 +327,10 @@ impl Upstream {
     /// provider's bytes as they are (OpenAI-compatible providers and Azure, except completions
     /// served through chat).
     pub fn answers_verbatim(&self, op: Operation) -> bool {
-        !matches!(self.provider, Provider::Anthropic | Provider::Gemini)
-            && !(op == Operation::Completions && openai::completions_via_chat(self.provider))
+        match self.provider {
+            Provider::Anthropic | Provider::Gemini => false,
+            provider => op != Operation::Completions || !openai::completions_via_chat(provider),
+        }
     }
 
     /// Stream conversion for `op` (Chat or Completions). `client_wants_usage`: whether the client
