@@ -17,7 +17,10 @@
 //!
 //! # Pipeline
 //!
-//! Spans are OpenTelemetry SDK spans. When one ends, [`GateProcessor`] admits it only while fewer
+//! A trace started while the queue is full is dropped whole at its start: no span is built and
+//! nothing is serialized for it; it keeps a trace id, and it and its spans are counted as dropped
+//! (`dropped_traces`, `dropped_spans`). Otherwise spans are OpenTelemetry SDK spans. When one
+//! ends, [`GateProcessor`] admits it only while fewer
 //! than `max_queue_spans` spans are in flight (ended, not yet exported or failed), else it drops
 //! and counts it; admitted spans go to the SDK's tokio `BatchSpanProcessor`
 //! (`span_processor_with_async_runtime`), whose queue is larger than the gate so that it never
@@ -26,6 +29,10 @@
 //! rustls, the tracking server's CA bundle, `x-mlflow-experiment-id`, and the credentials, which
 //! live only there, as sensitive header values). `CountingExporter` counts exported and failed
 //! spans and releases the gate, also when the batch processor abandons an export at its timeout.
+//!
+//! The batch processor's task, its OTLP requests and the trace-info requests run on a
+//! current-thread tokio runtime on a thread of its own ([`ExportThread`]): encoding and sending
+//! a batch never holds up a runtime thread that serves requests.
 //!
 //! Why the async-runtime batch processor: the default (thread-based) one drives the exporter's
 //! future with `futures_executor::block_on` on its own OS thread, where reqwest's async client
