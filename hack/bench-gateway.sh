@@ -6,6 +6,11 @@
 #   nginx reverse proxy  wrk -> nginx (proxy_pass, keepalive upstream) -> fake   (the reference)
 #   this gateway, off    wrk -> `mlflow-gateway-operator gateway` (usageTracking: false) -> fake
 #   this gateway, on     same with usageTracking: true, traces exported to a real MLflow server
+#                        (on the same cores: its CPU seconds are reported with the traces)
+#   this gateway, sink   same, but exporting to a sink (nginx answering 200 to the OTLP and
+#                        trace-info requests at once) instead of MLflow: every trace is
+#                        exported, so this row is the gateway's own whole cost of tracing,
+#                        without the CPU a tracking server on the same cores takes
 #   MLflow gateway       wrk -> MLflow 3.17.2's own AI gateway (in `mlflow server`, an endpoint
 #                        whose secret's api_base is the fake) -> fake, usage_tracking on
 # each at every connection count (default 32 and 128), and reports requests/s, p50/p99 latency,
@@ -30,8 +35,9 @@
 #   BENCH_TIMEOUT=10         wrk request timeout, s (slower answers count as errors and are
 #                            missing from wrk's percentiles, so it is well above any p99 seen)
 #   BENCH_NGINX_WORKERS=auto worker_processes of each nginx (auto = one per core)
-#   BENCH_TARGETS="direct nginx off on mlflow"   rows to run (direct is needed for "added")
+#   BENCH_TARGETS="direct nginx off on sink mlflow"   rows to run (direct is needed for "added")
 #   BENCH_BUILD=1            0: do not run `cargo build --release --locked` first
+#   BENCH_BIN=FILE           the gateway binary (default: target/release/mlflow-gateway-operator)
 #   BENCH_RUST_LOG=          RUST_LOG of the gateway (default: unset, i.e. its default, info;
 #                            the gateway logs nothing per request at info)
 #   BENCH_DRAIN_TIMEOUT=120  s to wait for trace export to drain after a tracing-on run
@@ -48,9 +54,9 @@ conns=${BENCH_CONNECTIONS:-32 128}
 threads=${BENCH_THREADS:-2}
 wrk_timeout=${BENCH_TIMEOUT:-10}
 nginx_workers=${BENCH_NGINX_WORKERS:-auto}
-targets=" ${BENCH_TARGETS:-direct nginx off on mlflow} "
+targets=" ${BENCH_TARGETS:-direct nginx off on sink mlflow} "
 drain_timeout=${BENCH_DRAIN_TIMEOUT:-120}
-bin=$REPO_ROOT/target/release/mlflow-gateway-operator
+bin=${BENCH_BIN:-$REPO_ROOT/target/release/mlflow-gateway-operator}
 want() { [[ $targets == *" $1 "* ]]; }
 
 # --- tools ------------------------------------------------------------------------------------
@@ -68,7 +74,7 @@ command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v python3 >/dev/null 2>&1 || die "python3 is required"
 
 have_gateway=""
-if want off || want on; then
+if want off || want on || want sink; then
   if [ "${BENCH_BUILD:-1}" = 1 ]; then
     log "cargo build --release --locked"
     cargo build --release --locked --quiet
@@ -243,6 +249,15 @@ nginx_conf proxy <<CONF
     }
   }
 CONF
+sink_port=$(free_port)
+nginx_conf sink <<CONF
+  client_max_body_size 64m;
+  client_body_buffer_size 16m;
+  server {
+    listen 127.0.0.1:$sink_port backlog=4096;
+    location / { default_type application/json; return 200 '{}'; }
+  }
+CONF
 for n in fake proxy; do
   nginx -t -q -e "$run/nginx-$n/error.log" -p "$run/nginx-$n" -c "$run/nginx-$n/nginx.conf" \
     || die "nginx rejected $run/nginx-$n/nginx.conf"
@@ -348,15 +363,17 @@ bench() {
       requests_sent=$((requests_sent + w))
     fi
     log "$label, $c connections, ${duration}s"
+    side0=0; [ -n "${side_pid:-}" ] && side0=$(cpu_seconds "$side_pid")
     cpu0=$(cpu_seconds "$@")
     BENCH_MODEL=$model run_fg "$run/wrk-$row-$c.txt" timeout $((duration + wrk_timeout + 30)) \
       wrk -t"$threads" -c"$c" -d"${duration}s" --timeout "${wrk_timeout}s" --latency -s "$run/chat.lua" "$url" \
       || log "warning: wrk exited with $? ($run/wrk-$row-$c.txt)"
     cpu1=$(cpu_seconds "$@")
+    side1=0; [ -n "${side_pid:-}" ] && side1=$(cpu_seconds "$side_pid")
     out=$(parse_wrk "$run/wrk-$row-$c.txt")
     requests_sent=$((requests_sent + $(jget requests <<<"$out")))
-    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(row=sys.argv[2], label=sys.argv[3], conc=int(sys.argv[4]), cpu_s=float(sys.argv[6])-float(sys.argv[5])); print(json.dumps(r))' \
-      "$out" "$row" "$label" "$c" "$cpu0" "$cpu1" >>"$results"
+    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(row=sys.argv[2], label=sys.argv[3], conc=int(sys.argv[4]), cpu_s=float(sys.argv[6])-float(sys.argv[5]), side_cpu_s=float(sys.argv[8])-float(sys.argv[7])); print(json.dumps(r))' \
+      "$out" "$row" "$label" "$c" "$cpu0" "$cpu1" "$side0" "$side1" >>"$results"
     "${between_runs:-true}"
   done
 }
@@ -448,20 +465,52 @@ if want on; then
     traces_pid=$(mlflow_env mlflow-traces MLFLOW_PID)
     traces_cpu0=$(cpu_seconds "$traces_pid")
     between_runs=gw_drain
+    side_pid=$traces_pid # MLflow's CPU during each measured run, reported beside it
     run_gateway on "this gateway, tracing on" true MLFLOW_TRACKING_URI="$traces_uri" MLFLOW_EXPERIMENT_ID="$gw_exp"
     between_runs=true
+    side_pid=""
     if curl -fsS -o /dev/null "http://127.0.0.1:$gw_port/metrics"; then
       m() { gw_metric "$gw_port" "$1"; }
       trace_note on "$(trace_stats mlflow-traces "$gw_exp")" "$(printf \
-        '{"answered":%s,"wrk_completed":%s,"exported":%s,"spans_exported":%s,"dropped":%s,"failed":%s,"experiment":"%s","receiver_cpu_s":%s}' \
+        '{"answered":%s,"wrk_completed":%s,"exported":%s,"spans_exported":%s,"dropped":%s,"dropped_traces":%s,"failed":%s,"experiment":"%s","receiver_cpu_s":%s}' \
         "$(m mlflow_gateway_requests_total)" "$requests_sent" "$(m mlflow_gateway_traces_exported_total)" \
         "$(m mlflow_gateway_spans_exported_total)" "$(m mlflow_gateway_spans_dropped_total)" \
-        "$(m mlflow_gateway_spans_export_failed_total)" "$gw_exp" \
+        "$(m mlflow_gateway_traces_dropped_total)" "$(m mlflow_gateway_spans_export_failed_total)" "$gw_exp" \
         "$(python3 -c 'import sys; print(float(sys.argv[2]) - float(sys.argv[1]))' "$traces_cpu0" "$(cpu_seconds "$traces_pid")")")"
     fi
     stop_pid "$gw_pid"
     hack/mlflow.sh stop "$run/mlflow-traces" >/dev/null 2>&1 || true # free its CPU for the next row
   else skip on "this gateway, tracing on" "no gateway subcommand in $bin"; fi
+fi
+
+if want sink; then
+  if [ -n "$have_gateway" ]; then
+    nginx -t -q -e "$run/nginx-sink/error.log" -p "$run/nginx-sink" -c "$run/nginx-sink/nginx.conf" \
+      || die "nginx rejected $run/nginx-sink/nginx.conf"
+    start_bg nginx-sink nginx -e "$run/nginx-sink/error.log" -p "$run/nginx-sink" -c "$run/nginx-sink/nginx.conf"
+    sink_pid=$last_pid
+    sink_cpu0=$(cpu_seconds "$sink_pid")
+    side_pid=$sink_pid
+    sink_drain() { # bounded: until the export queue is empty
+      local deadline=$((SECONDS + 30))
+      until [ "$(gw_metric "$gw_port" mlflow_gateway_trace_export_queue_spans)" = 0 ] || [ $SECONDS -ge $deadline ]; do sleep 0.5; done
+    }
+    between_runs=sink_drain
+    run_gateway sink "this gateway, tracing on, sink" true MLFLOW_TRACKING_URI="http://127.0.0.1:$sink_port" MLFLOW_EXPERIMENT_ID=1
+    between_runs=true
+    side_pid=""
+    if curl -fsS -o /dev/null "http://127.0.0.1:$gw_port/metrics"; then
+      m() { gw_metric "$gw_port" "$1"; }
+      trace_note sink "$(printf \
+        '{"answered":%s,"wrk_completed":%s,"exported":%s,"spans_exported":%s,"dropped":%s,"dropped_traces":%s,"failed":%s,"receiver_cpu_s":%s}' \
+        "$(m mlflow_gateway_requests_total)" "$requests_sent" "$(m mlflow_gateway_traces_exported_total)" \
+        "$(m mlflow_gateway_spans_exported_total)" "$(m mlflow_gateway_spans_dropped_total)" \
+        "$(m mlflow_gateway_traces_dropped_total)" "$(m mlflow_gateway_spans_export_failed_total)" \
+        "$(python3 -c 'import sys; print(float(sys.argv[2]) - float(sys.argv[1]))' "$sink_cpu0" "$(cpu_seconds "$sink_pid")")")"
+    fi
+    stop_pid "$gw_pid"
+    stop_pid "$sink_pid"
+  else skip sink "this gateway, tracing on, sink" "no gateway subcommand in $bin"; fi
 fi
 
 # --- MLflow's own AI gateway ------------------------------------------------------------------
@@ -553,18 +602,28 @@ for c in concs:
         p99 = f"{r['p99']:.3f}" if "p99" in r else "-"
         print(f"{r['label']:<30} {c:>4} {r['rps']:>9.0f} {p50:>8} {p99:>8} {errs:>7} {cpu:>10}  {added}")
     print()
+side = [r for r in rows if r.get("side_cpu_s") and r.get("requests")]
+if side:
+    print("trace receiver's CPU during the measured runs (on the same cores as everything above):")
+    for r in side:
+        who = "MLflow" if r["row"] == "on" else "the sink (nginx)"
+        print(f"  {r['label']}, conc {r['conc']}: {who} used {r['side_cpu_s']:.1f} CPU s in {duration} s"
+              f" ({r['side_cpu_s'] / (float(duration) * int(ncpu)) * 100:.0f}% of {ncpu} cores), the gateway {r['cpu_s']:.1f} CPU s")
+    print()
 def rps(row, c):
     r = by.get((row, c))
     return r["rps"] if r and "skipped" not in r and r.get("rps") else None
 def verdict(ok):
     return "met" if ok else "MISSED"
 # Share of this gateway's requests (tracing on, all runs) whose trace reached MLflow complete.
-on_share = None
-if traces.get("on", {}).get("answered"):
-    on_share = traces["on"]["exported"] / traces["on"]["answered"] * 100
+def share(row):
+    t = traces.get(row, {})
+    return t["exported"] / t["answered"] * 100 if t.get("answered") else None
+on_share, sink_share = share("on"), share("sink")
 lines = []
 for c in concs:
     on, off, ml, ng = rps("on", c), rps("off", c), rps("mlflow", c), rps("nginx", c)
+    sk = rps("sink", c)
     parts = []
     if on and ml:
         parts.append(f"this gateway (tracing on) / MLflow gateway = {on / ml:.1f}x (target >= 10x: {verdict(on / ml >= 10)})")
@@ -572,10 +631,18 @@ for c in concs:
         cost = (off - on) / off * 100
         share = f"; {on_share:.1f}% of its traces were exported" if on_share is not None else ""
         parts.append(f"tracing cost = {cost:.1f}% (target < 10%: {verdict(cost < 10)}{share})")
+    if sk and off:
+        cost = (off - sk) / off * 100
+        exp = f"; {sink_share:.1f}% of its traces were exported" if sink_share is not None else ""
+        parts.append(f"tracing cost, sink instead of MLflow = {cost:.1f}% (target < 10%: {verdict(cost < 10)}{exp})")
     if on and ng:
         parts.append(f"vs nginx proxy = {on / ng * 100:.0f}% (target >= 50%: {verdict(on / ng >= 0.5)})")
+    if sk and ng:
+        parts.append(f"vs nginx proxy, sink = {sk / ng * 100:.0f}%")
+    if off and ng:
+        parts.append(f"vs nginx proxy, tracing off = {off / ng * 100:.0f}%")
     d = direct.get(c)
-    for row in ("off", "on"):
+    for row in ("off", "on", "sink"):
         r = by.get((row, c))
         if c == 32 and r and d and "p99" in r and "p99" in d:
             a = r["p99"] - d["p99"]
@@ -591,11 +658,16 @@ t = traces.get("on")
 if t:
     print(f"  this gateway, tracing on: {t['answered']} requests answered (its requests counter; wrk completed {t['wrk_completed']}"
           f" incl. warm-ups); exported {t['exported']} traces ({on_share:.1f}% of them; root span and trace info stored),"
-          f" {t['spans_exported']} spans; dropped {t['dropped']} spans (export queue full); failed {t['failed']} spans"
-          f" (MLflow did not accept)")
+          f" {t['spans_exported']} spans; dropped {t.get('dropped_traces', 0)} traces whole at their start and"
+          f" {t['dropped']} spans in all (export queue full); failed {t['failed']} spans (MLflow did not accept)")
     print(f"    MLflow (experiment {t['experiment']}) holds {t['stored']} traces ({t['rooted']} with their root span),"
           f" {t['spans_stored']} spans; that server (--workers 2) used {t['receiver_cpu_s']:.1f} CPU s meanwhile,"
           f" on the same cores")
+t = traces.get("sink")
+if t:
+    print(f"  this gateway, tracing on, sink: {t['answered']} requests answered; exported {t['exported']} traces"
+          f" ({sink_share:.1f}%), {t['spans_exported']} spans; dropped {t['dropped_traces']} traces whole, {t['dropped']} spans"
+          f" in all; failed {t['failed']} spans; the sink (nginx) used {t['receiver_cpu_s']:.1f} CPU s meanwhile")
 t = traces.get("mlflow")
 if t:
     print(f"  MLflow gateway: {t['answered']} requests answered (200s in its access log; wrk completed {t['wrk_completed']}"

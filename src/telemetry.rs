@@ -17,7 +17,10 @@
 //!
 //! # Pipeline
 //!
-//! Spans are OpenTelemetry SDK spans. When one ends, [`GateProcessor`] admits it only while fewer
+//! A trace started while the queue is full is dropped whole at its start: no span is built and
+//! nothing is serialized for it; it keeps a trace id, and it and its spans are counted as dropped
+//! (`dropped_traces`, `dropped_spans`). Otherwise spans are OpenTelemetry SDK spans. When one
+//! ends, [`GateProcessor`] admits it only while fewer
 //! than `max_queue_spans` spans are in flight (ended, not yet exported or failed), else it drops
 //! and counts it; admitted spans go to the SDK's tokio `BatchSpanProcessor`
 //! (`span_processor_with_async_runtime`), whose queue is larger than the gate so that it never
@@ -26,6 +29,10 @@
 //! rustls, the tracking server's CA bundle, `x-mlflow-experiment-id`, and the credentials, which
 //! live only there, as sensitive header values). `CountingExporter` counts exported and failed
 //! spans and releases the gate, also when the batch processor abandons an export at its timeout.
+//!
+//! The batch processor's task, its OTLP requests and the trace-info requests run on a
+//! current-thread tokio runtime on a thread of its own ([`ExportThread`]): encoding and sending
+//! a batch never holds up a runtime thread that serves requests.
 //!
 //! Why the async-runtime batch processor: the default (thread-based) one drives the exporter's
 //! future with `futures_executor::block_on` on its own OS thread, where reqwest's async client
@@ -72,7 +79,6 @@ use opentelemetry_sdk::trace::{
     SpanProcessor,
 };
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
-use serde_json::json;
 use url::Url;
 
 use crate::mlflow::{Auth, ConfigError, MlflowConfig};
@@ -194,8 +200,12 @@ pub struct ExportStats {
     pub queued: u64,
     /// Spans the tracking server accepted.
     pub exported_spans: u64,
-    /// Spans dropped because `max_queue_spans` were in flight (or telemetry was shut down).
+    /// Spans dropped because `max_queue_spans` were in flight (or telemetry was shut down),
+    /// including the spans of traces dropped whole at their start (never built).
     pub dropped_spans: u64,
+    /// Traces dropped whole at their start because the export queue was full: none of their
+    /// spans was built (no request or response was serialized for them).
+    pub dropped_traces: u64,
     /// Spans in OTLP requests that failed or timed out.
     pub failed_spans: u64,
     /// Traces whose root span was accepted and whose trace info (metadata) was stored.
@@ -316,10 +326,22 @@ impl Telemetry {
         inputs: &serde_json::Value,
     ) -> Invocation {
         let Some(inner) = &self.inner else {
-            return Invocation { inner: None };
+            return Invocation::disabled();
         };
         if inner.closed.load(Ordering::Relaxed) {
-            return Invocation { inner: None };
+            return Invocation::disabled();
+        }
+        if inner.counters.queue_full() {
+            // Shed before any work: a trace that would be dropped at the gate is not built at
+            // all. Its spans (the root now, each attempt as it starts) are counted as dropped.
+            inner.counters.drop_trace();
+            return Invocation {
+                inner: None,
+                shed: Some(Shed {
+                    counters: Arc::clone(&inner.counters),
+                    trace_id: TraceId::from_bytes(fastrand::u128(1..).to_be_bytes()),
+                }),
+            };
         }
         let mut attributes = Vec::with_capacity(10);
         attributes.push(KeyValue::new(ATTR_SPAN_TYPE, "UNKNOWN"));
@@ -370,6 +392,7 @@ impl Telemetry {
                 trace_id,
                 telemetry: Arc::clone(inner),
             })),
+            shed: None,
         }
     }
 
@@ -424,6 +447,11 @@ impl Telemetry {
             settings.max_queue_spans,
             settings.max_queue_bytes,
         ));
+        // Everything of the export pipeline (the batch processor's task, its OTLP requests and
+        // the trace-info requests, with their connections) runs on a thread of its own, so that
+        // encoding and sending a batch never holds up a runtime thread that serves requests.
+        let export_thread = ExportThread::start();
+        let _in_export_runtime = export_thread.as_ref().map(|t| t.handle.enter());
         let (info_tx, info_rx) = tokio::sync::mpsc::channel(settings.max_queue_spans.max(16));
         tokio::spawn(trace_info_worker(info_rx, poster, Arc::clone(&counters)));
         let exporter = CountingExporter {
@@ -450,6 +478,7 @@ impl Telemetry {
             bsp: Arc::clone(&bsp),
             counters: Arc::clone(&counters),
             closed: Arc::clone(&closed),
+            export_thread: std::sync::Mutex::new(export_thread),
         };
         let provider = SdkTracerProvider::builder()
             .with_resource(Resource::builder_empty().build())
@@ -480,7 +509,21 @@ impl Telemetry {
 /// [`Invocation::finish`] ends the root span with the error "aborted" (the client went away).
 pub struct Invocation {
     inner: Option<Box<InvocationInner>>,
+    /// Set when the trace was dropped at its start (the export queue was full).
+    shed: Option<Shed>,
 }
+
+/// A trace dropped at its start: it keeps its id (the response header names it, as it names a
+/// trace whose spans are dropped at the gate) and counts its attempts as dropped spans.
+struct Shed {
+    counters: Arc<Counters>,
+    trace_id: TraceId,
+}
+
+/// A response as the `mlflow.spanOutputs` of a trace's spans: serialized once (only when the
+/// invocation is traced) and shared by the attempt and the root that carry it.
+#[derive(Clone, Debug, Default)]
+pub struct Outputs(Option<StringValue>);
 
 struct InvocationInner {
     span: opentelemetry_sdk::trace::Span,
@@ -501,12 +544,42 @@ impl fmt::Debug for Invocation {
 impl Invocation {
     /// A no-op invocation, as a disabled [`Telemetry`] gives.
     pub fn disabled() -> Self {
-        Invocation { inner: None }
+        Invocation {
+            inner: None,
+            shed: None,
+        }
     }
 
     /// `tr-<32 hex>`, the MLflow trace id; None when telemetry is disabled.
     pub fn trace_id(&self) -> Option<String> {
-        self.inner.as_ref().map(|i| mlflow_trace_id(i.trace_id))
+        match (&self.inner, &self.shed) {
+            (Some(i), _) => Some(mlflow_trace_id(i.trace_id)),
+            (None, Some(shed)) => Some(mlflow_trace_id(shed.trace_id)),
+            (None, None) => None,
+        }
+    }
+
+    /// Whether this invocation's spans are being built (telemetry on, the trace not dropped).
+    pub fn is_traced(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// `value` (a response) serialized for the spans' outputs, once; empty when not traced.
+    pub fn outputs(&self, value: &serde_json::Value) -> Outputs {
+        self.outputs_of(value, None)
+    }
+
+    /// [`Invocation::outputs`] of a response whose JSON text is at hand (`json`, the text
+    /// `value` was parsed from, as the provider sent it): that text is kept, not serialized again.
+    pub fn outputs_of(&self, value: &serde_json::Value, json: Option<&str>) -> Outputs {
+        let Some(inv) = &self.inner else {
+            return Outputs(None);
+        };
+        let text = match json {
+            Some(json) if inv.telemetry.capture_content => cut_content(Cow::Borrowed(json)),
+            _ => content_attribute(value, inv.telemetry.capture_content),
+        };
+        Outputs(Some(StringValue::from(Arc::<str>::from(text))))
     }
 
     /// Starts one provider attempt, `provider/<provider>/<model>`. `method`: `chat`,
@@ -519,6 +592,9 @@ impl Invocation {
         streaming: bool,
     ) -> Attempt {
         let Some(inv) = &self.inner else {
+            if let Some(shed) = &self.shed {
+                shed.counters.drop_spans(1);
+            }
             return Attempt { inner: None };
         };
         let name = if model.is_empty() {
@@ -552,16 +628,20 @@ impl Invocation {
 
     /// Ends the root span: `outputs` = the response (if any); `error` = Some(message) when the
     /// invocation failed (root status ERROR with an "exception" event).
-    pub fn finish(mut self, outputs: Option<&serde_json::Value>, error: Option<&str>) {
+    pub fn finish(self, outputs: Option<&serde_json::Value>, error: Option<&str>) {
+        let outputs = outputs.map(|v| self.outputs(v));
+        self.finish_with(outputs.as_ref(), error);
+    }
+
+    /// [`Invocation::finish`] with outputs serialized by [`Invocation::outputs`].
+    pub fn finish_with(mut self, outputs: Option<&Outputs>, error: Option<&str>) {
         let Some(mut inv) = self.inner.take() else {
             return;
         };
         let capture = inv.telemetry.capture_content;
-        if let Some(outputs) = outputs {
-            inv.span.set_attribute(KeyValue::new(
-                ATTR_OUTPUTS,
-                content_attribute(outputs, capture),
-            ));
+        if let Some(Outputs(Some(outputs))) = outputs {
+            inv.span
+                .set_attribute(KeyValue::new(ATTR_OUTPUTS, outputs.clone()));
         }
         match error {
             None => inv.span.set_status(Status::Ok),
@@ -576,6 +656,10 @@ impl Invocation {
 
 impl Drop for Invocation {
     fn drop(&mut self) {
+        if let Some(shed) = self.shed.take() {
+            // The root span, dropped whether the invocation finished or was abandoned.
+            shed.counters.drop_spans(1);
+        }
         if let Some(mut inv) = self.inner.take() {
             record_error(
                 &mut inv.span,
@@ -613,7 +697,19 @@ impl Attempt {
 
     /// The provider answered: `usage` from its answer (or the stream's final chunk), `outputs`
     /// its answer (kept only with `capture_content`; MLflow's provider spans carry none).
-    pub fn succeed(mut self, usage: Option<TokenUsage>, outputs: Option<&serde_json::Value>) {
+    pub fn succeed(self, usage: Option<TokenUsage>, outputs: Option<&serde_json::Value>) {
+        let outputs = match (&self.inner, outputs) {
+            (Some(attempt), Some(v)) if attempt.capture_content => Some(Outputs(Some(
+                StringValue::from(Arc::<str>::from(content_attribute(v, true))),
+            ))),
+            _ => None,
+        };
+        self.succeed_with(usage, outputs.as_ref());
+    }
+
+    /// [`Attempt::succeed`] with outputs serialized by [`Invocation::outputs`] (the same text
+    /// the root gets; kept only with `capture_content`).
+    pub fn succeed_with(mut self, usage: Option<TokenUsage>, outputs: Option<&Outputs>) {
         let Some(mut attempt) = self.inner.take() else {
             return;
         };
@@ -623,12 +719,11 @@ impl Attempt {
                 .set_attribute(KeyValue::new(ATTR_TOKEN_USAGE, usage.to_json()));
         }
         if attempt.capture_content
-            && let Some(outputs) = outputs
+            && let Some(Outputs(Some(outputs))) = outputs
         {
-            attempt.span.set_attribute(KeyValue::new(
-                ATTR_OUTPUTS,
-                content_attribute(outputs, true),
-            ));
+            attempt
+                .span
+                .set_attribute(KeyValue::new(ATTR_OUTPUTS, outputs.clone()));
         }
         attempt.span.set_status(Status::Ok);
         attempt.span.end();
@@ -776,17 +871,21 @@ const SUMMARY_ARRAYS: [&str; 8] = [
 /// or without `capture`, a summary that holds no text of it.
 fn content_attribute(value: &serde_json::Value, capture: bool) -> String {
     if capture {
-        let json = serde_json::to_string(value).unwrap_or_default();
-        if json.len() <= MAX_CONTENT_BYTES {
-            return json;
-        }
-        let mut end = MAX_CONTENT_BYTES;
-        while !json.is_char_boundary(end) {
-            end -= 1;
-        }
-        return format!("{}…[truncated: {} bytes in all]", &json[..end], json.len());
+        return cut_content(Cow::Owned(serde_json::to_string(value).unwrap_or_default()));
     }
     content_summary(value)
+}
+
+/// JSON text as a span attribute: cut at [`MAX_CONTENT_BYTES`].
+fn cut_content(json: Cow<'_, str>) -> String {
+    if json.len() <= MAX_CONTENT_BYTES {
+        return json.into_owned();
+    }
+    let mut end = MAX_CONTENT_BYTES;
+    while !json.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[truncated: {} bytes in all]", &json[..end], json.len())
 }
 
 fn content_summary(value: &serde_json::Value) -> String {
@@ -954,6 +1053,7 @@ struct Counters {
     in_flight_bytes: AtomicUsize,
     exported_spans: AtomicU64,
     dropped_spans: AtomicU64,
+    dropped_traces: AtomicU64,
     failed_spans: AtomicU64,
     exported_traces: AtomicU64,
     failed_traces: AtomicU64,
@@ -975,6 +1075,7 @@ impl Counters {
             in_flight_bytes: AtomicUsize::new(0),
             exported_spans: AtomicU64::new(0),
             dropped_spans: AtomicU64::new(0),
+            dropped_traces: AtomicU64::new(0),
             failed_spans: AtomicU64::new(0),
             exported_traces: AtomicU64::new(0),
             failed_traces: AtomicU64::new(0),
@@ -991,6 +1092,7 @@ impl Counters {
             queued: self.in_flight.load(Ordering::Relaxed) as u64,
             exported_spans: self.exported_spans.load(Ordering::Relaxed),
             dropped_spans: self.dropped_spans.load(Ordering::Relaxed),
+            dropped_traces: self.dropped_traces.load(Ordering::Relaxed),
             failed_spans: self.failed_spans.load(Ordering::Relaxed),
             exported_traces: self.exported_traces.load(Ordering::Relaxed),
             failed_traces: self.failed_traces.load(Ordering::Relaxed),
@@ -1010,18 +1112,35 @@ impl Counters {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.in_flight_bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.drop_spans(1);
-        if !self.dropping.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                max_queue_spans = self.max_in_flight,
-                max_queue_bytes = self.max_bytes,
-                "trace export queue full: dropping spans (is the MLflow tracking server slow or down?)"
-            );
-        }
+        self.warn_dropping();
         false
     }
 
     fn drop_spans(&self, n: u64) {
         self.dropped_spans.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Whether a span would be dropped now (no place left, by count or bytes): a trace started
+    /// now is dropped whole, before anything is built for it.
+    fn queue_full(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) >= self.max_in_flight
+            || self.in_flight_bytes.load(Ordering::Relaxed) >= self.max_bytes
+    }
+
+    /// Counts a trace dropped at its start (its spans are counted as they would have ended).
+    fn drop_trace(&self) {
+        self.dropped_traces.fetch_add(1, Ordering::Relaxed);
+        self.warn_dropping();
+    }
+
+    fn warn_dropping(&self) {
+        if !self.dropping.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                max_queue_spans = self.max_in_flight,
+                max_queue_bytes = self.max_bytes,
+                "trace export queue full: dropping traces (is the MLflow tracking server slow or down?)"
+            );
+        }
     }
 
     /// Frees the places of `n` spans (of `bytes` in all) that were exported or failed.
@@ -1090,6 +1209,50 @@ struct GateProcessor {
     bsp: Arc<BatchSpanProcessor<Tokio>>,
     counters: Arc<Counters>,
     closed: Arc<AtomicBool>,
+    /// Ended (dropped) once the batch processor has shut down.
+    export_thread: std::sync::Mutex<Option<ExportThread>>,
+}
+
+/// The export pipeline's thread: a current-thread tokio runtime that runs until this is dropped.
+#[derive(Debug)]
+struct ExportThread {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ExportThread {
+    /// None (the export then runs on the caller's runtime) if the thread cannot be started.
+    fn start() -> Option<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        let runtime = match runtime {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::warn!(error = %e, "no runtime for trace export: it shares the gateway's");
+                return None;
+            }
+        };
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let started = std::thread::Builder::new()
+            .name("trace-export".to_string())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            });
+        match started {
+            Ok(_) => Some(ExportThread {
+                handle,
+                _stop: stop,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread for trace export: it shares the gateway's");
+                None
+            }
+        }
+    }
 }
 
 impl fmt::Debug for Counters {
@@ -1120,14 +1283,21 @@ impl SpanProcessor for GateProcessor {
     /// runtime thread): never blocks. After `Telemetry::shutdown` it has nothing left to do;
     /// otherwise the batch processor is stopped on a detached thread (a best-effort flush).
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        let export_thread = self
+            .export_thread
+            .lock()
+            .map(|mut t| t.take())
+            .unwrap_or_default();
         if !self.closed.swap(true, Ordering::SeqCst) {
             let bsp = Arc::clone(&self.bsp);
             let _ = std::thread::Builder::new()
                 .name("telemetry-shutdown".to_string())
                 .spawn(move || {
                     let _ = bsp.shutdown();
+                    drop(export_thread);
                 });
         }
+        // Else `Telemetry::shutdown` stopped the batch processor already: the thread ends here.
         Ok(())
     }
 }
@@ -1420,35 +1590,48 @@ struct TraceInfoPoster {
 }
 
 impl TraceInfoPoster {
-    /// The StartTraceV3 body: the trace's info with the gateway metadata.
-    fn body(&self, job: &TraceInfoJob) -> serde_json::Value {
-        let mut metadata = serde_json::Map::new();
-        metadata.insert(META_ENDPOINT_ID.into(), self.endpoint_id.clone().into());
-        metadata.insert(META_SCHEMA_VERSION.into(), "3".into());
+    /// The StartTraceV3 body: the trace's info with the gateway metadata. Written directly (one
+    /// per exported trace: no `serde_json::Value` tree to build and drop).
+    fn body(&self, job: &TraceInfoJob) -> String {
+        use std::fmt::Write as _;
+        // Escaping a string into JSON cannot fail.
+        let str_json = |out: &mut String, s: &str| {
+            out.push_str(&serde_json::to_string(s).unwrap_or_default());
+        };
+        let duration = job.end.duration_since(job.start).unwrap_or_default();
+        let mut out = String::with_capacity(512);
+        let _ = write!(
+            out,
+            r#"{{"trace":{{"trace_info":{{"trace_id":"{}","trace_location":{{"type":"MLFLOW_EXPERIMENT","mlflow_experiment":{{"experiment_id":"#,
+            mlflow_trace_id(job.trace_id)
+        );
+        str_json(&mut out, &self.experiment_id);
+        let _ = write!(
+            out,
+            r#"}}}},"request_time":"{}","execution_duration":"{}","state":"{}","trace_metadata":{{"{META_ENDPOINT_ID}":"#,
+            rfc3339(job.start),
+            proto_duration(duration),
+            if job.error { "ERROR" } else { "OK" },
+        );
+        str_json(&mut out, &self.endpoint_id);
+        let _ = write!(out, r#","{META_SCHEMA_VERSION}":"3""#);
         if let Some(request_type) = &job.request_type {
-            metadata.insert(META_REQUEST_TYPE.into(), request_type.clone().into());
+            let _ = write!(out, r#","{META_REQUEST_TYPE}":"#);
+            str_json(&mut out, request_type);
         }
         if let Some(caller) = &job.caller {
-            metadata.insert(META_CALLER.into(), caller.clone().into());
+            let _ = write!(out, r#","{META_CALLER}":"#);
+            str_json(&mut out, caller);
         }
-        let duration = job.end.duration_since(job.start).unwrap_or_default();
-        json!({"trace": {"trace_info": {
-            "trace_id": mlflow_trace_id(job.trace_id),
-            "trace_location": {
-                "type": "MLFLOW_EXPERIMENT",
-                "mlflow_experiment": {"experiment_id": self.experiment_id},
-            },
-            "request_time": rfc3339(job.start),
-            "execution_duration": proto_duration(duration),
-            "state": if job.error { "ERROR" } else { "OK" },
-            "trace_metadata": metadata,
-            "tags": {TAG_TRACE_NAME: self.trace_name},
-        }}})
+        let _ = write!(out, r#"}},"tags":{{"{TAG_TRACE_NAME}":"#);
+        str_json(&mut out, &self.trace_name);
+        out.push_str("}}}}");
+        out
     }
 
     /// Posts the trace info, retrying transient failures; Err(reason) when it was not stored.
     async fn post(&self, job: &TraceInfoJob) -> Result<(), String> {
-        let body = self.body(job).to_string();
+        let body = Bytes::from(self.body(job));
         let mut delay = Duration::from_millis(250);
         let mut attempt = 1;
         loop {
@@ -1540,6 +1723,7 @@ async fn trace_info_worker(
 mod tests {
     use super::*;
     use opentelemetry::Value as OtelValue;
+    use serde_json::json;
     use std::sync::Mutex;
 
     #[test]
@@ -1961,6 +2145,55 @@ mod tests {
         );
     }
 
+    /// With the queue full, a trace is dropped whole at its start: nothing is built or
+    /// serialized for it, it keeps a trace id, and it and its spans are counted as dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_drops_traces_before_building_them() {
+        let recorder = Recorder::default();
+        *recorder.mode.lock().unwrap() = Mode::Hang;
+        let telemetry = Telemetry::build(settings(true, 2), recorder.clone(), None);
+        let response = json!({"choices": [{"message": {"content": "answer"}}]});
+        let first = telemetry.start_invocation("unified/chat", None, None, &json!({}));
+        assert!(first.is_traced());
+        let outputs = first.outputs(&response);
+        first
+            .start_attempt("openai", "m", "chat", false)
+            .succeed_with(None, Some(&outputs));
+        first.finish_with(Some(&outputs), None);
+        assert_eq!(telemetry.stats().queued, 2);
+        for _ in 0..10 {
+            let shed = telemetry.start_invocation("unified/chat", None, None, &json!({}));
+            assert!(!shed.is_traced());
+            assert!(shed.trace_id().is_some_and(|id| id.starts_with("tr-")));
+            assert!(
+                shed.outputs(&response).0.is_none(),
+                "serialized for nothing"
+            );
+            shed.start_attempt("openai", "m", "chat", false).fail(
+                "UpstreamError",
+                "429",
+                Some(429),
+            );
+            shed.start_attempt("openai", "m2", "chat", false)
+                .succeed(None, Some(&response));
+            shed.finish(Some(&response), None);
+        }
+        // One more, abandoned (the client went away): its root still counts.
+        drop(telemetry.start_invocation("unified/chat", None, None, &json!({})));
+        let s = telemetry.stats();
+        assert_eq!(
+            (s.dropped_traces, s.dropped_spans, s.queued),
+            (11, 31, 2),
+            "{s:?}"
+        );
+        let metrics = crate::gateway::metrics::GatewayMetrics::default().encode(s);
+        assert!(
+            metrics.contains("mlflow_gateway_traces_dropped_total 11"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("mlflow_gateway_spans_dropped_total 31"));
+    }
+
     /// The SDK shuts its provider down when the last clone goes; that must not block a runtime
     /// thread, even on a current-thread runtime where the export task cannot run meanwhile.
     #[tokio::test]
@@ -2034,7 +2267,7 @@ mod tests {
             request_type: Some("unified/chat".into()),
             caller: None,
         };
-        let body = poster.body(&job);
+        let body: serde_json::Value = serde_json::from_str(&poster.body(&job)).unwrap();
         let info = &body["trace"]["trace_info"];
         assert_eq!(info["trace_id"], "tr-4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(info["state"], "ERROR");
@@ -2042,6 +2275,18 @@ mod tests {
         assert_eq!(info["trace_metadata"][META_ENDPOINT_ID], "uid-1");
         assert_eq!(info["trace_metadata"][META_REQUEST_TYPE], "unified/chat");
         assert!(info["trace_metadata"].get(META_CALLER).is_none());
+        assert_eq!(info["trace_metadata"][META_SCHEMA_VERSION], "3");
+        assert_eq!(info["request_time"], "1970-01-01T00:00:01.000000000Z");
+        let quoted = TraceInfoJob {
+            caller: Some("a \"quoted\" caller\\".into()),
+            error: false,
+            ..job
+        };
+        let body: serde_json::Value = serde_json::from_str(&poster.body(&quoted)).unwrap();
+        let info = &body["trace"]["trace_info"];
+        assert_eq!(info["trace_metadata"][META_CALLER], "a \"quoted\" caller\\");
+        assert_eq!(info["state"], "OK");
+        assert_eq!(info.as_object().unwrap().len(), 7);
         assert_eq!(info["tags"][TAG_TRACE_NAME], "gateway/chat");
         assert_eq!(
             info["trace_location"]["mlflow_experiment"]["experiment_id"],

@@ -686,6 +686,7 @@ async fn tiny_queue_drops_and_counts() {
             queued: 0,
             exported_spans: 0,
             dropped_spans: stats.dropped_spans,
+            dropped_traces: stats.dropped_traces,
             failed_spans: 2 * N - stats.dropped_spans,
             exported_traces: 0,
             failed_traces: 0,

@@ -203,15 +203,18 @@ async fn execute(g: &Shared, call: Call, headers: &HeaderMap, body: Value, mode:
         order.retain(|u| u.provider == Provider::Anthropic);
     }
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    let invocation = g.telemetry.start_invocation(
-        call.request_type,
-        crate::telemetry::caller_from_headers(headers).as_deref(),
-        traceparent,
-        &body,
-    );
+    let caller = if g.telemetry.is_enabled() {
+        crate::telemetry::caller_from_headers(headers)
+    } else {
+        None
+    };
+    let invocation =
+        g.telemetry
+            .start_invocation(call.request_type, caller.as_deref(), traceparent, &body);
     let trace_id = invocation.trace_id();
     let wants_usage = body
-        .pointer("/stream_options/include_usage")
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
 
@@ -278,15 +281,29 @@ async fn execute(g: &Shared, call: Call, headers: &HeaderMap, body: Value, mode:
         let outcome = unary(g, up, call.op, &body, request, mode).await;
         upstream_time += t0.elapsed();
         match outcome {
-            Ok(response) => {
+            Ok(Answer { response, verbatim }) => {
                 let usage = usage_of(&response);
                 if let Some(u) = usage {
                     g.metrics.tokens(u.input_tokens, u.output_tokens);
                 }
-                attempt.succeed(usage.map(token_usage), Some(&response));
-                invocation.finish(Some(&response), None);
+                // Serialized once for both spans (or the provider's text kept), and only when
+                // the trace is built.
+                let text = verbatim.as_ref().and_then(|b| std::str::from_utf8(b).ok());
+                let outputs = invocation.outputs_of(&response, text);
+                attempt.succeed_with(usage.map(token_usage), Some(&outputs));
+                invocation.finish_with(Some(&outputs), None);
                 record(g, call.route, StatusCode::OK, Some(started));
-                let mut resp = axum::Json(response).into_response();
+                let mut resp = match verbatim {
+                    Some(bytes) => (
+                        [(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        )],
+                        bytes,
+                    )
+                        .into_response(),
+                    None => axum::Json(response).into_response(),
+                };
                 timing_headers(
                     resp.headers_mut(),
                     started,
@@ -406,6 +423,14 @@ fn timeout_failure(after: Duration) -> Failure {
     }
 }
 
+/// A provider's successful answer, in the OpenAI shape (or Anthropic's, passed through).
+struct Answer {
+    response: Value,
+    /// The provider's bytes, when they are the answer as is (no conversion): sent to the
+    /// client unchanged rather than serialized again.
+    verbatim: Option<Bytes>,
+}
+
 /// One non-streamed attempt, within the attempt timeout.
 async fn unary(
     g: &Gateway,
@@ -414,7 +439,7 @@ async fn unary(
     body: &Value,
     request: reqwest::RequestBuilder,
     mode: Mode,
-) -> Result<Value, Failure> {
+) -> Result<Answer, Failure> {
     let call = async {
         let resp = request.send().await.map_err(|e| transport_failure(&e))?;
         let status =
@@ -428,18 +453,30 @@ async fn unary(
     if !status.is_success() {
         return Err(classify_status(up, status, &bytes));
     }
-    let parsed = match mode {
+    let (parsed, verbatim) = match mode {
         // The client's request tells how to encode embeddings (float or base64).
-        Mode::Unified => up.parse_response_for(op, Some(body), &bytes),
-        Mode::AnthropicPassthrough => serde_json::from_slice(&bytes)
-            .map_err(|e| ProviderError::BadUpstreamResponse(format!("not JSON: {e}"))),
+        Mode::Unified => (
+            up.parse_response_for(op, Some(body), &bytes),
+            up.answers_verbatim(op),
+        ),
+        Mode::AnthropicPassthrough => (
+            serde_json::from_slice(&bytes)
+                .map_err(|e| ProviderError::BadUpstreamResponse(format!("not JSON: {e}"))),
+            true,
+        ),
     };
-    parsed.map_err(|e| Failure {
-        message: e.to_string(),
-        retryable: true,
-        status: None,
-        kind: "bad_response",
-    })
+    match parsed {
+        Ok(response) => Ok(Answer {
+            response,
+            verbatim: verbatim.then_some(bytes),
+        }),
+        Err(e) => Err(Failure {
+            message: e.to_string(),
+            retryable: true,
+            status: None,
+            kind: "bad_response",
+        }),
+    }
 }
 
 type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
@@ -568,12 +605,16 @@ impl Streaming {
         if let Some(u) = usage {
             self.g.metrics.tokens(u.input_tokens, u.output_tokens);
         }
-        let output = self.opened.converter.aggregated();
+        // The aggregated answer is only built, and serialized once, for a trace being built.
+        let outputs = match &self.invocation {
+            Some(i) if i.is_traced() => i.outputs(&self.opened.converter.aggregated()),
+            _ => Default::default(),
+        };
         if let Some(a) = self.attempt.take() {
-            a.succeed(usage.map(token_usage), Some(&output));
+            a.succeed_with(usage.map(token_usage), Some(&outputs));
         }
         if let Some(i) = self.invocation.take() {
-            i.finish(Some(&output), None);
+            i.finish_with(Some(&outputs), None);
         }
         self.done = true;
     }

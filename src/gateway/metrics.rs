@@ -40,6 +40,7 @@ pub struct GatewayMetrics {
     pub fallbacks: Counter,
     trace_queue: Gauge,
     traces_exported: Counter,
+    traces_dropped: Counter,
     spans_exported: Counter,
     spans_dropped: Counter,
     spans_failed: Counter,
@@ -58,6 +59,7 @@ impl Default for GatewayMetrics {
             fallbacks: Counter::default(),
             trace_queue: Gauge::default(),
             traces_exported: Counter::default(),
+            traces_dropped: Counter::default(),
             spans_exported: Counter::default(),
             spans_dropped: Counter::default(),
             spans_failed: Counter::default(),
@@ -100,6 +102,11 @@ impl Default for GatewayMetrics {
             m.traces_exported.clone(),
         );
         r.register(
+            "traces_dropped",
+            "Traces dropped whole at their start because the export queue was full (their spans count in spans_dropped)",
+            m.traces_dropped.clone(),
+        );
+        r.register(
             "spans_exported",
             "Spans exported to MLflow",
             m.spans_exported.clone(),
@@ -131,6 +138,7 @@ impl GatewayMetrics {
         self.trace_queue
             .set(i64::try_from(stats.queued).unwrap_or(i64::MAX));
         catch_up(&self.traces_exported, stats.exported_traces);
+        catch_up(&self.traces_dropped, stats.dropped_traces);
         catch_up(&self.spans_exported, stats.exported_spans);
         catch_up(&self.spans_dropped, stats.dropped_spans);
         catch_up(&self.spans_failed, stats.failed_spans);

@@ -322,6 +322,17 @@ impl Upstream {
         }
     }
 
+    /// Whether a successful (2xx) answer for `op` is already in the OpenAI shape, so that
+    /// [`Upstream::parse_response_for`] returns it as parsed and the client can be sent the
+    /// provider's bytes as they are (OpenAI-compatible providers and Azure, except completions
+    /// served through chat).
+    pub fn answers_verbatim(&self, op: Operation) -> bool {
+        match self.provider {
+            Provider::Anthropic | Provider::Gemini => false,
+            provider => op != Operation::Completions || !openai::completions_via_chat(provider),
+        }
+    }
+
     /// Stream conversion for `op` (Chat or Completions). `client_wants_usage`: whether the client
     /// sent `stream_options.include_usage: true`.
     pub fn stream_converter(&self, op: Operation, client_wants_usage: bool) -> StreamConverter {
@@ -458,10 +469,11 @@ pub(crate) fn last_path_segment(url: &Url) -> Option<&str> {
 /// event (`usage.input_tokens`/`output_tokens`, `message.usage` of `message_start`; cache tokens
 /// are added to the input as MLflow does), or from a Gemini-native response (`usageMetadata`).
 pub fn usage_of(v: &Value) -> Option<Usage> {
+    // `get` chains, not `pointer`: this runs on every answer, and a pointer is parsed each time.
     let u = [
         v.get("usage"),
-        v.pointer("/message/usage"),
-        v.pointer("/x_groq/usage"),
+        v.get("message").and_then(|m| m.get("usage")),
+        v.get("x_groq").and_then(|x| x.get("usage")),
     ]
     .into_iter()
     .flatten()

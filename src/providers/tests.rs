@@ -992,3 +992,43 @@ fn an_anthropic_stream_cut_short_still_reports_usage() {
     assert_eq!(tail[0]["usage"]["prompt_tokens"], 5);
     assert_eq!(conv.aggregated()["choices"][0]["message"]["content"], "Hel");
 }
+
+/// An answer sent to the client as the provider's bytes must be exactly what
+/// `parse_response_for` returns: checked on the golden response of every such provider.
+#[test]
+fn verbatim_answers_are_the_parsed_answers() {
+    let answer = serde_json::json!({
+        "id": "x", "object": "chat.completion", "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    });
+    let bytes = serde_json::to_vec(&answer).unwrap();
+    for provider in [
+        Provider::Openai,
+        Provider::Azure,
+        Provider::Mistral,
+        Provider::Groq,
+        Provider::Deepseek,
+        Provider::Xai,
+        Provider::Openrouter,
+        Provider::Togetherai,
+        Provider::Ollama,
+        Provider::Anthropic,
+        Provider::Gemini,
+    ] {
+        for op in [Operation::Chat, Operation::Completions] {
+            let up = upstream_for(provider, op);
+            if !up.answers_verbatim(op) {
+                continue;
+            }
+            let parsed = up.parse_response_for(op, None, &bytes).unwrap();
+            assert_eq!(parsed, answer, "{provider:?} {op:?}");
+        }
+    }
+    let verbatim = |p, op| upstream_for(p, op).answers_verbatim(op);
+    assert!(verbatim(Provider::Openai, Operation::Chat));
+    assert!(verbatim(Provider::Openai, Operation::Embeddings));
+    assert!(!verbatim(Provider::Mistral, Operation::Completions));
+    assert!(!verbatim(Provider::Anthropic, Operation::Chat));
+    assert!(!verbatim(Provider::Gemini, Operation::Chat));
+}
