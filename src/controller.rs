@@ -514,7 +514,11 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
     .await
     {
         Ok(g) => g,
-        Err(e) => return Err(fail_before_status(e, &events, ctx, ep).await),
+        Err(e) => {
+            // Events already decided (an experiment created, say) are still published.
+            publish_all(ctx, ep, &events).await;
+            return Err(e);
+        }
     };
     if let Some(conflict) = gateway.conflict.take() {
         failure.get_or_insert(conflict);
@@ -571,17 +575,6 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
         Some(e) => Err(e),
         None => Ok(Action::requeue(jitter(ctx.settings.resync, ep))),
     }
-}
-
-/// Events already decided are still published when the gateway part fails.
-async fn fail_before_status(
-    e: Error,
-    events: &[Event],
-    ctx: &Context,
-    ep: &GatewayEndpoint,
-) -> Error {
-    publish_all(ctx, ep, events).await;
-    e
 }
 
 async fn publish_all(ctx: &Context, ep: &GatewayEndpoint, events: &[Event]) {

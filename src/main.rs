@@ -211,7 +211,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             }
             req
         });
-    let elector = leader_elector(&args.leader, &config)?;
+    let elector = leader_elector(&args.leader, args.operator_namespace.as_deref(), &config)?;
     let client = kube::client::ClientBuilder::try_from(config)
         .context("Kubernetes client")?
         .with_layer(&count_writes)
@@ -264,6 +264,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
 /// their own, so `kube_writes_total` keeps counting only what the controller writes.
 fn leader_elector(
     args: &LeaderArgs,
+    operator_namespace: Option<&str>,
     kube_config: &kube::Config,
 ) -> anyhow::Result<Option<leader::Elector>> {
     if !args.leader_election {
@@ -274,7 +275,7 @@ fn leader_elector(
         namespace: args
             .leader_election_namespace
             .clone()
-            .or_else(|| env("POD_NAMESPACE"))
+            .or_else(|| operator_namespace.map(str::to_string))
             .unwrap_or_else(|| kube_config.default_namespace.clone()),
         name: args.leader_election_id.clone(),
         identity: env("POD_NAME").unwrap_or_else(leader::default_identity),

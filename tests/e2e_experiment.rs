@@ -3,12 +3,11 @@
 
 mod support;
 
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use mlflow_gateway_operator::api::GatewayEndpoint;
 use mlflow_gateway_operator::experiment::{self, Declared, EndpointIdentity};
 use mlflow_gateway_operator::mlflow::{Auth, MlflowClient, MlflowConfig, ViewType};
-use support::{Mlflow, Operator, cluster, eventually};
+use support::{Mlflow, Operator, apply, cluster, events, eventually, wait_condition};
 
 const QUICK: &[(&str, &str)] = &[("RESYNC_PERIOD_SECONDS", "2"), ("MAX_BACKOFF_SECONDS", "4")];
 
@@ -39,11 +38,6 @@ spec:
     )
 }
 
-fn apply(ns: &str, yaml: &str) {
-    let (ok, _, err) = cluster().kubectl_run(&["apply", "-n", ns, "-f", "-"], Some(yaml));
-    assert!(ok, "kubectl apply failed: {err}\n{yaml}");
-}
-
 async fn setup(prefix: &str) -> (kube::Client, String, Api<GatewayEndpoint>) {
     let client = cluster().client().await;
     let ns = support::namespace(&client, prefix).await;
@@ -52,40 +46,8 @@ async fn setup(prefix: &str) -> (kube::Client, String, Api<GatewayEndpoint>) {
     (client, ns, api)
 }
 
-/// Waits until condition `type_` has `status` (and `reason`, if given); returns the endpoint.
-async fn wait_condition(
-    api: &Api<GatewayEndpoint>,
-    name: &str,
-    type_: &str,
-    status: &str,
-    reason: Option<&str>,
-    secs: u64,
-) -> GatewayEndpoint {
-    let what = format!("{name}: {type_}={status} {reason:?}");
-    eventually(secs, &what, || async {
-        let ep = api.get(name).await.ok()?;
-        let c = ep.status.as_ref()?.condition(type_)?;
-        (c.status == status && reason.is_none_or(|r| c.reason == r)).then_some(ep.clone())
-    })
-    .await
-}
-
 async fn ready(api: &Api<GatewayEndpoint>, name: &str) -> GatewayEndpoint {
     wait_condition(api, name, "Ready", "True", None, 60).await
-}
-
-async fn events(client: &kube::Client, ns: &str, name: &str, reason: &str) -> Vec<Event> {
-    Api::<Event>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-                && e.reason.as_deref() == Some(reason)
-        })
-        .collect()
 }
 
 async fn experiments_of(t: &MlflowClient, ns: &str, name: &str) -> Vec<String> {

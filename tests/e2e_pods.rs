@@ -14,7 +14,7 @@ use kube::{Resource, ResourceExt};
 use mlflow_gateway_operator::api::GatewayEndpoint;
 use serde_json::{Value, json};
 use support::fake_llm::FakeLlm;
-use support::{Mlflow, Operator, cluster, eventually};
+use support::{Mlflow, Operator, apply, cluster, eventually};
 
 const QUICK: &[(&str, &str)] = &[
     ("RESYNC_PERIOD_SECONDS", "3"),
@@ -38,11 +38,6 @@ spec:
       apiKeySecretRef: {{name: llm-keys, key: openai}}
 {extra_spec}"#
     )
-}
-
-fn apply(ns: &str, yaml: &str) {
-    let (ok, _, err) = cluster().kubectl_run(&["apply", "-n", ns, "-f", "-"], Some(yaml));
-    assert!(ok, "kubectl apply failed: {err}\n{yaml}");
 }
 
 struct Env {
@@ -79,13 +74,7 @@ async fn wait_condition(
     status: &str,
     reason: Option<&str>,
 ) -> GatewayEndpoint {
-    let what = format!("{name}: {type_}={status} {reason:?}");
-    eventually(90, &what, || async {
-        let ep = env.endpoints.get(name).await.ok()?;
-        let c = ep.status.as_ref()?.condition(type_)?;
-        (c.status == status && reason.is_none_or(|r| c.reason == r)).then_some(ep.clone())
-    })
-    .await
+    support::wait_condition(&env.endpoints, name, type_, status, reason, 90).await
 }
 
 async fn ready(env: &Env, name: &str) -> GatewayEndpoint {
@@ -155,17 +144,7 @@ async fn pods_rolled_to(env: &Env, name: &str, hash: &str, n: usize) {
 }
 
 async fn events(env: &Env, name: &str, reason: &str) -> Vec<Event> {
-    Api::<Event>::namespaced(env.client.clone(), &env.ns)
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-                && e.reason.as_deref() == Some(reason)
-        })
-        .collect()
+    support::events(&env.client, &env.ns, name, reason).await
 }
 
 async fn search_traces(ml: &Mlflow, experiment_id: &str) -> Vec<Value> {

@@ -370,31 +370,7 @@ async fn deployment_env(
     let spec = d.spec.unwrap().template.spec.unwrap();
     let c = &spec.containers[0];
     assert_eq!(c.args.as_deref(), Some(&["controller".to_string()][..]));
-    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
-    let mut env = Vec::new();
-    for e in c.env.clone().unwrap_or_default() {
-        if let Some(v) = e.value {
-            env.push((e.name, v));
-            continue;
-        }
-        let from = e.value_from.expect("value or valueFrom");
-        if let Some(f) = from.field_ref {
-            let v = match f.field_path.as_str() {
-                "metadata.name" => pod_name.to_string(),
-                "metadata.namespace" => ns.to_string(),
-                other => panic!("unexpected fieldRef {other}"),
-            };
-            env.push((e.name, v));
-        } else if let Some(r) = from.secret_key_ref {
-            let secret = secrets.get(&r.name).await.expect("referenced Secret");
-            match secret.data.unwrap_or_default().get(&r.key) {
-                Some(v) => env.push((e.name, String::from_utf8(v.0.clone()).unwrap())),
-                None => assert_eq!(r.optional, Some(true), "missing key {}", r.key),
-            }
-        } else {
-            panic!("unsupported valueFrom in {}", e.name);
-        }
-    }
+    let mut env = support::container_env(client, ns, c, pod_name).await;
     // The container listens on 0.0.0.0; here the process stays on loopback.
     env.retain(|(k, _)| k != "METRICS_ADDR");
     env.push((

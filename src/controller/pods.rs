@@ -44,10 +44,19 @@ struct Resolved {
     credential: TraceCredential,
     /// The operator-wide credential to mirror into the endpoint's namespace.
     mirror: Option<Secret>,
-    /// What is missing, one line each, naming the Secret and key.
-    problems: Vec<String>,
-    /// The condition reason for the first problem.
-    reason: &'static str,
+    /// What is missing, one line each, naming the Secret and key, with its condition reason.
+    problems: Vec<(&'static str, String)>,
+}
+
+impl Resolved {
+    fn problem(&mut self, reason: &'static str, message: String) {
+        self.problems.push((reason, message));
+    }
+
+    /// The condition reason: the first problem's.
+    fn reason(&self) -> &'static str {
+        self.problems.first().map_or("SecretsFound", |(r, _)| r)
+    }
 }
 
 /// Reads every Secret the pods need: each model's API key and the trace credential.
@@ -81,7 +90,6 @@ async fn resolve_secrets(
         credential: TraceCredential::None,
         mirror: None,
         problems: Vec::new(),
-        reason: "SecretsFound",
     };
     let mut found: BTreeMap<&str, Secret> = BTreeMap::new();
     for (name, keys) in &wanted {
@@ -93,23 +101,19 @@ async fn resolve_secrets(
                 } else {
                     users.join(", ")
                 };
-                resolved
-                    .problems
-                    .push(format!("Secret {ns}/{name} not found (needed by {users})"));
-                if resolved.reason == "SecretsFound" {
-                    resolved.reason = "SecretNotFound";
-                }
+                resolved.problem(
+                    "SecretNotFound",
+                    format!("Secret {ns}/{name} not found (needed by {users})"),
+                );
             }
             Some(secret) => {
                 let present = secret_keys(&secret);
                 for (key, who) in keys {
                     if !present.contains(key) {
-                        resolved.problems.push(format!(
-                            "Secret {ns}/{name} has no key {key:?} (needed by {who})"
-                        ));
-                        if resolved.reason == "SecretsFound" {
-                            resolved.reason = "SecretKeyNotFound";
-                        }
+                        resolved.problem(
+                            "SecretKeyNotFound",
+                            format!("Secret {ns}/{name} has no key {key:?} (needed by {who})"),
+                        );
                     }
                 }
                 resolved.versions.insert(
@@ -129,13 +133,10 @@ async fn resolve_secrets(
             match deploy::credential_kind(&r.name, &keys) {
                 Some(c) => resolved.credential = c,
                 None => {
-                    resolved.problems.push(format!(
+                    resolved.problem("CredentialsInvalid", format!(
                         "Secret {ns}/{} (tracing.credentialsSecretRef) needs the key token, or the keys username and password",
                         r.name
                     ));
-                    if resolved.reason == "SecretsFound" {
-                        resolved.reason = "CredentialsInvalid";
-                    }
                 }
             }
         }
@@ -147,12 +148,9 @@ async fn resolve_secrets(
         let source: Api<Secret> = Api::namespaced(ctx.client.clone(), source_ns);
         match source.get_opt(source_name).await? {
             None => {
-                resolved.problems.push(format!(
+                resolved.problem("CredentialsInvalid", format!(
                     "the operator's gateway credential Secret {source_ns}/{source_name} not found (ask the operator's administrator)"
                 ));
-                if resolved.reason == "SecretsFound" {
-                    resolved.reason = "CredentialsInvalid";
-                }
             }
             Some(source) => {
                 let mirror = deploy::credential_secret(ep, &source);
@@ -167,12 +165,9 @@ async fn resolve_secrets(
                         resolved.mirror = Some(mirror);
                     }
                     None => {
-                        resolved.problems.push(format!(
+                        resolved.problem("CredentialsInvalid", format!(
                             "the operator's gateway credential Secret {source_ns}/{source_name} needs the key token, or the keys username and password"
                         ));
-                        if resolved.reason == "SecretsFound" {
-                            resolved.reason = "CredentialsInvalid";
-                        }
                     }
                 }
             }
@@ -254,6 +249,37 @@ fn invalid(e: serde_json::Error) -> Error {
     Error::InvalidResource(format!("cannot compare an owned object: {e}"))
 }
 
+/// SecretsReady from what [`resolve_secrets`] found.
+fn secrets_condition(resolved: &Resolved) -> ConditionState {
+    if resolved.problems.is_empty() {
+        let message = if resolved.versions.is_empty() {
+            "the pods read no Secret".to_string()
+        } else {
+            let names: Vec<&str> = resolved.versions.keys().map(String::as_str).collect();
+            format!(
+                "found every Secret and key the pods read: {}",
+                names.join(", ")
+            )
+        };
+        return ConditionState {
+            type_: CONDITION_SECRETS_READY,
+            status: true,
+            reason: "SecretsFound".into(),
+            message,
+        };
+    }
+    let lines: Vec<&str> = resolved.problems.iter().map(|(_, m)| m.as_str()).collect();
+    ConditionState {
+        type_: CONDITION_SECRETS_READY,
+        status: false,
+        reason: resolved.reason().into(),
+        message: format!(
+            "{}; the running pods are left as they are until this is fixed",
+            lines.join("; ")
+        ),
+    }
+}
+
 /// Makes the endpoint's gateway objects match its spec, and reports what the Deployment says.
 /// `experiment_id`: where the pods trace (None with tracking on: not known yet, so no pods yet).
 pub async fn ensure_gateway(
@@ -263,87 +289,11 @@ pub async fn ensure_gateway(
     tracking: bool,
 ) -> Result<GatewayState, Error> {
     let ns = ep.namespace().unwrap_or_default();
-    let mut events = Vec::new();
     let resolved = resolve_secrets(ep, ctx, &ns, tracking).await?;
-    let secrets = if resolved.problems.is_empty() {
-        ConditionState {
-            type_: CONDITION_SECRETS_READY,
-            status: true,
-            reason: "SecretsFound".into(),
-            message: if resolved.versions.is_empty() {
-                "the pods read no Secret".into()
-            } else {
-                format!(
-                    "found every Secret and key the pods read: {}",
-                    resolved
-                        .versions
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            },
-        }
-    } else {
-        ConditionState {
-            type_: CONDITION_SECRETS_READY,
-            status: false,
-            reason: resolved.reason.into(),
-            message: format!(
-                "{}; the running pods are left as they are until this is fixed",
-                resolved.problems.join("; ")
-            ),
-        }
-    };
-
-    let config = deploy::endpoint_config(ep)
-        .map_err(|e| Error::InvalidResource(format!("cannot render the endpoint config: {e}")))?;
-    let supporting = async {
-        ensure(
-            ctx,
-            ep,
-            deploy::config_map(ep, &config),
-            Some(&ctx.stores.config_maps),
-        )
-        .await?;
-        ensure(ctx, ep, deploy::service(ep), Some(&ctx.stores.services)).await?;
-        if let Some(mirror) = resolved.mirror.clone() {
-            ensure(ctx, ep, mirror, None).await?;
-        }
-        Ok::<_, Error>(())
-    };
-    match supporting.await {
-        Ok(()) => {}
-        Err(e @ Error::NameConflict { .. }) => {
-            let conflict = ConditionState {
-                type_: CONDITION_AVAILABLE,
-                status: false,
-                reason: "NameConflict".into(),
-                message: e.to_string(),
-            };
-            return Ok(GatewayState {
-                secrets,
-                progressing: ConditionState {
-                    type_: CONDITION_PROGRESSING,
-                    status: false,
-                    reason: "NameConflict".into(),
-                    message: conflict.message.clone(),
-                },
-                available: conflict,
-                url: deploy::url(ep),
-                replicas: None,
-                ready_replicas: None,
-                events,
-                conflict: Some(e),
-            });
-        }
-        Err(e) => return Err(e),
-    }
-
-    let key = ObjectRef::new(&deploy::object_name(ep)).within(&ns);
+    let secrets = secrets_condition(&resolved);
     let blocked = if !resolved.problems.is_empty() {
         Some((
-            resolved.reason,
+            resolved.reason(),
             "the Deployment is not changed until the Secrets are fixed".to_string(),
         ))
     } else if tracking && experiment_id.is_none() {
@@ -354,81 +304,112 @@ pub async fn ensure_gateway(
     } else {
         None
     };
-    let deployment = match blocked {
-        Some(_) => ctx
-            .stores
-            .deployments
-            .get(&key)
-            .filter(|d| deploy::is_owned_by(d.meta(), ep)),
-        None => {
-            let inputs = PodInputs {
-                experiment_id: experiment_id.filter(|_| tracking).map(str::to_string),
-                credential: resolved.credential.clone(),
-                config_hash: deploy::config_hash(&config, &resolved.versions),
+    let mut events = Vec::new();
+    let traced_into = experiment_id.filter(|_| tracking);
+    let deployment = match apply_objects(
+        ep,
+        ctx,
+        &resolved,
+        traced_into,
+        blocked.is_some(),
+        &mut events,
+    )
+    .await
+    {
+        Ok(d) => d,
+        Err(e @ Error::NameConflict { .. }) => {
+            let message = e.to_string();
+            let condition = |type_| ConditionState {
+                type_,
+                status: false,
+                reason: "NameConflict".into(),
+                message: message.clone(),
             };
-            let desired = deploy::deployment(ep, &ctx.settings.gateway, &inputs);
-            let (current, wrote) =
-                match ensure(ctx, ep, desired, Some(&ctx.stores.deployments)).await {
-                    Err(e @ Error::NameConflict { .. }) => {
-                        let conflict = ConditionState {
-                            type_: CONDITION_AVAILABLE,
-                            status: false,
-                            reason: "NameConflict".into(),
-                            message: e.to_string(),
-                        };
-                        return Ok(GatewayState {
-                            secrets,
-                            progressing: ConditionState {
-                                type_: CONDITION_PROGRESSING,
-                                status: false,
-                                reason: "NameConflict".into(),
-                                message: conflict.message.clone(),
-                            },
-                            available: conflict,
-                            url: deploy::url(ep),
-                            replicas: None,
-                            ready_replicas: None,
-                            events,
-                            conflict: Some(e),
-                        });
-                    }
-                    other => other?,
-                };
-            if wrote {
-                events.push(Event {
-                    type_: EventType::Normal,
-                    reason: "DeploymentApplied".into(),
-                    note: Some(format!(
-                        "applied Deployment {ns}/{} (config {})",
-                        deploy::object_name(ep),
-                        inputs.config_hash
-                    )),
-                    action: "ApplyDeployment".into(),
-                    secondary: None,
-                });
-            }
-            current
+            return Ok(GatewayState {
+                secrets,
+                available: condition(CONDITION_AVAILABLE),
+                progressing: condition(CONDITION_PROGRESSING),
+                url: deploy::url(ep),
+                replicas: None,
+                ready_replicas: None,
+                events,
+                conflict: Some(e),
+            });
         }
+        Err(e) => return Err(e),
     };
     let (available, progressing) = deployment_conditions(deployment.as_deref(), blocked);
-    let status = deployment.as_ref().and_then(|d| d.status.clone());
+    let status = deployment
+        .as_ref()
+        .map(|d| d.status.clone().unwrap_or_default());
     Ok(GatewayState {
         secrets,
         available,
         progressing,
         url: deploy::url(ep),
-        replicas: deployment
+        replicas: status.as_ref().map(|s| s.replicas.unwrap_or_default()),
+        ready_replicas: status
             .as_ref()
-            .map(|_| status.as_ref().and_then(|s| s.replicas).unwrap_or_default()),
-        ready_replicas: deployment.as_ref().map(|_| {
-            status
-                .as_ref()
-                .and_then(|s| s.ready_replicas)
-                .unwrap_or_default()
-        }),
+            .map(|s| s.ready_replicas.unwrap_or_default()),
         events,
         conflict: None,
     })
+}
+
+/// Applies the ConfigMap, the Service, the mirrored credential and (unless `blocked`) the
+/// Deployment, tracing into `experiment_id`. Returns the endpoint's Deployment as it is now.
+async fn apply_objects(
+    ep: &GatewayEndpoint,
+    ctx: &Context,
+    resolved: &Resolved,
+    experiment_id: Option<&str>,
+    blocked: bool,
+    events: &mut Vec<Event>,
+) -> Result<Option<Arc<Deployment>>, Error> {
+    let config = deploy::endpoint_config(ep)
+        .map_err(|e| Error::InvalidResource(format!("cannot render the endpoint config: {e}")))?;
+    ensure(
+        ctx,
+        ep,
+        deploy::config_map(ep, &config),
+        Some(&ctx.stores.config_maps),
+    )
+    .await?;
+    ensure(ctx, ep, deploy::service(ep), Some(&ctx.stores.services)).await?;
+    if let Some(mirror) = resolved.mirror.clone() {
+        ensure(ctx, ep, mirror, None).await?;
+    }
+    if blocked {
+        let key =
+            ObjectRef::new(&deploy::object_name(ep)).within(&ep.namespace().unwrap_or_default());
+        return Ok(ctx
+            .stores
+            .deployments
+            .get(&key)
+            .filter(|d| deploy::is_owned_by(d.meta(), ep)));
+    }
+    let inputs = PodInputs {
+        experiment_id: experiment_id.map(str::to_string),
+        credential: resolved.credential.clone(),
+        config_hash: deploy::config_hash(&config, &resolved.versions),
+    };
+    let desired = deploy::deployment(ep, &ctx.settings.gateway, &inputs);
+    let (current, wrote) = ensure(ctx, ep, desired, Some(&ctx.stores.deployments)).await?;
+    if wrote {
+        events.push(Event {
+            type_: EventType::Normal,
+            reason: "DeploymentApplied".into(),
+            note: Some(format!(
+                "applied Deployment {}/{} (config {})",
+                ep.namespace().unwrap_or_default(),
+                deploy::object_name(ep),
+                inputs.config_hash
+            )),
+            action: "ApplyDeployment".into(),
+            secondary: None,
+        });
+    }
+    Ok(current)
 }
 
 /// `Available` and `Progressing` from the Deployment, as kstatus reads a Deployment: the rollout is

@@ -227,6 +227,52 @@ pub async fn namespace(client: &kube::Client, prefix: &str) -> String {
     name
 }
 
+/// `kubectl apply -n ns -f -` of `yaml`, as a user applies a manifest; panics with kubectl's error.
+pub fn apply(ns: &str, yaml: &str) {
+    let (ok, _, err) = cluster().kubectl_run(&["apply", "-n", ns, "-f", "-"], Some(yaml));
+    assert!(ok, "kubectl apply failed: {err}\n{yaml}");
+}
+
+/// Waits until the endpoint's condition `type_` has `status` (and `reason`, if given); returns the
+/// endpoint.
+pub async fn wait_condition(
+    api: &kube::Api<mlflow_gateway_operator::api::GatewayEndpoint>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: Option<&str>,
+    secs: u64,
+) -> mlflow_gateway_operator::api::GatewayEndpoint {
+    let what = format!("{name}: {type_}={status} {reason:?}");
+    eventually(secs, &what, || async {
+        let ep = api.get(name).await.ok()?;
+        let c = ep.status.as_ref()?.condition(type_)?;
+        (c.status == status && reason.is_none_or(|r| c.reason == r)).then_some(ep.clone())
+    })
+    .await
+}
+
+/// The Events in `ns` about the object `name` with `reason`.
+pub async fn events(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+) -> Vec<k8s_openapi::api::events::v1::Event> {
+    use k8s_openapi::api::events::v1::Event;
+    kube::Api::<Event>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                && e.reason.as_deref() == Some(reason)
+        })
+        .collect()
+}
+
 /// Creates or replaces the Secret `name` in `ns` with `data` (server-side apply).
 pub async fn secret(client: &kube::Client, ns: &str, name: &str, data: &[(&str, &str)]) {
     use k8s_openapi::api::core::v1::Secret;
@@ -631,6 +677,45 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// A container's environment as its pod `pod_name` in `ns` would get it: plain values, the pod's
+/// name and namespace (`fieldRef`), and Secret references read through the API server (a missing
+/// key must be `optional`).
+pub async fn container_env(
+    client: &kube::Client,
+    ns: &str,
+    container: &k8s_openapi::api::core::v1::Container,
+    pod_name: &str,
+) -> Vec<(String, String)> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::Api;
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    let mut env = Vec::new();
+    for e in container.env.clone().unwrap_or_default() {
+        if let Some(v) = e.value {
+            env.push((e.name, v));
+            continue;
+        }
+        let from = e.value_from.expect("value or valueFrom");
+        if let Some(f) = from.field_ref {
+            let v = match f.field_path.as_str() {
+                "metadata.name" => pod_name.to_string(),
+                "metadata.namespace" => ns.to_string(),
+                other => panic!("unexpected fieldRef {other}"),
+            };
+            env.push((e.name, v));
+        } else if let Some(r) = from.secret_key_ref {
+            let secret = secrets.get(&r.name).await.expect("referenced Secret");
+            match secret.data.unwrap_or_default().get(&r.key) {
+                Some(v) => env.push((e.name, String::from_utf8(v.0.clone()).unwrap())),
+                None => assert_eq!(r.optional, Some(true), "missing key {}", r.key),
+            }
+        } else {
+            panic!("unsupported valueFrom in {}", e.name);
+        }
+    }
+    env
+}
+
 /// Runs the gateway locally exactly as the endpoint's Deployment declares it (kwok pods run no
 /// process): the `endpoint.yaml` of the ConfigMap its `config` volume mounts, and its container's
 /// environment with every Secret reference resolved through the API server.
@@ -641,7 +726,7 @@ pub async fn gateway_from_deployment(
     extra_env: &[(&str, &str)],
 ) -> GatewayProcess {
     use k8s_openapi::api::apps::v1::Deployment;
-    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use k8s_openapi::api::core::v1::ConfigMap;
     use kube::api::Api;
     let dep = Api::<Deployment>::namespaced(client.clone(), ns)
         .get(name)
@@ -666,23 +751,7 @@ pub async fn gateway_from_deployment(
         .await
         .expect("the endpoint's ConfigMap");
     let manifest = cm.data.unwrap()["endpoint.yaml"].clone();
-    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
-    let mut env: Vec<(String, String)> = Vec::new();
-    for e in container.env.clone().unwrap_or_default() {
-        let value = match (e.value, e.value_from) {
-            (Some(v), _) => v,
-            (None, Some(from)) => {
-                let r = from
-                    .secret_key_ref
-                    .expect("env only from Secret references");
-                let s = secrets.get(&r.name).await.expect("referenced Secret");
-                let bytes = s.data.unwrap_or_default()[&r.key].0.clone();
-                String::from_utf8(bytes).unwrap()
-            }
-            (None, None) => String::new(),
-        };
-        env.push((e.name, value));
-    }
+    let mut env = container_env(client, ns, container, name).await;
     env.extend(
         extra_env
             .iter()
