@@ -78,7 +78,8 @@ use opentelemetry_sdk::trace::{
     BatchConfigBuilder, Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter,
     SpanProcessor,
 };
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT};
 use url::Url;
 
 use crate::mlflow::{Auth, ConfigError, MlflowConfig};
@@ -281,7 +282,7 @@ impl Telemetry {
             .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
         let poster = TraceInfoPoster {
             http,
-            url: endpoint_url(&config.mlflow.tracking_uri, "api/3.0/mlflow/traces"),
+            uri: endpoint_uri(&config.mlflow.tracking_uri, "api/3.0/mlflow/traces")?,
             experiment_id: config.experiment_id.clone(),
             endpoint_id: truncate_chars(&config.endpoint_id, MAX_METADATA_CHARS).into_owned(),
             trace_name: settings.root_name.clone(),
@@ -325,6 +326,19 @@ impl Telemetry {
         traceparent: Option<&str>,
         inputs: &serde_json::Value,
     ) -> Invocation {
+        self.start_invocation_of(request_type, caller, traceparent, inputs, None)
+    }
+
+    /// [`Telemetry::start_invocation`] of a request whose JSON text is at hand (`json`, the text
+    /// `inputs` was parsed from, as the client sent it): that text is kept, not serialized again.
+    pub fn start_invocation_of(
+        &self,
+        request_type: &str,
+        caller: Option<&str>,
+        traceparent: Option<&str>,
+        inputs: &serde_json::Value,
+        json: Option<&[u8]>,
+    ) -> Invocation {
         let Some(inner) = &self.inner else {
             return Invocation::disabled();
         };
@@ -364,10 +378,11 @@ impl Telemetry {
         if let Some(format) = message_format(request_type) {
             attributes.push(KeyValue::new(ATTR_MESSAGE_FORMAT, format));
         }
-        attributes.push(KeyValue::new(
-            ATTR_INPUTS,
-            content_attribute(inputs, inner.capture_content),
-        ));
+        let inputs = match json {
+            Some(json) if inner.capture_content => cut_content(String::from_utf8_lossy(json)),
+            _ => content_attribute(inputs, inner.capture_content),
+        };
+        attributes.push(KeyValue::new(ATTR_INPUTS, inputs));
         let mut builder = inner
             .tracer
             .span_builder(inner.root_name.clone())
@@ -578,6 +593,20 @@ impl Invocation {
         let text = match json {
             Some(json) if inv.telemetry.capture_content => cut_content(Cow::Borrowed(json)),
             _ => content_attribute(value, inv.telemetry.capture_content),
+        };
+        Outputs(Some(StringValue::from(Arc::<str>::from(text))))
+    }
+
+    /// [`Invocation::outputs`] of an answer at hand only as its JSON text, with the lengths of
+    /// its top-level lists (for the summary kept without content capture).
+    pub fn outputs_of_json(&self, json: &[u8], lists: &[(&str, usize)]) -> Outputs {
+        let Some(inv) = &self.inner else {
+            return Outputs(None);
+        };
+        let text = if inv.telemetry.capture_content {
+            cut_content(String::from_utf8_lossy(json))
+        } else {
+            summary_of(lists.iter().copied())
         };
         Outputs(Some(StringValue::from(Arc::<str>::from(text))))
     }
@@ -889,13 +918,22 @@ fn cut_content(json: Cow<'_, str>) -> String {
 }
 
 fn content_summary(value: &serde_json::Value) -> String {
+    let lists = SUMMARY_ARRAYS
+        .iter()
+        .filter_map(|&key| match value.get(key) {
+            Some(serde_json::Value::Array(items)) => Some((key, items.len())),
+            _ => None,
+        });
+    summary_of(lists)
+}
+
+/// `{"content_omitted":true,"<list>":<length>,...}`, the lists in [`SUMMARY_ARRAYS`] order.
+fn summary_of<'a>(lists: impl Iterator<Item = (&'a str, usize)> + Clone) -> String {
     use std::fmt::Write as _;
     let mut summary = String::from(r#"{"content_omitted":true"#);
-    if let serde_json::Value::Object(fields) = value {
-        for key in SUMMARY_ARRAYS {
-            if let Some(serde_json::Value::Array(items)) = fields.get(key) {
-                let _ = write!(summary, r#","{key}":{}"#, items.len());
-            }
+    for key in SUMMARY_ARRAYS {
+        if let Some((_, len)) = lists.clone().find(|(k, _)| *k == key) {
+            let _ = write!(summary, r#","{key}":{len}"#);
         }
     }
     summary.push('}');
@@ -954,6 +992,13 @@ fn endpoint_url(tracking_uri: &Url, path: &str) -> Url {
 }
 
 /// RFC 3339 UTC with nanoseconds, as protobuf's JSON mapping of `Timestamp` wants it.
+/// [`endpoint_url`] as an HTTP request URI.
+fn endpoint_uri(tracking_uri: &Url, path: &str) -> Result<axum::http::Uri, TelemetryError> {
+    let url = endpoint_url(tracking_uri, path);
+    axum::http::Uri::try_from(url.as_str())
+        .map_err(|e| TelemetryError::Invalid(format!("tracking URI {url}: {e}")))
+}
+
 fn rfc3339(time: SystemTime) -> String {
     let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
@@ -1238,6 +1283,7 @@ impl ExportThread {
         let started = std::thread::Builder::new()
             .name("trace-export".to_string())
             .spawn(move || {
+                lower_priority();
                 runtime.block_on(async {
                     let _ = stopped.await;
                 });
@@ -1254,6 +1300,33 @@ impl ExportThread {
         }
     }
 }
+
+/// The nice value of the export thread: when the CPUs are busy, the threads that serve requests
+/// go first, and traces that cannot be exported in time are dropped at their start (counted),
+/// instead of requests waiting for the exporter.
+const EXPORT_THREAD_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's priority to [`EXPORT_THREAD_NICE`] (Linux: the nice value is
+/// per thread). Raising one's own nice value needs no privilege; if it fails anyway, the thread
+/// keeps the normal priority.
+#[cfg(target_os = "linux")]
+fn lower_priority() {
+    // SAFETY: gettid takes nothing and returns this thread's id; setpriority only reads its
+    // integer arguments and changes that thread's nice value.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, EXPORT_THREAD_NICE)
+    };
+    if rc != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "the trace-export thread keeps the normal priority"
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority() {}
 
 impl fmt::Debug for Counters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1439,7 +1512,11 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
 /// The reqwest client for the tracking server, with the experiment header and credentials.
 #[derive(Clone)]
 struct MlflowHttp {
+    /// For a tracking server with the public roots (no CA bundle, TLS verified): the gateway's
+    /// hyper client (no per-request URL parsing); else reqwest, configured as the operator's.
+    fast: Option<Arc<crate::gateway::client::UpstreamClient>>,
     client: reqwest::Client,
+    timeout: Duration,
     experiment_id: HeaderValue,
     /// Marked sensitive: never printed by `Debug`.
     authorization: Option<HeaderValue>,
@@ -1486,11 +1563,20 @@ impl MlflowHttp {
             Auth::Bearer { token } => Some(sensitive_header(&format!("Bearer {token}"))?),
         };
         let client = crate::mlflow::tracking_http_client(config, timeout)?;
+        let fast = if config.server_cert_path.is_none() && !config.insecure_tls {
+            let fast = crate::gateway::client::UpstreamClient::new()
+                .map_err(|e| TelemetryError::Invalid(format!("HTTP client: {e}")))?;
+            Some(Arc::new(fast))
+        } else {
+            None
+        };
         let experiment_id = HeaderValue::from_str(experiment_id).map_err(|_| {
             TelemetryError::Invalid("experiment_id is not usable in an HTTP header".to_string())
         })?;
         Ok(MlflowHttp {
+            fast,
             client,
+            timeout,
             experiment_id,
             authorization,
         })
@@ -1505,7 +1591,40 @@ impl MlflowHttp {
             headers.insert(AUTHORIZATION, authorization.clone());
         }
     }
+
+    /// Sends `request` with the experiment and credential headers, and reads the answer, within
+    /// the export timeout. The error is a reason for a log line: it holds no header.
+    async fn send(&self, mut request: Request<Bytes>) -> Result<(StatusCode, Bytes), String> {
+        self.authorize(request.headers_mut());
+        if let Some(fast) = &self.fast {
+            request
+                .headers_mut()
+                .insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+            let call = async {
+                let response = fast.send(request).await.map_err(|e| e.message)?;
+                let status = response.status;
+                let body = response.bytes().await.map_err(|e| e.message)?;
+                Ok((status, body))
+            };
+            return tokio::time::timeout(self.timeout, call)
+                .await
+                .map_err(|_| TIMEOUT_REASON.to_string())?;
+        }
+        let request: reqwest::Request = request.try_into().map_err(|e| transport_reason(&e))?;
+        let response = self
+            .client
+            .execute(request)
+            .await
+            .map_err(|e| transport_reason(&e))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| transport_reason(&e))?;
+        Ok((status, body))
+    }
 }
+
+/// What the export requests call themselves (as the operator's MLflow client does).
+const USER_AGENT_VALUE: &str = concat!(env!("CARGO_PKG_NAME"), "/", env!("CARGO_PKG_VERSION"));
+const TIMEOUT_REASON: &str = "no answer within the export timeout";
 
 fn sensitive_header(value: &str) -> Result<HeaderValue, TelemetryError> {
     let mut header = HeaderValue::from_str(value).map_err(|_| ConfigError::InvalidToken)?;
@@ -1517,7 +1636,7 @@ fn sensitive_header(value: &str) -> Result<HeaderValue, TelemetryError> {
 /// the URL at most, never a header.
 fn transport_reason(err: &reqwest::Error) -> String {
     if err.is_timeout() {
-        return "no answer within the export timeout".to_string();
+        return TIMEOUT_REASON.to_string();
     }
     crate::error_chain(err)
 }
@@ -1525,18 +1644,7 @@ fn transport_reason(err: &reqwest::Error) -> String {
 #[async_trait::async_trait]
 impl opentelemetry_http::HttpClient for MlflowHttp {
     async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        let mut request: reqwest::Request = request.try_into()?;
-        self.authorize(request.headers_mut());
-        let response = self
-            .client
-            .execute(request)
-            .await
-            .map_err(|e| HttpError::from(transport_reason(&e)))?;
-        let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| HttpError::from(transport_reason(&e)))?;
+        let (status, body) = self.send(request).await.map_err(HttpError::from)?;
         // An error answer is only quoted in a log line: keep it short.
         let body = if status.is_success() {
             body
@@ -1583,7 +1691,8 @@ impl TraceInfoJob {
 #[derive(Clone)]
 struct TraceInfoPoster {
     http: MlflowHttp,
-    url: Url,
+    /// `<tracking uri>/api/3.0/mlflow/traces`.
+    uri: axum::http::Uri,
     experiment_id: String,
     endpoint_id: String,
     trace_name: String,
@@ -1635,26 +1744,26 @@ impl TraceInfoPoster {
         let mut delay = Duration::from_millis(250);
         let mut attempt = 1;
         loop {
-            let mut request = self
-                .http
-                .client
-                .post(self.url.clone())
-                .header(CONTENT_TYPE, "application/json")
-                .body(body.clone())
-                .build()
-                .map_err(|e| transport_reason(&e))?;
-            self.http.authorize(request.headers_mut());
-            let (reason, transient) = match self.http.client.execute(request).await {
-                Ok(response) if response.status().is_success() => return Ok(()),
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let text = response.text().await.unwrap_or_default();
+            let mut request = Request::new(body.clone());
+            *request.method_mut() = reqwest::Method::POST;
+            *request.uri_mut() = self.uri.clone();
+            request
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            let (reason, transient) = match self.http.send(request).await {
+                Ok((status, _)) if status.is_success() => return Ok(()),
+                Ok((status, text)) => {
+                    let text = String::from_utf8_lossy(&text);
                     (
-                        format!("HTTP {status}: {}", truncate_chars(text.trim(), 300)),
-                        status == 429 || status >= 500,
+                        format!(
+                            "HTTP {}: {}",
+                            status.as_u16(),
+                            truncate_chars(text.trim(), 300)
+                        ),
+                        status.as_u16() == 429 || status.is_server_error(),
                     )
                 }
-                Err(e) => (transport_reason(&e), true),
+                Err(reason) => (reason, true),
             };
             if !transient || attempt >= TRACE_INFO_ATTEMPTS {
                 return Err(reason);
@@ -2250,11 +2359,13 @@ mod tests {
     fn trace_info_body() {
         let poster = TraceInfoPoster {
             http: MlflowHttp {
+                fast: None,
                 client: reqwest::Client::new(),
+                timeout: Duration::from_secs(1),
                 experiment_id: HeaderValue::from_static("7"),
                 authorization: None,
             },
-            url: Url::parse("http://127.0.0.1:1/api/3.0/mlflow/traces").unwrap(),
+            uri: "http://127.0.0.1:1/api/3.0/mlflow/traces".parse().unwrap(),
             experiment_id: "7".into(),
             endpoint_id: "uid-1".into(),
             trace_name: "gateway/chat".into(),

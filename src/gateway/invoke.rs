@@ -3,16 +3,16 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use serde_json::Value;
 
-use super::{Gateway, Shared, openai_error};
+use super::client::{ByteStream, TransportError};
+use super::{Gateway, JsonBody, Shared, openai_error};
 use crate::api::Provider;
 use crate::providers::{Operation, ProviderError, StreamConverter, Upstream, usage_of};
 use crate::telemetry::{Attempt, Invocation, TokenUsage};
@@ -131,7 +131,7 @@ enum Mode {
     AnthropicPassthrough,
 }
 
-pub async fn run(g: &Shared, call: Call, headers: &HeaderMap, body: Value) -> Response {
+pub async fn run(g: &Shared, call: Call, headers: &HeaderMap, body: JsonBody) -> Response {
     let served = super::operation(g.endpoint.endpoint_type);
     if call.op != served {
         return reject(
@@ -153,7 +153,7 @@ pub async fn run_anthropic_passthrough(
     g: &Shared,
     route: &'static str,
     headers: &HeaderMap,
-    body: Value,
+    body: JsonBody,
 ) -> Response {
     if super::operation(g.endpoint.endpoint_type) != Operation::Chat {
         return reject(
@@ -175,7 +175,13 @@ pub async fn run_anthropic_passthrough(
     execute(g, call, headers, body, Mode::AnthropicPassthrough).await
 }
 
-async fn execute(g: &Shared, call: Call, headers: &HeaderMap, body: Value, mode: Mode) -> Response {
+async fn execute(
+    g: &Shared,
+    call: Call,
+    headers: &HeaderMap,
+    JsonBody(body, text): JsonBody,
+    mode: Mode,
+) -> Response {
     let started = Instant::now();
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     if stream && call.op == Operation::Embeddings {
@@ -208,9 +214,13 @@ async fn execute(g: &Shared, call: Call, headers: &HeaderMap, body: Value, mode:
     } else {
         None
     };
-    let invocation =
-        g.telemetry
-            .start_invocation(call.request_type, caller.as_deref(), traceparent, &body);
+    let invocation = g.telemetry.start_invocation_of(
+        call.request_type,
+        caller.as_deref(),
+        traceparent,
+        &body,
+        Some(&text),
+    );
     let trace_id = invocation.trace_id();
     let wants_usage = body
         .get("stream_options")
@@ -231,8 +241,8 @@ async fn execute(g: &Shared, call: Call, headers: &HeaderMap, body: Value, mode:
             stream,
         );
         let request = match mode {
-            Mode::Unified => up.build_request(&g.http, call.op, &body),
-            Mode::AnthropicPassthrough => up.build_anthropic_passthrough(&g.http, &body),
+            Mode::Unified => up.build_request(call.op, &body),
+            Mode::AnthropicPassthrough => up.build_anthropic_passthrough(&body),
         };
         let request = match request {
             Ok(r) => r,
@@ -281,29 +291,18 @@ async fn execute(g: &Shared, call: Call, headers: &HeaderMap, body: Value, mode:
         let outcome = unary(g, up, call.op, &body, request, mode).await;
         upstream_time += t0.elapsed();
         match outcome {
-            Ok(Answer { response, verbatim }) => {
-                let usage = usage_of(&response);
+            Ok(answer) => {
+                let usage = answer.usage();
                 if let Some(u) = usage {
                     g.metrics.tokens(u.input_tokens, u.output_tokens);
                 }
                 // Serialized once for both spans (or the provider's text kept), and only when
                 // the trace is built.
-                let text = verbatim.as_ref().and_then(|b| std::str::from_utf8(b).ok());
-                let outputs = invocation.outputs_of(&response, text);
+                let outputs = answer.outputs(&invocation);
                 attempt.succeed_with(usage.map(token_usage), Some(&outputs));
                 invocation.finish_with(Some(&outputs), None);
                 record(g, call.route, StatusCode::OK, Some(started));
-                let mut resp = match verbatim {
-                    Some(bytes) => (
-                        [(
-                            header::CONTENT_TYPE,
-                            HeaderValue::from_static("application/json"),
-                        )],
-                        bytes,
-                    )
-                        .into_response(),
-                    None => axum::Json(response).into_response(),
-                };
+                let mut resp = answer.into_response();
                 timing_headers(
                     resp.headers_mut(),
                     started,
@@ -347,17 +346,19 @@ fn token_usage(u: crate::providers::Usage) -> TokenUsage {
     }
 }
 
+const DURATION_HEADER: HeaderName = HeaderName::from_static("x-mlflow-gateway-duration-ms");
+const OVERHEAD_HEADER: HeaderName =
+    HeaderName::from_static("x-mlflow-gateway-overhead-duration-ms");
+const TRACE_ID_HEADER: HeaderName = HeaderName::from_static("x-mlflow-trace-id");
+
 /// MLflow's gateway headers, plus the trace id.
 fn timing_headers(h: &mut HeaderMap, started: Instant, upstream: Duration, trace_id: Option<&str>) {
     let total = started.elapsed();
     let ms = |d: Duration| HeaderValue::from(d.as_millis() as u64);
-    h.insert("x-mlflow-gateway-duration-ms", ms(total));
-    h.insert(
-        "x-mlflow-gateway-overhead-duration-ms",
-        ms(total.saturating_sub(upstream)),
-    );
+    h.insert(DURATION_HEADER, ms(total));
+    h.insert(OVERHEAD_HEADER, ms(total.saturating_sub(upstream)));
     if let Some(id) = trace_id.and_then(|id| HeaderValue::from_str(id).ok()) {
-        h.insert("x-mlflow-trace-id", id);
+        h.insert(TRACE_ID_HEADER, id);
     }
 }
 
@@ -404,10 +405,10 @@ fn classify_status(up: &Upstream, status: StatusCode, body: &[u8]) -> Failure {
     }
 }
 
-fn transport_failure(e: &reqwest::Error) -> Failure {
-    let kind = if e.is_timeout() { "timeout" } else { "connect" };
+fn transport_failure(e: TransportError) -> Failure {
+    let kind = if e.timeout { "timeout" } else { "connect" };
     Failure {
-        message: crate::error_chain(e),
+        message: e.message,
         retryable: true,
         status: None,
         kind,
@@ -424,11 +425,62 @@ fn timeout_failure(after: Duration) -> Failure {
 }
 
 /// A provider's successful answer, in the OpenAI shape (or Anthropic's, passed through).
-struct Answer {
-    response: Value,
-    /// The provider's bytes, when they are the answer as is (no conversion): sent to the
-    /// client unchanged rather than serialized again.
-    verbatim: Option<Bytes>,
+enum Answer {
+    /// Parsed (and converted, if the provider's shape is not the client's); `verbatim`: the
+    /// provider's bytes, when they are the answer as is, sent unchanged rather than serialized
+    /// again.
+    Parsed {
+        response: Value,
+        verbatim: Option<Bytes>,
+    },
+    /// The provider's bytes, the answer as is, checked without being parsed whole.
+    Checked {
+        bytes: Bytes,
+        check: crate::providers::openai::Checked,
+    },
+}
+
+impl Answer {
+    fn usage(&self) -> Option<crate::providers::Usage> {
+        match self {
+            Answer::Parsed { response, .. } => usage_of(response),
+            Answer::Checked { check, .. } => check.usage,
+        }
+    }
+
+    /// The spans' outputs (nothing is serialized for an invocation not traced).
+    fn outputs(&self, invocation: &Invocation) -> crate::telemetry::Outputs {
+        match self {
+            Answer::Parsed { response, verbatim } => {
+                let text = verbatim.as_ref().and_then(|b| std::str::from_utf8(b).ok());
+                invocation.outputs_of(response, text)
+            }
+            Answer::Checked { bytes, check } => {
+                invocation.outputs_of_json(bytes, &[(check.list, check.items)])
+            }
+        }
+    }
+
+    fn into_response(self) -> Response {
+        let json = |bytes: Bytes| {
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                bytes,
+            )
+                .into_response()
+        };
+        match self {
+            Answer::Parsed {
+                verbatim: Some(bytes),
+                ..
+            }
+            | Answer::Checked { bytes, .. } => json(bytes),
+            Answer::Parsed { response, .. } => axum::Json(response).into_response(),
+        }
+    }
 }
 
 /// One non-streamed attempt, within the attempt timeout.
@@ -437,14 +489,13 @@ async fn unary(
     up: &Upstream,
     op: Operation,
     body: &Value,
-    request: reqwest::RequestBuilder,
+    request: Request<Bytes>,
     mode: Mode,
 ) -> Result<Answer, Failure> {
     let call = async {
-        let resp = request.send().await.map_err(|e| transport_failure(&e))?;
-        let status =
-            StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        let bytes = resp.bytes().await.map_err(|e| transport_failure(&e))?;
+        let resp = g.http.send(request).await.map_err(transport_failure)?;
+        let status = resp.status;
+        let bytes = resp.bytes().await.map_err(transport_failure)?;
         Ok::<_, Failure>((status, bytes))
     };
     let (status, bytes) = tokio::time::timeout(g.attempt_timeout, call)
@@ -452,6 +503,11 @@ async fn unary(
         .map_err(|_| timeout_failure(g.attempt_timeout))??;
     if !status.is_success() {
         return Err(classify_status(up, status, &bytes));
+    }
+    if mode == Mode::Unified
+        && let Some(check) = up.check_verbatim(op, &bytes)
+    {
+        return Ok(Answer::Checked { bytes, check });
     }
     let (parsed, verbatim) = match mode {
         // The client's request tells how to encode embeddings (float or base64).
@@ -466,7 +522,7 @@ async fn unary(
         ),
     };
     match parsed {
-        Ok(response) => Ok(Answer {
+        Ok(response) => Ok(Answer::Parsed {
             response,
             verbatim: verbatim.then_some(bytes),
         }),
@@ -478,8 +534,6 @@ async fn unary(
         }),
     }
 }
-
-type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
 /// A stream whose provider answered 2xx and sent its first bytes: from here on, no fallback.
 struct Opened {
@@ -505,19 +559,18 @@ async fn open_stream(
     g: &Gateway,
     up: &Upstream,
     op: Operation,
-    request: reqwest::RequestBuilder,
+    request: Request<Bytes>,
     wants_usage: bool,
     mode: Mode,
 ) -> Result<Opened, Failure> {
     let open = async {
-        let resp = request.send().await.map_err(|e| transport_failure(&e))?;
-        let status =
-            StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let resp = g.http.send(request).await.map_err(transport_failure)?;
+        let status = resp.status;
         if !status.is_success() {
-            let bytes = resp.bytes().await.map_err(|e| transport_failure(&e))?;
+            let bytes = resp.bytes().await.map_err(transport_failure)?;
             return Err(classify_status(up, status, &bytes));
         }
-        let mut upstream: ByteStream = Box::pin(resp.bytes_stream());
+        let mut upstream = resp.into_stream();
         let mut converter = up.stream_converter(op, wants_usage);
         let mut pending = VecDeque::new();
         // Read until there is something to send: only then is the client committed to this model.
@@ -539,7 +592,7 @@ async fn open_stream(
                         }
                     }
                 }
-                Some(Err(e)) => return Err(transport_failure(&e)),
+                Some(Err(e)) => return Err(transport_failure(e)),
                 None => {
                     return Err(Failure {
                         message: "the stream ended before any event".into(),
@@ -661,7 +714,7 @@ fn stream_response(
                     },
                     Err(e) => st.fail("stream", e.to_string()),
                 },
-                Some(Err(e)) => st.fail("stream", crate::error_chain(&e)),
+                Some(Err(e)) => st.fail("stream", e.message),
                 None => st.complete(),
             }
         }
@@ -677,7 +730,7 @@ fn stream_response(
         .as_deref()
         .and_then(|id| HeaderValue::from_str(id).ok())
     {
-        h.insert("x-mlflow-trace-id", id);
+        h.insert(TRACE_ID_HEADER, id);
     }
     resp
 }

@@ -37,6 +37,9 @@ pub struct GatewayMetrics {
     pub duration: Family<RouteLabel, Histogram>,
     pub upstream_errors: Family<UpstreamError, Counter>,
     pub tokens: Family<Direction, Counter>,
+    /// The two series of `tokens`, looked up once.
+    tokens_in: Counter,
+    tokens_out: Counter,
     pub fallbacks: Counter,
     trace_queue: Gauge,
     traces_exported: Counter,
@@ -49,13 +52,24 @@ pub struct GatewayMetrics {
 
 impl Default for GatewayMetrics {
     fn default() -> Self {
+        let tokens = Family::<Direction, Counter>::default();
+        let tokens_in = tokens
+            .get_or_create(&Direction { direction: "input" })
+            .clone();
+        let tokens_out = tokens
+            .get_or_create(&Direction {
+                direction: "output",
+            })
+            .clone();
         let m = GatewayMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 18))
             }),
             upstream_errors: Family::default(),
-            tokens: Family::default(),
+            tokens,
+            tokens_in,
+            tokens_out,
             fallbacks: Counter::default(),
             trace_queue: Gauge::default(),
             traces_exported: Counter::default(),
@@ -155,13 +169,7 @@ impl GatewayMetrics {
     }
 
     pub fn tokens(&self, input: u64, output: u64) {
-        self.tokens
-            .get_or_create(&Direction { direction: "input" })
-            .inc_by(input);
-        self.tokens
-            .get_or_create(&Direction {
-                direction: "output",
-            })
-            .inc_by(output);
+        self.tokens_in.inc_by(input);
+        self.tokens_out.inc_by(output);
     }
 }

@@ -1,6 +1,7 @@
 //! `mlflow-gateway-operator gateway`: an OpenAI-compatible LLM gateway for one `GatewayEndpoint`
 //! that traces every invocation into the endpoint's MLflow experiment.
 
+pub mod client;
 pub mod config;
 mod invoke;
 pub mod metrics;
@@ -37,7 +38,7 @@ pub struct ServerSettings {
 
 pub struct Gateway {
     pub endpoint: Endpoint,
-    pub http: reqwest::Client,
+    pub http: client::UpstreamClient,
     pub telemetry: Telemetry,
     pub metrics: GatewayMetrics,
     pub attempt_timeout: Duration,
@@ -54,14 +55,9 @@ pub fn operation(t: EndpointType) -> Operation {
 }
 
 /// The HTTP client for providers: pooled keep-alive connections, no global timeout (each attempt
-/// has its own).
-pub fn http_client() -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(1024)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
+/// has its own), the proxy environment honoured.
+pub fn http_client() -> Result<client::UpstreamClient, reqwest::Error> {
+    client::UpstreamClient::new()
 }
 
 pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
@@ -166,8 +162,9 @@ pub fn openai_error(status: StatusCode, kind: &str, message: impl Into<String>) 
     (status, axum::Json(body)).into_response()
 }
 
-/// A JSON request body, with body and JSON errors answered in OpenAI's shape (400, 413).
-pub struct JsonBody(pub Value);
+/// A JSON request body (parsed, and its text), with body and JSON errors answered in OpenAI's
+/// shape (400, 413).
+pub struct JsonBody(pub Value, pub Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = Response;
@@ -186,7 +183,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
             }
         })?;
         match serde_json::from_slice::<Value>(&bytes) {
-            Ok(v @ Value::Object(_)) => Ok(JsonBody(v)),
+            Ok(v @ Value::Object(_)) => Ok(JsonBody(v, bytes)),
             Ok(_) => Err(openai_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -206,17 +203,17 @@ async fn mlflow_invocations(
     State(g): State<Shared>,
     Path(endpoint): Path<String>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody,
+    body: JsonBody,
 ) -> Response {
     const ROUTE: &str = "/gateway/{endpoint}/mlflow/invocations";
     if endpoint != g.endpoint.name {
         return unknown_endpoint(&g, ROUTE, &endpoint);
     }
-    let op = if body.get("messages").is_some() {
+    let op = if body.0.get("messages").is_some() {
         Operation::Chat
-    } else if body.get("input").is_some() {
+    } else if body.0.get("input").is_some() {
         Operation::Embeddings
-    } else if body.get("prompt").is_some() {
+    } else if body.0.get("prompt").is_some() {
         Operation::Completions
     } else {
         return invoke::reject(
@@ -232,7 +229,7 @@ async fn mlflow_invocations(
 /// A route of the OpenAI API for this endpoint.
 fn unified_route(op: Operation, route: &'static str) -> MethodRouter<Shared> {
     post(
-        move |State(g): State<Shared>, headers: HeaderMap, JsonBody(body): JsonBody| async move {
+        move |State(g): State<Shared>, headers: HeaderMap, body: JsonBody| async move {
             invoke::run(&g, Call::unified(op, route), &headers, body).await
         },
     )
@@ -245,8 +242,8 @@ fn named_route(
     request_type: &'static str,
 ) -> MethodRouter<Shared> {
     post(
-        move |State(g): State<Shared>, headers: HeaderMap, JsonBody(body): JsonBody| async move {
-            if let Some(resp) = check_model_is_endpoint(&g, route, &body) {
+        move |State(g): State<Shared>, headers: HeaderMap, body: JsonBody| async move {
+            if let Some(resp) = check_model_is_endpoint(&g, route, &body.0) {
                 return resp;
             }
             invoke::run(&g, Call::new(op, route, request_type), &headers, body).await
@@ -257,10 +254,10 @@ fn named_route(
 async fn passthrough_anthropic(
     State(g): State<Shared>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody,
+    body: JsonBody,
 ) -> Response {
     const ROUTE: &str = "/gateway/anthropic/v1/messages";
-    if let Some(resp) = check_model_is_endpoint(&g, ROUTE, &body) {
+    if let Some(resp) = check_model_is_endpoint(&g, ROUTE, &body.0) {
         return resp;
     }
     invoke::run_anthropic_passthrough(&g, ROUTE, &headers, body).await

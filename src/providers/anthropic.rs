@@ -22,16 +22,16 @@
 
 use std::collections::HashMap;
 
-use reqwest::header::HeaderValue;
+use axum::http::HeaderValue;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use url::Url;
 
 use super::sse::SseEvent;
 use super::{
-    ChatMessage, ChatRequest, ImageRef, Operation, Prepared, ProviderError, Upstream, bad_upstream,
-    chat_response_to_completion, completions_to_chat, content_text, image_ref, invalid, join_url,
-    last_path_segment, message_of_error_body, now_secs,
+    Body, ChatMessage, ChatRequest, ImageRef, Operation, Prepared, ProviderError, Upstream,
+    bad_upstream, chat_response_to_completion, completions_to_chat, content_text, image_ref,
+    invalid, join_url, last_path_segment, message_of_error_body, now_secs,
 };
 
 pub const DEFAULT_API_BASE: &str = "https://api.anthropic.com";
@@ -89,7 +89,7 @@ pub(crate) fn prepare(
     up: &Upstream,
     op: Operation,
     body: &Map<String, Value>,
-) -> Result<Prepared, ProviderError> {
+) -> Result<Prepared<'static>, ProviderError> {
     let converted = match op {
         Operation::Chat => chat_request(up, body)?,
         Operation::Completions => chat_request(up, &completions_to_chat(body)?)?,
@@ -102,7 +102,7 @@ pub(crate) fn prepare(
     Ok(Prepared {
         url: messages_url(up),
         headers: headers(up)?,
-        body: converted,
+        body: Body::Built(converted),
     })
 }
 

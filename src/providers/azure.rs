@@ -8,19 +8,21 @@
 use serde_json::{Map, Value};
 use url::Url;
 
-use super::{Operation, Prepared, ProviderError, Upstream, join_url, last_path_segment, openai};
+use super::{
+    Body, Operation, Prepared, ProviderError, Upstream, join_url, last_path_segment, openai,
+};
 
 /// The API version used when the model sets none (the GA version MLflow's docs use).
 pub const DEFAULT_API_VERSION: &str = "2024-10-21";
 
-pub(crate) fn prepare(
+pub(crate) fn prepare<'a>(
     up: &Upstream,
     op: Operation,
-    body: &Map<String, Value>,
-) -> Result<Prepared, ProviderError> {
-    let mut body = body.clone();
-    body.remove("model");
-    openai::prepare_body(op, &mut body, true)?;
+    body: &'a Map<String, Value>,
+) -> Result<Prepared<'a>, ProviderError> {
+    let set = openai::check_body(op, body, true)?
+        .map(|options| vec![("stream_options", options)])
+        .unwrap_or_default();
     let mut headers = Vec::new();
     if let Some(key) = up.key_header("")? {
         headers.push(("api-key", key));
@@ -28,7 +30,11 @@ pub(crate) fn prepare(
     Ok(Prepared {
         url: url(up, op)?,
         headers,
-        body: Value::Object(body),
+        body: Body::Patched {
+            base: body,
+            set,
+            remove: &["model"],
+        },
     })
 }
 

@@ -26,16 +26,16 @@
 
 use std::collections::{HashMap, HashSet};
 
+use axum::http::HeaderValue;
 use base64::Engine as _;
-use reqwest::header::HeaderValue;
 use serde_json::{Map, Value, json};
 use url::Url;
 
 use super::sse::SseEvent;
 use super::{
-    ChatMessage, ChatRequest, ImageRef, Operation, Prepared, ProviderError, Upstream, bad_upstream,
-    chat_response_to_completion, completions_to_chat, content_text, image_ref, invalid, join_url,
-    last_path_segment, message_of_error_body, now_secs,
+    Body, ChatMessage, ChatRequest, ImageRef, Operation, Prepared, ProviderError, Upstream,
+    bad_upstream, chat_response_to_completion, completions_to_chat, content_text, image_ref,
+    invalid, join_url, last_path_segment, message_of_error_body, now_secs,
 };
 
 pub const DEFAULT_API_BASE: &str = "https://generativelanguage.googleapis.com";
@@ -99,7 +99,7 @@ pub(crate) fn prepare(
     up: &Upstream,
     op: Operation,
     body: &Map<String, Value>,
-) -> Result<Prepared, ProviderError> {
+) -> Result<Prepared<'static>, ProviderError> {
     let (url, body) = match op {
         Operation::Chat | Operation::Completions => {
             let chat;
@@ -125,7 +125,7 @@ pub(crate) fn prepare(
     Ok(Prepared {
         url,
         headers: headers(up)?,
-        body,
+        body: Body::Built(body),
     })
 }
 

@@ -30,7 +30,9 @@ mod tests;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use axum::body::Bytes;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, Method, Request, Uri};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use url::Url;
@@ -175,11 +177,46 @@ impl fmt::Debug for Upstream {
     }
 }
 
-/// A request ready to send: what `build_request` turns into a `reqwest::RequestBuilder`.
-pub(crate) struct Prepared {
+/// A request ready to send: what `build_request` turns into an HTTP request.
+pub(crate) struct Prepared<'a> {
     pub url: Url,
     pub headers: Vec<(&'static str, HeaderValue)>,
-    pub body: Value,
+    pub body: Body<'a>,
+}
+
+/// The body of a request to a provider.
+pub(crate) enum Body<'a> {
+    /// Built for the provider.
+    Built(Value),
+    /// The client's body with the fields of `set` set (replaced or added) and those of `remove`
+    /// left out: serialized from the client's body, which is not copied.
+    Patched {
+        base: &'a Map<String, Value>,
+        set: Vec<(&'static str, Value)>,
+        remove: &'static [&'static str],
+    },
+}
+
+impl serde::Serialize for Body<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        match self {
+            Body::Built(value) => value.serialize(serializer),
+            Body::Patched { base, set, remove } => {
+                let mut map = serializer.serialize_map(None)?;
+                for (key, value) in base.iter() {
+                    let key = key.as_str();
+                    if !remove.contains(&key) && !set.iter().any(|(k, _)| *k == key) {
+                        map.serialize_entry(key, value)?;
+                    }
+                }
+                for (key, value) in set {
+                    map.serialize_entry(key, value)?;
+                }
+                map.end()
+            }
+        }
+    }
 }
 
 impl Upstream {
@@ -255,15 +292,18 @@ impl Upstream {
     /// the [`StreamConverter`] removes it again for a client that did not ask for it.
     pub fn build_request(
         &self,
-        client: &reqwest::Client,
         op: Operation,
         body: &Value,
-    ) -> Result<reqwest::RequestBuilder, ProviderError> {
+    ) -> Result<Request<Bytes>, ProviderError> {
         let prepared = self.prepare(op, body)?;
-        Ok(self.to_builder(client, prepared))
+        self.to_request(prepared)
     }
 
-    pub(crate) fn prepare(&self, op: Operation, body: &Value) -> Result<Prepared, ProviderError> {
+    pub(crate) fn prepare<'a>(
+        &self,
+        op: Operation,
+        body: &'a Value,
+    ) -> Result<Prepared<'a>, ProviderError> {
         if !self.supports(op) {
             return Err(ProviderError::Unsupported(format!(
                 "model {} (provider {}) does not support {}",
@@ -283,14 +323,26 @@ impl Upstream {
         }
     }
 
-    fn to_builder(&self, client: &reqwest::Client, prepared: Prepared) -> reqwest::RequestBuilder {
-        let mut builder = client
-            .post(prepared.url)
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    fn to_request(&self, prepared: Prepared<'_>) -> Result<Request<Bytes>, ProviderError> {
+        let uri = Uri::try_from(prepared.url.as_str()).map_err(|e| {
+            ProviderError::Config(format!(
+                "model {}: {} is not a usable request URL: {e}",
+                self.name,
+                self.redact(prepared.url.as_str())
+            ))
+        })?;
+        // Serializing a Value cannot fail.
+        let body = serde_json::to_vec(&prepared.body).unwrap_or_default();
+        let mut request = Request::new(Bytes::from(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        headers.reserve(1 + prepared.headers.len());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         for (name, value) in prepared.headers {
-            builder = builder.header(name, value);
+            headers.insert(name, value);
         }
-        builder.body(prepared.body.to_string())
+        Ok(request)
     }
 
     /// Converts a successful (2xx) upstream response body to the OpenAI response shape for `op`
@@ -331,6 +383,16 @@ impl Upstream {
             Provider::Anthropic | Provider::Gemini => false,
             provider => op != Operation::Completions || !openai::completions_via_chat(provider),
         }
+    }
+
+    /// For an answer that [`Upstream::answers_verbatim`]: checks it as
+    /// [`Upstream::parse_response_for`] would, reading only its list and usage. `None`: look at
+    /// it whole with [`Upstream::parse_response_for`] (which says what is wrong, if anything).
+    pub fn check_verbatim(&self, op: Operation, body: &[u8]) -> Option<openai::Checked> {
+        if !self.answers_verbatim(op) {
+            return None;
+        }
+        openai::check(op, body)
     }
 
     /// Stream conversion for `op` (Chat or Completions). `client_wants_usage`: whether the client
@@ -375,7 +437,7 @@ impl Upstream {
             .unwrap_or_else(|| {
                 let text = text.trim();
                 if text.is_empty() {
-                    let reason = reqwest::StatusCode::from_u16(status)
+                    let reason = axum::http::StatusCode::from_u16(status)
                         .ok()
                         .and_then(|s| s.canonical_reason())
                         .unwrap_or("");
@@ -391,9 +453,8 @@ impl Upstream {
     /// Anthropic-shaped and only `model` is replaced. Other providers: `Unsupported`.
     pub fn build_anthropic_passthrough(
         &self,
-        client: &reqwest::Client,
         body: &Value,
-    ) -> Result<reqwest::RequestBuilder, ProviderError> {
+    ) -> Result<Request<Bytes>, ProviderError> {
         if self.provider != Provider::Anthropic {
             return Err(ProviderError::Unsupported(format!(
                 "model {} (provider {}) does not serve the Anthropic Messages API",
@@ -401,17 +462,19 @@ impl Upstream {
                 self.provider_name()
             )));
         }
-        let mut body = body
+        let base = body
             .as_object()
-            .cloned()
             .ok_or_else(|| invalid("the request body must be a JSON object"))?;
-        body.insert("model".into(), Value::String(self.model.clone()));
         let prepared = Prepared {
             url: anthropic::messages_url(self),
             headers: anthropic::headers(self)?,
-            body: Value::Object(body),
+            body: Body::Patched {
+                base,
+                set: vec![("model", Value::String(self.model.clone()))],
+                remove: &[],
+            },
         };
-        Ok(self.to_builder(client, prepared))
+        self.to_request(prepared)
     }
 
     /// The API key as a sensitive header value (hidden from `Debug` of headers).
@@ -478,29 +541,10 @@ pub fn usage_of(v: &Value) -> Option<Usage> {
     .into_iter()
     .flatten()
     .find(|u| u.is_object());
-    let num = |u: &Value, key: &str| u.get(key).and_then(Value::as_u64);
-    if let Some(u) = u {
-        if u.get("prompt_tokens").is_some() || u.get("completion_tokens").is_some() {
-            let input = num(u, "prompt_tokens").unwrap_or(0);
-            let output = num(u, "completion_tokens").unwrap_or(0);
-            return Some(Usage {
-                input_tokens: input,
-                output_tokens: output,
-                total_tokens: num(u, "total_tokens").unwrap_or(input + output),
-            });
-        }
-        if u.get("input_tokens").is_some() || u.get("output_tokens").is_some() {
-            let input = num(u, "input_tokens").unwrap_or(0)
-                + num(u, "cache_read_input_tokens").unwrap_or(0)
-                + num(u, "cache_creation_input_tokens").unwrap_or(0);
-            let output = num(u, "output_tokens").unwrap_or(0);
-            return Some(Usage {
-                input_tokens: input,
-                output_tokens: output,
-                total_tokens: input + output,
-            });
-        }
+    if let Some(usage) = u.and_then(usage_of_fields) {
+        return Some(usage);
     }
+    let num = |u: &Value, key: &str| u.get(key).and_then(Value::as_u64);
     let m = v.get("usageMetadata").filter(|m| m.is_object())?;
     let input =
         num(m, "promptTokenCount").unwrap_or(0) + num(m, "toolUsePromptTokenCount").unwrap_or(0);
@@ -511,6 +555,33 @@ pub fn usage_of(v: &Value) -> Option<Usage> {
         output_tokens: output,
         total_tokens: num(m, "totalTokenCount").unwrap_or(input + output),
     })
+}
+
+/// Usage from a `usage` object: OpenAI's `prompt_tokens`/`completion_tokens`/`total_tokens`, or
+/// Anthropic's `input_tokens`/`output_tokens` (cache tokens added to the input).
+pub(crate) fn usage_of_fields(u: &Value) -> Option<Usage> {
+    let num = |key: &str| u.get(key).and_then(Value::as_u64);
+    if u.get("prompt_tokens").is_some() || u.get("completion_tokens").is_some() {
+        let input = num("prompt_tokens").unwrap_or(0);
+        let output = num("completion_tokens").unwrap_or(0);
+        return Some(Usage {
+            input_tokens: input,
+            output_tokens: output,
+            total_tokens: num("total_tokens").unwrap_or(input + output),
+        });
+    }
+    if u.get("input_tokens").is_some() || u.get("output_tokens").is_some() {
+        let input = num("input_tokens").unwrap_or(0)
+            + num("cache_read_input_tokens").unwrap_or(0)
+            + num("cache_creation_input_tokens").unwrap_or(0);
+        let output = num("output_tokens").unwrap_or(0);
+        return Some(Usage {
+            input_tokens: input,
+            output_tokens: output,
+            total_tokens: input + output,
+        });
+    }
+    None
 }
 
 /// The message of an error body of any of the common shapes.

@@ -13,12 +13,15 @@
 //! serves mistral completions through chat too), so for them `prompt` becomes a single user
 //! message sent to `/chat/completions`, and the answer is converted back to `text_completion`.
 
+use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::{Map, Value, json};
 
 use super::sse::SseEvent;
 use super::{
-    Operation, Prepared, ProviderError, Upstream, bad_upstream, chat_response_to_completion,
-    completions_to_chat, invalid, join_url, message_of_error_body,
+    Body, Operation, Prepared, ProviderError, Upstream, Usage, bad_upstream,
+    chat_response_to_completion, completions_to_chat, invalid, join_url, message_of_error_body,
+    usage_of_fields,
 };
 use crate::api::Provider;
 
@@ -59,38 +62,58 @@ pub(crate) fn path(op: Operation) -> &'static [&'static str] {
     }
 }
 
-pub(crate) fn prepare(
+pub(crate) fn prepare<'a>(
     up: &Upstream,
     op: Operation,
-    body: &Map<String, Value>,
-) -> Result<Prepared, ProviderError> {
-    let (op_sent, mut body) = if op == Operation::Completions && completions_via_chat(up.provider) {
-        (Operation::Chat, completions_to_chat(body)?)
-    } else {
-        (op, body.clone())
-    };
-    body.insert("model".into(), Value::String(up.model.clone()));
-    if !accepts_stream_options(up.provider) {
-        body.remove("stream_options");
-    }
-    prepare_body(op_sent, &mut body, accepts_stream_options(up.provider))?;
+    body: &'a Map<String, Value>,
+) -> Result<Prepared<'a>, ProviderError> {
+    let stream_options = accepts_stream_options(up.provider);
     let mut headers = Vec::new();
     if let Some(auth) = up.key_header("Bearer ")? {
         headers.push(("authorization", auth));
     }
+    let model = Value::String(up.model.clone());
+    if op == Operation::Completions && completions_via_chat(up.provider) {
+        let mut chat = completions_to_chat(body)?;
+        chat.insert("model".into(), model);
+        if !stream_options {
+            chat.remove("stream_options");
+        }
+        if let Some(options) = check_body(Operation::Chat, &chat, stream_options)? {
+            chat.insert("stream_options".into(), options);
+        }
+        return Ok(Prepared {
+            url: join_url(&up.api_base, path(Operation::Chat)),
+            headers,
+            body: Body::Built(Value::Object(chat)),
+        });
+    }
+    let mut set = vec![("model", model)];
+    set.extend(check_body(op, body, stream_options)?.map(|options| ("stream_options", options)));
     Ok(Prepared {
-        url: join_url(&up.api_base, path(op_sent)),
+        url: join_url(&up.api_base, path(op)),
         headers,
-        body: Value::Object(body),
+        body: Body::Patched {
+            base: body,
+            set,
+            // Mistral rejects parameters it does not know.
+            remove: if stream_options {
+                &[]
+            } else {
+                &["stream_options"]
+            },
+        },
     })
 }
 
-/// Checks the field `op` cannot do without and asks a stream for usage. Shared with Azure.
-pub(crate) fn prepare_body(
+/// Checks the field `op` cannot do without. For a stream to a provider that takes
+/// `stream_options` (`stream_options`), returns the `stream_options` to send: the client's, with
+/// `include_usage: true`, so that the gateway learns the usage. Shared with Azure.
+pub(crate) fn check_body(
     op: Operation,
-    body: &mut Map<String, Value>,
+    body: &Map<String, Value>,
     stream_options: bool,
-) -> Result<(), ProviderError> {
+) -> Result<Option<Value>, ProviderError> {
     match op {
         Operation::Chat => {
             if !body.get("messages").is_some_and(Value::is_array) {
@@ -106,7 +129,7 @@ pub(crate) fn prepare_body(
             if body.get("input").is_none_or(Value::is_null) {
                 return Err(invalid("`input` is required"));
             }
-            return Ok(());
+            return Ok(None);
         }
     }
     let stream = match body.get("stream") {
@@ -114,18 +137,15 @@ pub(crate) fn prepare_body(
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(invalid("`stream` must be true or false")),
     };
-    if stream && stream_options {
-        let options = body
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !options.is_object() {
-            *options = Value::Object(Map::new());
-        }
-        if let Some(options) = options.as_object_mut() {
-            options.insert("include_usage".into(), Value::Bool(true));
-        }
+    if !(stream && stream_options) {
+        return Ok(None);
     }
-    Ok(())
+    let mut options = match body.get("stream_options") {
+        Some(Value::Object(options)) => options.clone(),
+        _ => Map::new(),
+    };
+    options.insert("include_usage".into(), Value::Bool(true));
+    Ok(Some(Value::Object(options)))
 }
 
 pub(crate) fn parse_response(
@@ -149,6 +169,63 @@ pub(crate) fn parse_response(
         return Ok(chat_response_to_completion(value));
     }
     Ok(value)
+}
+
+/// What the gateway reads of an OpenAI-shaped answer that it passes on as the provider sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checked {
+    /// The answer's list: `choices`, or `data` for embeddings.
+    pub list: &'static str,
+    /// How many items it has.
+    pub items: usize,
+    pub usage: Option<Usage>,
+}
+
+/// The fields of an answer that [`check`] reads; every other value is skipped, not built.
+#[derive(Deserialize)]
+struct Shape {
+    choices: Option<Vec<IgnoredAny>>,
+    data: Option<Vec<IgnoredAny>>,
+    usage: Option<Value>,
+    message: Option<WithUsage>,
+    x_groq: Option<WithUsage>,
+    #[serde(rename = "usageMetadata")]
+    usage_metadata: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    usage: Option<Value>,
+}
+
+/// Checks an answer for `op` as [`parse_response`] does, without building it: `None` when the
+/// answer is not plainly right (not JSON, not an object, a duplicate or oddly typed field, no
+/// list), for [`parse_response`] to look at whole and say what is wrong.
+pub(crate) fn check(op: Operation, body: &[u8]) -> Option<Checked> {
+    let shape: Shape = serde_json::from_slice(body).ok()?;
+    let (list, items) = match op {
+        Operation::Chat | Operation::Completions => ("choices", shape.choices?),
+        Operation::Embeddings => ("data", shape.data?),
+    };
+    // The same order as `usage_of`: `usage`, `message.usage`, `x_groq.usage`, `usageMetadata`.
+    let usage = [
+        shape.usage,
+        shape.message.and_then(|m| m.usage),
+        shape.x_groq.and_then(|x| x.usage),
+    ]
+    .into_iter()
+    .flatten()
+    .find(Value::is_object)
+    .and_then(|u| usage_of_fields(&u))
+    .or_else(|| {
+        let m = shape.usage_metadata.filter(Value::is_object)?;
+        super::usage_of(&json!({ "usageMetadata": m }))
+    });
+    Some(Checked {
+        list,
+        items: items.len(),
+        usage,
+    })
 }
 
 /// An OpenAI-compatible stream: each `data:` is already an OpenAI chunk; `[DONE]` ends it.

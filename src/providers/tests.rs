@@ -190,25 +190,23 @@ fn file_name(p: &Path) -> &str {
 
 /// The upstream request as JSON: url, headers (the key as `<key>`), body; or the error.
 fn render_request(up: &Upstream, op: Operation, body: &Value) -> Value {
-    let client = reqwest::Client::new();
-    let request = match up.build_request(&client, op, body) {
-        Ok(builder) => builder.build().unwrap(),
+    let request = match up.build_request(op, body) {
+        Ok(request) => request,
         Err(e) => return error_json(&e),
     };
     render_built(&request)
 }
 
-fn render_built(request: &reqwest::Request) -> Value {
-    assert_eq!(request.method(), reqwest::Method::POST);
-    let url = request.url().to_string();
+fn render_built(request: &axum::http::Request<axum::body::Bytes>) -> Value {
+    assert_eq!(request.method(), axum::http::Method::POST);
+    let url = request.uri().to_string();
     assert!(!url.contains(KEY), "the API key is in the URL");
     let mut headers = serde_json::Map::new();
     for (name, value) in request.headers() {
         let value = value.to_str().unwrap();
         headers.insert(name.to_string(), json!(value.replace(KEY, "<key>")));
     }
-    let body = request.body().and_then(|b| b.as_bytes()).unwrap();
-    let text = std::str::from_utf8(body).unwrap();
+    let text = std::str::from_utf8(request.body()).unwrap();
     assert!(!text.contains(KEY), "the API key is in the body");
     json!({
         "url": url,
@@ -282,7 +280,23 @@ fn golden_responses() {
             let request_path = dir.join(format!("{stem}.request.json"));
             let request = request_path.exists().then(|| read_json(&request_path));
             let body = std::fs::read(&input).unwrap();
-            let mut actual = match up.parse_response_for(op, request.as_ref(), &body) {
+            let parsed = up.parse_response_for(op, request.as_ref(), &body);
+            // The verbatim check reads what the whole parse would have: it accepts exactly the
+            // answers the parse accepts, with the same usage and list length.
+            match (up.check_verbatim(op, &body), &parsed) {
+                (Some(check), Ok(v)) => {
+                    assert_eq!(check.usage, usage_of(v), "{provider}/{stem}");
+                    assert_eq!(
+                        Some(check.items),
+                        v.get(check.list).and_then(Value::as_array).map(Vec::len),
+                        "{provider}/{stem}"
+                    );
+                }
+                (Some(_), Err(e)) => panic!("{provider}/{stem}: checked, but the parse says {e}"),
+                (None, Ok(_)) => assert!(!up.answers_verbatim(op), "{provider}/{stem}"),
+                (None, Err(_)) => {}
+            }
+            let mut actual = match parsed {
                 Ok(v) => v,
                 Err(e) => error_json(&e),
             };
@@ -299,6 +313,53 @@ fn golden_responses() {
         }
     }
     assert!(checked >= 12, "only {checked} response fixtures");
+}
+
+#[test]
+fn verbatim_check_leaves_odd_answers_to_the_parse() {
+    let up = upstream(Provider::Openai);
+    for (op, body) in [
+        (Operation::Chat, &b"not json"[..]),
+        (Operation::Chat, b"[1]"),
+        (Operation::Chat, br#"{"choices": "x"}"#),
+        (Operation::Chat, br#"{"choices": null}"#),
+        (Operation::Chat, br#"{"error": {"message": "quota"}}"#),
+        (Operation::Chat, br#"{"data": []}"#),
+        (Operation::Embeddings, br#"{"choices": []}"#),
+        (Operation::Chat, br#"{"choices": [], "choices": []}"#),
+        (Operation::Chat, br#"{"choices": [], "x_groq": 3}"#),
+    ] {
+        assert_eq!(
+            up.check_verbatim(op, body),
+            None,
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    for (body, usage) in [
+        (&br#"{"choices": [{}, {}], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}"#[..],
+         Some((3, 4, 7))),
+        (br#"{"choices": [], "x_groq": {"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 9}}}"#,
+         Some((1, 2, 9))),
+        (br#"{"choices": [], "usage": null, "usageMetadata": {"promptTokenCount": 5}}"#,
+         Some((5, 0, 5))),
+        (br#"{"choices": [{"message": {"content": "\u00e9"}}], "extra": {"deep": [1, {"a": null}]}}"#,
+         None),
+    ] {
+        let check = up.check_verbatim(Operation::Chat, body).expect("a right answer");
+        let parsed = up.parse_response(Operation::Chat, body).unwrap();
+        assert_eq!(check.usage, usage_of(&parsed));
+        assert_eq!(
+            check.usage.map(|u| (u.input_tokens, u.output_tokens, u.total_tokens)),
+            usage
+        );
+        assert_eq!(check.items, parsed["choices"].as_array().unwrap().len());
+    }
+    // Answers that are converted are never passed on as they are.
+    assert_eq!(
+        upstream(Provider::Anthropic).check_verbatim(Operation::Chat, br#"{"choices": []}"#),
+        None
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -437,11 +498,8 @@ fn error_message_of_a_long_text_body_is_truncated() {
 // ---------------------------------------------------------------------------------------------
 // Request building: URLs, headers, keys
 
-fn build(up: &Upstream, op: Operation, body: Value) -> reqwest::Request {
-    up.build_request(&reqwest::Client::new(), op, &body)
-        .unwrap()
-        .build()
-        .unwrap()
+fn build(up: &Upstream, op: Operation, body: Value) -> axum::http::Request<axum::body::Bytes> {
+    up.build_request(op, &body).unwrap()
 }
 
 fn chat_body() -> Value {
@@ -455,7 +513,7 @@ fn url_of(provider: Provider, api_base: Option<&str>, op: Operation, body: Value
         m.deployment = Some("dep".into());
     }
     let up = Upstream::new(&m, Some(KEY.into())).unwrap();
-    build(&up, op, body).url().to_string()
+    build(&up, op, body).uri().to_string()
 }
 
 #[test]
@@ -612,7 +670,7 @@ fn api_base_with_or_without_trailing_slash_and_version() {
     m.api_base = None;
     let up = Upstream::new(&m, None).unwrap();
     assert_eq!(
-        build(&up, chat, chat_body()).url().as_str(),
+        build(&up, chat, chat_body()).uri().to_string(),
         "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-pro:generateContent"
     );
 }
@@ -625,7 +683,7 @@ fn azure_api_version_is_configurable() {
     m.api_version = Some("2025-01-01-preview".into());
     let up = Upstream::new(&m, Some(KEY.into())).unwrap();
     assert_eq!(
-        build(&up, Operation::Chat, chat_body()).url().as_str(),
+        build(&up, Operation::Chat, chat_body()).uri().to_string(),
         "https://res.openai.azure.com/openai/deployments/dep/chat/completions?api-version=2025-01-01-preview"
     );
 }
@@ -653,9 +711,8 @@ fn the_api_key_goes_only_into_the_provider_auth_header() {
         assert_eq!(request.headers()[header], value.as_str());
         assert!(request.headers()[header].is_sensitive());
         assert_eq!(request.headers()["content-type"], "application/json");
-        assert!(!request.url().as_str().contains(KEY));
-        let body = request.body().and_then(|b| b.as_bytes()).unwrap();
-        assert!(!String::from_utf8_lossy(body).contains(KEY));
+        assert!(!request.uri().to_string().contains(KEY));
+        assert!(!String::from_utf8_lossy(request.body()).contains(KEY));
         // Debug of the request (e.g. in a log line) hides it too.
         assert!(!format!("{request:?}").contains(KEY), "{provider:?}");
     }
@@ -734,7 +791,7 @@ fn upstream_resolution_and_config_errors() {
 
     let bad_key = Upstream::new(&model(Provider::Openai, "m"), Some("bad\nkey".into())).unwrap();
     let err = bad_key
-        .build_request(&reqwest::Client::new(), Operation::Chat, &chat_body())
+        .build_request(Operation::Chat, &chat_body())
         .unwrap_err();
     assert!(matches!(err, ProviderError::Config(_)));
     assert!(!err.to_string().contains("bad\nkey"));
@@ -759,11 +816,7 @@ fn supported_operations() {
     assert!(anthropic.supports(Operation::Completions));
     assert!(!anthropic.supports(Operation::Embeddings));
     let err = anthropic
-        .build_request(
-            &reqwest::Client::new(),
-            Operation::Embeddings,
-            &json!({"input": "x"}),
-        )
+        .build_request(Operation::Embeddings, &json!({"input": "x"}))
         .unwrap_err();
     assert!(matches!(err, ProviderError::Unsupported(_)));
 }
@@ -772,7 +825,7 @@ fn supported_operations() {
 fn a_body_that_is_not_an_object_is_invalid() {
     for provider in [Provider::Openai, Provider::Anthropic, Provider::Gemini] {
         let err = upstream(provider)
-            .build_request(&reqwest::Client::new(), Operation::Chat, &json!([1]))
+            .build_request(Operation::Chat, &json!([1]))
             .unwrap_err();
         assert!(
             matches!(err, ProviderError::InvalidRequest(_)),
@@ -792,11 +845,7 @@ fn anthropic_passthrough_replaces_only_the_model() {
         "thinking": {"type": "enabled", "budget_tokens": 2048},
     });
     let up = upstream(Provider::Anthropic);
-    let request = up
-        .build_anthropic_passthrough(&reqwest::Client::new(), &body)
-        .unwrap()
-        .build()
-        .unwrap();
+    let request = up.build_anthropic_passthrough(&body).unwrap();
     let rendered = render_built(&request);
     let mut expected_body = body.clone();
     expected_body["model"] = json!("claude-sonnet-4-5");
@@ -814,7 +863,7 @@ fn anthropic_passthrough_replaces_only_the_model() {
     );
     for provider in [Provider::Openai, Provider::Gemini, Provider::Azure] {
         let err = upstream(provider)
-            .build_anthropic_passthrough(&reqwest::Client::new(), &body)
+            .build_anthropic_passthrough(&body)
             .unwrap_err();
         assert!(matches!(err, ProviderError::Unsupported(_)), "{provider:?}");
     }
