@@ -1283,7 +1283,6 @@ impl ExportThread {
         let started = std::thread::Builder::new()
             .name("trace-export".to_string())
             .spawn(move || {
-                lower_priority();
                 runtime.block_on(async {
                     let _ = stopped.await;
                 });
@@ -1300,33 +1299,6 @@ impl ExportThread {
         }
     }
 }
-
-/// The nice value of the export thread: when the CPUs are busy, the threads that serve requests
-/// go first, and traces that cannot be exported in time are dropped at their start (counted),
-/// instead of requests waiting for the exporter.
-const EXPORT_THREAD_NICE: libc::c_int = 10;
-
-/// Lowers the calling thread's priority to [`EXPORT_THREAD_NICE`] (Linux: the nice value is
-/// per thread). Raising one's own nice value needs no privilege; if it fails anyway, the thread
-/// keeps the normal priority.
-#[cfg(target_os = "linux")]
-fn lower_priority() {
-    // SAFETY: gettid takes nothing and returns this thread's id; setpriority only reads its
-    // integer arguments and changes that thread's nice value.
-    let rc = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, EXPORT_THREAD_NICE)
-    };
-    if rc != 0 {
-        tracing::debug!(
-            error = %std::io::Error::last_os_error(),
-            "the trace-export thread keeps the normal priority"
-        );
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn lower_priority() {}
 
 impl fmt::Debug for Counters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
