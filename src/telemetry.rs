@@ -586,12 +586,14 @@ impl Invocation {
 
     /// [`Invocation::outputs`] of a response whose JSON text is at hand (`json`, the text
     /// `value` was parsed from, as the provider sent it): that text is kept, not serialized again.
-    pub fn outputs_of(&self, value: &serde_json::Value, json: Option<&str>) -> Outputs {
+    pub fn outputs_of(&self, value: &serde_json::Value, json: Option<&[u8]>) -> Outputs {
         let Some(inv) = &self.inner else {
             return Outputs(None);
         };
         let text = match json {
-            Some(json) if inv.telemetry.capture_content => cut_content(Cow::Borrowed(json)),
+            Some(json) if inv.telemetry.capture_content => {
+                cut_content(String::from_utf8_lossy(json))
+            }
             _ => content_attribute(value, inv.telemetry.capture_content),
         };
         Outputs(Some(StringValue::from(Arc::<str>::from(text))))

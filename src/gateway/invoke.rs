@@ -452,8 +452,7 @@ impl Answer {
     fn outputs(&self, invocation: &Invocation) -> crate::telemetry::Outputs {
         match self {
             Answer::Parsed { response, verbatim } => {
-                let text = verbatim.as_ref().and_then(|b| std::str::from_utf8(b).ok());
-                invocation.outputs_of(response, text)
+                invocation.outputs_of(response, verbatim.as_deref())
             }
             Answer::Checked { bytes, check } => {
                 invocation.outputs_of_json(bytes, &[(check.list, check.items)])

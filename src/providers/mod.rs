@@ -544,17 +544,22 @@ pub fn usage_of(v: &Value) -> Option<Usage> {
     if let Some(usage) = u.and_then(usage_of_fields) {
         return Some(usage);
     }
-    let num = |u: &Value, key: &str| u.get(key).and_then(Value::as_u64);
-    let m = v.get("usageMetadata").filter(|m| m.is_object())?;
-    let input =
-        num(m, "promptTokenCount").unwrap_or(0) + num(m, "toolUsePromptTokenCount").unwrap_or(0);
-    let output =
-        num(m, "candidatesTokenCount").unwrap_or(0) + num(m, "thoughtsTokenCount").unwrap_or(0);
-    Some(Usage {
+    v.get("usageMetadata")
+        .filter(|m| m.is_object())
+        .map(usage_of_metadata)
+}
+
+/// Usage from Gemini's `usageMetadata` object (tool-use prompt tokens count as input, thoughts as
+/// output).
+pub(crate) fn usage_of_metadata(m: &Value) -> Usage {
+    let num = |key: &str| m.get(key).and_then(Value::as_u64);
+    let input = num("promptTokenCount").unwrap_or(0) + num("toolUsePromptTokenCount").unwrap_or(0);
+    let output = num("candidatesTokenCount").unwrap_or(0) + num("thoughtsTokenCount").unwrap_or(0);
+    Usage {
         input_tokens: input,
         output_tokens: output,
-        total_tokens: num(m, "totalTokenCount").unwrap_or(input + output),
-    })
+        total_tokens: num("totalTokenCount").unwrap_or(input + output),
+    }
 }
 
 /// Usage from a `usage` object: OpenAI's `prompt_tokens`/`completion_tokens`/`total_tokens`, or

@@ -21,7 +21,7 @@ use super::sse::SseEvent;
 use super::{
     Body, Operation, Prepared, ProviderError, Upstream, Usage, bad_upstream,
     chat_response_to_completion, completions_to_chat, invalid, join_url, message_of_error_body,
-    usage_of_fields,
+    usage_of_fields, usage_of_metadata,
 };
 use crate::api::Provider;
 
@@ -218,8 +218,10 @@ pub(crate) fn check(op: Operation, body: &[u8]) -> Option<Checked> {
     .find(Value::is_object)
     .and_then(|u| usage_of_fields(&u))
     .or_else(|| {
-        let m = shape.usage_metadata.filter(Value::is_object)?;
-        super::usage_of(&json!({ "usageMetadata": m }))
+        shape
+            .usage_metadata
+            .filter(Value::is_object)
+            .map(|m| usage_of_metadata(&m))
     });
     Some(Checked {
         list,
