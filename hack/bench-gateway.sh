@@ -7,6 +7,10 @@
 #   this gateway, off    wrk -> `mlflow-gateway-operator gateway` (usageTracking: false) -> fake
 #   this gateway, on     same with usageTracking: true, traces exported to a real MLflow server
 #                        (on the same cores: its CPU seconds are reported with the traces)
+#   on, MLflow niced     the same with that MLflow server (and its workers) at nice 19: it takes
+#                        only CPU the rest leaves idle, as a tracking server on other machines
+#                        would. The gateway's cost is what a production deployment would see
+#                        (it builds whole traces only for those the server can store)
 #   this gateway, sink   same, but exporting to a sink (nginx answering 200 to the OTLP and
 #                        trace-info requests at once) instead of MLflow: every trace is
 #                        exported, so this row is the gateway's own whole cost of tracing,
@@ -35,7 +39,7 @@
 #   BENCH_TIMEOUT=10         wrk request timeout, s (slower answers count as errors and are
 #                            missing from wrk's percentiles, so it is well above any p99 seen)
 #   BENCH_NGINX_WORKERS=auto worker_processes of each nginx (auto = one per core)
-#   BENCH_TARGETS="direct nginx off on sink mlflow"   rows to run (direct is needed for "added")
+#   BENCH_TARGETS="direct nginx off on on-nice sink mlflow"   rows to run (direct is needed for "added")
 #   BENCH_BUILD=1            0: do not run `cargo build --release --locked` first
 #   BENCH_BIN=FILE           the gateway binary (default: target/release/mlflow-gateway-operator)
 #   BENCH_RUST_LOG=          RUST_LOG of the gateway (default: unset, i.e. its default, info;
@@ -54,7 +58,7 @@ conns=${BENCH_CONNECTIONS:-32 128}
 threads=${BENCH_THREADS:-2}
 wrk_timeout=${BENCH_TIMEOUT:-10}
 nginx_workers=${BENCH_NGINX_WORKERS:-auto}
-targets=" ${BENCH_TARGETS:-direct nginx off on sink mlflow} "
+targets=" ${BENCH_TARGETS:-direct nginx off on on-nice sink mlflow} "
 drain_timeout=${BENCH_DRAIN_TIMEOUT:-120}
 bin=${BENCH_BIN:-$REPO_ROOT/target/release/mlflow-gateway-operator}
 want() { [[ $targets == *" $1 "* ]]; }
@@ -276,7 +280,7 @@ done
 
 # --- MLflow servers ---------------------------------------------------------------------------
 # Two, so that the MLflow gateway's traffic and our gateway's trace ingestion never share one:
-#   mlflow-traces  receives this gateway's traces (tracing-on row), plain `hack/mlflow.sh up`
+#   mlflow-traces-ROW  receives this gateway's traces (tracing-on rows), plain `hack/mlflow.sh up`
 #   mlflow-gw      hosts MLflow's AI gateway endpoint; only this one may call a loopback,
 #                  plain-http upstream (MLflow's SSRF policy is relaxed for it alone)
 # Both: `mlflow server --workers 2` (uvicorn) as hack/mlflow.sh starts it, sqlite, telemetry off.
@@ -365,15 +369,21 @@ bench() {
     log "$label, $c connections, ${duration}s"
     side0=0; [ -n "${side_pid:-}" ] && side0=$(cpu_seconds "$side_pid")
     cpu0=$(cpu_seconds "$@")
+    stat0=$(head -1 /proc/stat)
     BENCH_MODEL=$model run_fg "$run/wrk-$row-$c.txt" timeout $((duration + wrk_timeout + 30)) \
       wrk -t"$threads" -c"$c" -d"${duration}s" --timeout "${wrk_timeout}s" --latency -s "$run/chat.lua" "$url" \
       || log "warning: wrk exited with $? ($run/wrk-$row-$c.txt)"
     cpu1=$(cpu_seconds "$@")
+    stat1=$(head -1 /proc/stat)
     side1=0; [ -n "${side_pid:-}" ] && side1=$(cpu_seconds "$side_pid")
     out=$(parse_wrk "$run/wrk-$row-$c.txt")
     requests_sent=$((requests_sent + $(jget requests <<<"$out")))
-    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(row=sys.argv[2], label=sys.argv[3], conc=int(sys.argv[4]), cpu_s=float(sys.argv[6])-float(sys.argv[5]), side_cpu_s=float(sys.argv[8])-float(sys.argv[7])); print(json.dumps(r))' \
-      "$out" "$row" "$label" "$c" "$cpu0" "$cpu1" "$side0" "$side1" >>"$results"
+    # steal: the share of the machine's CPU time the hypervisor gave to others during the run
+    # (the 8th field of /proc/stat's cpu line); figures of a run with much of it are not comparable.
+    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(row=sys.argv[2], label=sys.argv[3], conc=int(sys.argv[4]), cpu_s=float(sys.argv[6])-float(sys.argv[5]), side_cpu_s=float(sys.argv[8])-float(sys.argv[7]))
+d=[int(b)-int(a) for a, b in zip(sys.argv[9].split()[1:9], sys.argv[10].split()[1:9])]
+r.update(steal_pct=100.0*d[7]/max(1, sum(d))); print(json.dumps(r))' \
+      "$out" "$row" "$label" "$c" "$cpu0" "$cpu1" "$side0" "$side1" "$stat0" "$stat1" >>"$results"
     "${between_runs:-true}"
   done
 }
@@ -427,7 +437,7 @@ gw_drain() {
   log "waiting for trace export to drain (at most $drain_timeout s)"
   while [ $SECONDS -lt $deadline ]; do
     q=$(gw_metric "$gw_port" mlflow_gateway_trace_export_queue_spans)
-    n=$(gw_metric "$gw_port" mlflow_gateway_traces_exported_total)/$(count_traces mlflow-traces "$gw_exp")
+    n=$(gw_metric "$gw_port" mlflow_gateway_traces_exported_total)/$(count_traces "$traces_name" "$gw_exp")
     [ "$q" = 0 ] && [ "$n" = "$prev" ] && return 0
     prev=$n; sleep 2
   done
@@ -456,32 +466,46 @@ if want off; then
     stop_pid "$gw_pid"
   else skip off "this gateway, tracing off" "no gateway subcommand in $bin"; fi
 fi
-if want on; then
-  if [ -n "$have_gateway" ]; then
-    log "starting the MLflow server that receives this gateway's traces"
-    mlflow_up mlflow-traces
-    traces_uri=$(mlflow_env mlflow-traces MLFLOW_TRACKING_URI)
-    gw_exp=$(post_json "$traces_uri/api/2.0/mlflow/experiments/create" '{"name":"bench-gateway"}' | jget experiment_id)
-    traces_pid=$(mlflow_env mlflow-traces MLFLOW_PID)
-    traces_cpu0=$(cpu_seconds "$traces_pid")
-    between_runs=gw_drain
-    side_pid=$traces_pid # MLflow's CPU during each measured run, reported beside it
-    run_gateway on "this gateway, tracing on" true MLFLOW_TRACKING_URI="$traces_uri" MLFLOW_EXPERIMENT_ID="$gw_exp"
-    between_runs=true
-    side_pid=""
-    if curl -fsS -o /dev/null "http://127.0.0.1:$gw_port/metrics"; then
-      m() { gw_metric "$gw_port" "$1"; }
-      trace_note on "$(trace_stats mlflow-traces "$gw_exp")" "$(printf \
-        '{"answered":%s,"wrk_completed":%s,"exported":%s,"spans_exported":%s,"dropped":%s,"dropped_traces":%s,"failed":%s,"experiment":"%s","receiver_cpu_s":%s}' \
-        "$(m mlflow_gateway_requests_total)" "$requests_sent" "$(m mlflow_gateway_traces_exported_total)" \
-        "$(m mlflow_gateway_spans_exported_total)" "$(m mlflow_gateway_spans_dropped_total)" \
-        "$(m mlflow_gateway_traces_dropped_total)" "$(m mlflow_gateway_spans_export_failed_total)" "$gw_exp" \
-        "$(python3 -c 'import sys; print(float(sys.argv[2]) - float(sys.argv[1]))' "$traces_cpu0" "$(cpu_seconds "$traces_pid")")")"
-    fi
-    stop_pid "$gw_pid"
-    hack/mlflow.sh stop "$run/mlflow-traces" >/dev/null 2>&1 || true # free its CPU for the next row
-  else skip on "this gateway, tracing on" "no gateway subcommand in $bin"; fi
-fi
+descendants() { local p; for p in $(pgrep -P "$1"); do echo "$p"; descendants "$p"; done; }
+# ROW LABEL NICE: this gateway with tracing on, exporting to a fresh MLflow server whose processes
+# (the server and its uvicorn workers) run at niceness NICE.
+run_traced_mlflow() {
+  local row=$1 label=$2 nice=$3 name=mlflow-traces-$1
+  log "starting the MLflow server that receives this gateway's traces ($row, nice $nice)"
+  mlflow_up "$name"
+  traces_uri=$(mlflow_env "$name" MLFLOW_TRACKING_URI)
+  traces_name=$name
+  gw_exp=$(post_json "$traces_uri/api/2.0/mlflow/experiments/create" '{"name":"bench-gateway"}' | jget experiment_id)
+  traces_pid=$(mlflow_env "$name" MLFLOW_PID)
+  if [ "$nice" != 0 ]; then
+    # shellcheck disable=SC2046 # one pid per word
+    renice -n "$nice" -p "$traces_pid" $(descendants "$traces_pid") >/dev/null
+  fi
+  traces_cpu0=$(cpu_seconds "$traces_pid")
+  between_runs=gw_drain
+  side_pid=$traces_pid # MLflow's CPU during each measured run, reported beside it
+  run_gateway "$row" "$label" true MLFLOW_TRACKING_URI="$traces_uri" MLFLOW_EXPERIMENT_ID="$gw_exp"
+  between_runs=true
+  side_pid=""
+  if curl -fsS -o /dev/null "http://127.0.0.1:$gw_port/metrics"; then
+    m() { gw_metric "$gw_port" "$1"; }
+    trace_note "$row" "$(trace_stats "$name" "$gw_exp")" "$(printf \
+      '{"answered":%s,"wrk_completed":%s,"exported":%s,"spans_exported":%s,"dropped":%s,"dropped_traces":%s,"failed":%s,"experiment":"%s","receiver_cpu_s":%s,"nice":%s}' \
+      "$(m mlflow_gateway_requests_total)" "$requests_sent" "$(m mlflow_gateway_traces_exported_total)" \
+      "$(m mlflow_gateway_spans_exported_total)" "$(m mlflow_gateway_spans_dropped_total)" \
+      "$(m mlflow_gateway_traces_dropped_total)" "$(m mlflow_gateway_spans_export_failed_total)" "$gw_exp" \
+      "$(python3 -c 'import sys; print(float(sys.argv[2]) - float(sys.argv[1]))' "$traces_cpu0" "$(cpu_seconds "$traces_pid")")" "$nice")"
+  fi
+  stop_pid "$gw_pid"
+  hack/mlflow.sh stop "$run/$name" >/dev/null 2>&1 || true # free its CPU for the next row
+}
+for row in on on-nice; do
+  want "$row" || continue
+  if [ "$row" = on ]; then label="this gateway, tracing on"; nice=0
+  else label="this gateway, on, MLflow niced"; nice=19; fi
+  if [ -n "$have_gateway" ]; then run_traced_mlflow "$row" "$label" "$nice"
+  else skip "$row" "$label" "no gateway subcommand in $bin"; fi
+done
 
 if want sink; then
   if [ -n "$have_gateway" ]; then
@@ -582,7 +606,7 @@ by = {(r["row"], r["conc"]): r for r in rows}
 concs = sorted({r["conc"] for r in rows})
 print(f"gateway benchmark: wrk, {threads} threads, {duration} s per run (+{warmup} s warm-up), "
       f"fixed {size}-byte response, {ncpu} CPUs, nginx worker_processes {nginx_workers}")
-head = f"{'target':<30} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'cpu us/req':>10}  added p50/p99 vs direct"
+head = f"{'target':<30} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'cpu us/req':>10} {'steal':>5}  added p50/p99 vs direct"
 print(head)
 print("-" * len(head))
 for c in concs:
@@ -600,13 +624,14 @@ for c in concs:
             added = f"{r['p50'] - d['p50']:+.3f} / {r['p99'] - d['p99']:+.3f} ms"
         p50 = f"{r['p50']:.3f}" if "p50" in r else "-"
         p99 = f"{r['p99']:.3f}" if "p99" in r else "-"
-        print(f"{r['label']:<30} {c:>4} {r['rps']:>9.0f} {p50:>8} {p99:>8} {errs:>7} {cpu:>10}  {added}")
+        steal = f"{r['steal_pct']:.0f}%" if "steal_pct" in r else "-"
+        print(f"{r['label']:<30} {c:>4} {r['rps']:>9.0f} {p50:>8} {p99:>8} {errs:>7} {cpu:>10} {steal:>5}  {added}")
     print()
 side = [r for r in rows if r.get("side_cpu_s") and r.get("requests")]
 if side:
     print("trace receiver's CPU during the measured runs (on the same cores as everything above):")
     for r in side:
-        who = "MLflow" if r["row"] == "on" else "the sink (nginx)"
+        who = "MLflow" if r["row"].startswith("on") else "the sink (nginx)"
         print(f"  {r['label']}, conc {r['conc']}: {who} used {r['side_cpu_s']:.1f} CPU s in {duration} s"
               f" ({r['side_cpu_s'] / (float(duration) * int(ncpu)) * 100:.0f}% of {ncpu} cores), the gateway {r['cpu_s']:.1f} CPU s")
     print()
@@ -619,30 +644,31 @@ def verdict(ok):
 def share(row):
     t = traces.get(row, {})
     return t["exported"] / t["answered"] * 100 if t.get("answered") else None
-on_share, sink_share = share("on"), share("sink")
+sink_share = share("sink")
 lines = []
 for c in concs:
-    on, off, ml, ng = rps("on", c), rps("off", c), rps("mlflow", c), rps("nginx", c)
-    sk = rps("sink", c)
+    off, ml, ng, sk = rps("off", c), rps("mlflow", c), rps("nginx", c), rps("sink", c)
     parts = []
-    if on and ml:
-        parts.append(f"this gateway (tracing on) / MLflow gateway = {on / ml:.1f}x (target >= 10x: {verdict(on / ml >= 10)})")
-    if on and off:
-        cost = (off - on) / off * 100
-        share = f"; {on_share:.1f}% of its traces were exported" if on_share is not None else ""
-        parts.append(f"tracing cost = {cost:.1f}% (target < 10%: {verdict(cost < 10)}{share})")
+    for row, what in (("on", "tracing on"), ("on-nice", "tracing on, MLflow niced")):
+        on, on_share = rps(row, c), share(row)
+        if on and ml:
+            parts.append(f"this gateway ({what}) / MLflow gateway = {on / ml:.1f}x (target >= 10x: {verdict(on / ml >= 10)})")
+        if on and off:
+            cost = (off - on) / off * 100
+            shared = f"; {on_share:.1f}% of its traces were exported" if on_share is not None else ""
+            parts.append(f"cost of {what} = {cost:.1f}% (target < 10%: {verdict(cost < 10)}{shared})")
+        if on and ng:
+            parts.append(f"{what} vs nginx proxy = {on / ng * 100:.0f}% (target >= 50%: {verdict(on / ng >= 0.5)})")
     if sk and off:
         cost = (off - sk) / off * 100
         exp = f"; {sink_share:.1f}% of its traces were exported" if sink_share is not None else ""
         parts.append(f"tracing cost, sink instead of MLflow = {cost:.1f}% (target < 10%: {verdict(cost < 10)}{exp})")
-    if on and ng:
-        parts.append(f"vs nginx proxy = {on / ng * 100:.0f}% (target >= 50%: {verdict(on / ng >= 0.5)})")
     if sk and ng:
         parts.append(f"vs nginx proxy, sink = {sk / ng * 100:.0f}%")
     if off and ng:
         parts.append(f"vs nginx proxy, tracing off = {off / ng * 100:.0f}%")
     d = direct.get(c)
-    for row in ("off", "on", "sink"):
+    for row in ("off", "on", "on-nice", "sink"):
         r = by.get((row, c))
         if c == 32 and r and d and "p99" in r and "p99" in d:
             a = r["p99"] - d["p99"]
@@ -654,13 +680,15 @@ if lines:
     print("\n".join(lines))
 if traces:
     print("traces:")
-t = traces.get("on")
-if t:
-    print(f"  this gateway, tracing on: {t['answered']} requests answered (its requests counter; wrk completed {t['wrk_completed']}"
-          f" incl. warm-ups); exported {t['exported']} traces ({on_share:.1f}% of them; root span and trace info stored),"
+for row, what in (("on", "this gateway, tracing on"), ("on-nice", "this gateway, tracing on, MLflow niced")):
+    t = traces.get(row)
+    if not t:
+        continue
+    print(f"  {what}: {t['answered']} requests answered (its requests counter; wrk completed {t['wrk_completed']}"
+          f" incl. warm-ups); exported {t['exported']} traces ({share(row):.1f}% of them; root span and trace info stored),"
           f" {t['spans_exported']} spans; dropped {t.get('dropped_traces', 0)} traces whole at their start and"
           f" {t['dropped']} spans in all (export queue full); failed {t['failed']} spans (MLflow did not accept)")
-    print(f"    MLflow (experiment {t['experiment']}) holds {t['stored']} traces ({t['rooted']} with their root span),"
+    print(f"    MLflow (experiment {t['experiment']}, nice {t.get('nice', 0)}) holds {t['stored']} traces ({t['rooted']} with their root span),"
           f" {t['spans_stored']} spans; that server (--workers 2) used {t['receiver_cpu_s']:.1f} CPU s meanwhile,"
           f" on the same cores")
 t = traces.get("sink")
@@ -679,5 +707,6 @@ for r in rows:
         print(f"note: {r['label']} at conc {r['conc']} completed {r['requests']} requests, under 2 per connection:"
               f" its req/s and percentiles are coarse (a longer BENCH_DURATION steadies them)")
 print("errors = non-2xx answers + socket errors (connect/read/write/timeout); cpu us/req = CPU time of the"
-      " server under test (the proxy alone, not the fake) during the measured run / requests")
+      " server under test (the proxy alone, not the fake) during the measured run / requests; steal = CPU time"
+      " the hypervisor took from this machine during the run (rows with much of it are not comparable)")
 PY
