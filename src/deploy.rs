@@ -37,6 +37,8 @@ pub const ANNOTATION_CONFIG_HASH: &str = "mlflow-gateway.dev/config-hash";
 pub const ANNOTATION_APPLIED: &str = "mlflow-gateway.dev/applied";
 /// The ConfigMap key the endpoint manifest is stored under, and where the pods mount it.
 pub const CONFIG_KEY: &str = "endpoint.yaml";
+/// Key (and file, beside the config) of the CA bundle the pods trust for the tracking server.
+pub const CA_BUNDLE_KEY: &str = "mlflow-ca.crt";
 pub const CONFIG_DIR: &str = "/etc/mlflow-gateway";
 /// The gateway container's port.
 pub const CONTAINER_PORT: i32 = 8080;
@@ -56,6 +58,9 @@ pub struct GatewayDefaults {
     pub tracking_uri: String,
     /// `MLFLOW_TRACKING_INSECURE_TLS=true` in the pods.
     pub insecure_tls: bool,
+    /// A PEM CA bundle the pods trust for the tracking server: put in each endpoint's ConfigMap,
+    /// beside the config, with `MLFLOW_TRACKING_SERVER_CERT_PATH` naming it. Public, not secret.
+    pub ca_bundle: Option<String>,
     /// Requests and limits of the gateway container.
     pub resources: ResourceRequirements,
 }
@@ -196,13 +201,15 @@ pub fn endpoint_config(ep: &GatewayEndpoint) -> Result<String, serde_yaml::Error
     serde_yaml::to_string(&manifest)
 }
 
-pub fn config_map(ep: &GatewayEndpoint, config: &str) -> ConfigMap {
+/// The endpoint's ConfigMap: its config and, if the pods are given one, the CA bundle.
+pub fn config_map(ep: &GatewayEndpoint, config: &str, ca_bundle: Option<&str>) -> ConfigMap {
+    let mut data = BTreeMap::from([(CONFIG_KEY.to_string(), config.to_string())]);
+    if let Some(pem) = ca_bundle {
+        data.insert(CA_BUNDLE_KEY.to_string(), pem.to_string());
+    }
     ConfigMap {
         metadata: metadata(ep, object_name(ep)),
-        data: Some(BTreeMap::from([(
-            CONFIG_KEY.to_string(),
-            config.to_string(),
-        )])),
+        data: Some(data),
         ..Default::default()
     }
 }
@@ -308,6 +315,12 @@ pub fn environment(
         env.push(plain_env("MLFLOW_EXPERIMENT_ID", experiment_id));
         if defaults.insecure_tls {
             env.push(plain_env("MLFLOW_TRACKING_INSECURE_TLS", "true"));
+        }
+        if defaults.ca_bundle.is_some() {
+            env.push(plain_env(
+                crate::mlflow::ENV_SERVER_CERT_PATH,
+                &format!("{CONFIG_DIR}/{CA_BUNDLE_KEY}"),
+            ));
         }
         match &inputs.credential {
             TraceCredential::None => {}
@@ -490,10 +503,19 @@ fn sha256_hex(parts: &[&[u8]]) -> String {
         .collect()
 }
 
-/// What the pods read at start that is not in their template: the endpoint config and the
-/// versions of the Secrets their variables come from (name -> resourceVersion).
-pub fn config_hash(config: &str, secret_versions: &BTreeMap<String, String>) -> String {
+/// What the pods read at start that is not in their template: the endpoint config, the CA
+/// bundle, and the versions of the Secrets their variables come from (name -> resourceVersion).
+pub fn config_hash(
+    config: &str,
+    ca_bundle: Option<&str>,
+    secret_versions: &BTreeMap<String, String>,
+) -> String {
+    // Without a CA bundle the parts are odd in number, with one even: no two inputs collide, and
+    // the hash of an endpoint without one is what it was before CA bundles existed.
     let mut parts: Vec<&[u8]> = vec![config.as_bytes()];
+    if let Some(pem) = ca_bundle {
+        parts.push(pem.as_bytes());
+    }
     for (name, version) in secret_versions {
         parts.push(name.as_bytes());
         parts.push(version.as_bytes());
@@ -600,6 +622,7 @@ spec:
             image: "example.com/mgo:1".into(),
             tracking_uri: "http://mlflow.mlflow.svc:5000".into(),
             insecure_tls: false,
+            ca_bundle: None,
             resources: default_resources(),
         }
     }
@@ -757,7 +780,7 @@ spec:
     fn every_object_is_owned_by_the_endpoint() {
         let ep = endpoint("");
         let d = deployment(&ep, &defaults(), &inputs(TraceCredential::None));
-        let cm = config_map(&ep, "x");
+        let cm = config_map(&ep, "x", None);
         let svc = service(&ep);
         for meta in [&d.metadata, &cm.metadata, &svc.metadata] {
             assert!(is_owned_by(meta, &ep));
@@ -773,9 +796,45 @@ spec:
     fn config_hash_changes_with_config_and_secret_versions_only() {
         let v1 = BTreeMap::from([("llm-keys".to_string(), "100".to_string())]);
         let v2 = BTreeMap::from([("llm-keys".to_string(), "101".to_string())]);
-        assert_eq!(config_hash("a", &v1), config_hash("a", &v1));
-        assert_ne!(config_hash("a", &v1), config_hash("a", &v2));
-        assert_ne!(config_hash("a", &v1), config_hash("b", &v1));
+        assert_eq!(config_hash("a", None, &v1), config_hash("a", None, &v1));
+        assert_ne!(config_hash("a", None, &v1), config_hash("a", None, &v2));
+        assert_ne!(config_hash("a", None, &v1), config_hash("b", None, &v1));
+        assert_ne!(
+            config_hash("a", Some("CA1"), &v1),
+            config_hash("a", Some("CA2"), &v1)
+        );
+        assert_ne!(config_hash("a", None, &v1), config_hash("a", Some(""), &v1));
+    }
+
+    #[test]
+    fn a_ca_bundle_goes_beside_the_config_and_the_pods_are_told_where() {
+        let ep = endpoint("");
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let cm = config_map(&ep, "x", Some(pem));
+        assert_eq!(cm.data.as_ref().unwrap()[CA_BUNDLE_KEY], pem);
+        let mut with_ca = defaults();
+        with_ca.ca_bundle = Some(pem.to_string());
+        let cert_path = |defaults: &GatewayDefaults, experiment: Option<&str>| {
+            let mut i = inputs(TraceCredential::None);
+            i.experiment_id = experiment.map(str::to_string);
+            environment(&ep, defaults, &i)
+                .into_iter()
+                .find(|e| e.name == "MLFLOW_TRACKING_SERVER_CERT_PATH")
+                .and_then(|e| e.value)
+        };
+        assert_eq!(
+            cert_path(&with_ca, Some("7")).as_deref(),
+            Some("/etc/mlflow-gateway/mlflow-ca.crt")
+        );
+        assert_eq!(cert_path(&defaults(), Some("7")), None);
+        // No tracking: no MLflow variable at all.
+        assert_eq!(cert_path(&with_ca, None), None);
+        assert!(
+            !config_map(&ep, "x", None)
+                .data
+                .unwrap()
+                .contains_key(CA_BUNDLE_KEY)
+        );
     }
 
     #[test]
@@ -839,8 +898,8 @@ spec:
     #[test]
     fn stamp_hash_follows_content() {
         let ep = endpoint("");
-        let a = stamp(config_map(&ep, "x")).unwrap();
-        let b = stamp(config_map(&ep, "y")).unwrap();
+        let a = stamp(config_map(&ep, "x", None)).unwrap();
+        let b = stamp(config_map(&ep, "y", None)).unwrap();
         let a2 = stamp(a.clone()).unwrap();
         assert_eq!(
             a.annotations()[ANNOTATION_APPLIED],

@@ -14,7 +14,7 @@ use mlflow_gateway_operator::deploy::{self, GatewayDefaults};
 use mlflow_gateway_operator::gateway;
 use mlflow_gateway_operator::leader;
 use mlflow_gateway_operator::metrics::{self, Metrics};
-use mlflow_gateway_operator::mlflow::{MlflowClient, MlflowConfig};
+use mlflow_gateway_operator::mlflow::{self, MlflowClient, MlflowConfig};
 use mlflow_gateway_operator::telemetry::Telemetry;
 
 // The gateway's hot path allocates many small JSON values: glibc's malloc was a fifth of its CPU.
@@ -99,6 +99,12 @@ struct ControllerArgs {
     /// Skip TLS verification of the tracking server in the gateway pods.
     #[arg(long, env = "GATEWAY_MLFLOW_TRACKING_INSECURE_TLS", default_value_t = false, action = clap::ArgAction::Set)]
     gateway_insecure_tls: bool,
+    /// A PEM CA bundle the gateway pods trust for the tracking server (e.g. the same file as
+    /// MLFLOW_TRACKING_SERVER_CERT_PATH). Read at start and put in each endpoint's ConfigMap,
+    /// with MLFLOW_TRACKING_SERVER_CERT_PATH set in its pods. Not with
+    /// GATEWAY_MLFLOW_TRACKING_INSECURE_TLS.
+    #[arg(long, env = "GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH")]
+    gateway_ca_bundle: Option<std::path::PathBuf>,
     /// A Secret in the operator's namespace (POD_NAMESPACE) holding the trace-writing MLflow
     /// credential of the gateway pods: keys `username` and `password`, or `token`. The operator
     /// mirrors it into each endpoint's namespace, for endpoints without
@@ -227,6 +233,20 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     // Credentials in the URI would land in every Deployment: never copy them.
     let _ = gateway_tracking_uri.set_username("");
     let _ = gateway_tracking_uri.set_password(None);
+    let gateway_ca_bundle = match &args.gateway_ca_bundle {
+        None => None,
+        Some(_) if args.gateway_insecure_tls => anyhow::bail!(
+            "GATEWAY_MLFLOW_TRACKING_INSECURE_TLS=true and GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH are exclusive: unset one of them"
+        ),
+        Some(path) => match mlflow::read_ca_bundle(path) {
+            Ok((pem, _)) => Some(pem),
+            Err(mlflow::ConfigError::CaBundle { path, reason }) => anyhow::bail!(
+                "GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH {}: {reason}",
+                path.display()
+            ),
+            Err(e) => return Err(e.into()),
+        },
+    };
     let settings = Settings {
         gateway: GatewayDefaults {
             image: args.gateway_image,
@@ -235,6 +255,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
                 .trim_end_matches('/')
                 .to_string(),
             insecure_tls: args.gateway_insecure_tls,
+            ca_bundle: gateway_ca_bundle,
             resources: args
                 .gateway_resources
                 .unwrap_or_else(deploy::default_resources),

@@ -723,6 +723,23 @@ impl fmt::Debug for MlflowClient {
     }
 }
 
+/// Reads a PEM CA bundle: its text and its certificates (at least one).
+pub fn read_ca_bundle(
+    path: &std::path::Path,
+) -> Result<(String, Vec<reqwest::Certificate>), ConfigError> {
+    let fail = |reason: String| ConfigError::CaBundle {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let pem = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+        .map_err(|e| fail(format!("not a PEM certificate bundle ({e})")))?;
+    if certs.is_empty() {
+        return Err(fail("no PEM certificate in the file".to_string()));
+    }
+    Ok((pem, certs))
+}
+
 /// An HTTP client for the tracking server as `config` says (rustls, CA bundle, insecure flag),
 /// shared by the REST client and the trace exporter. Redirects are not followed: a redirect would
 /// turn POSTs into GETs and may drop credentials.
@@ -744,21 +761,7 @@ pub fn tracking_http_client(
             env!("CARGO_PKG_VERSION")
         ));
     if let Some(path) = &config.server_cert_path {
-        let pem = std::fs::read(path).map_err(|e| ConfigError::CaBundle {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let certs =
-            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ConfigError::CaBundle {
-                path: path.clone(),
-                reason: format!("not a PEM certificate bundle ({e})"),
-            })?;
-        if certs.is_empty() {
-            return Err(ConfigError::CaBundle {
-                path: path.clone(),
-                reason: "no PEM certificate in the file".to_string(),
-            });
-        }
+        let (_, certs) = read_ca_bundle(path)?;
         for cert in certs {
             builder = builder.add_root_certificate(cert);
         }

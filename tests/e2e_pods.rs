@@ -326,22 +326,28 @@ async fn a_request_through_the_gateway_the_deployment_declares_is_traced_into_th
         "the API key came from the Secret the Deployment references"
     );
     let uid = ep.uid().unwrap();
-    let trace = eventually(60, "the trace in the endpoint's experiment", || async {
-        search_traces(ml, &experiment_id)
-            .await
-            .into_iter()
-            .find(|t| {
-                t["trace_id"] == trace_id.as_str()
-                    && t["trace_metadata"]["mlflow.gateway.endpointId"] == uid.as_str()
-            })
-    })
+    // The trace info goes first, its spans (from which MLflow derives the previews) right after.
+    let trace = eventually(
+        60,
+        "the whole trace in the endpoint's experiment",
+        || async {
+            search_traces(ml, &experiment_id)
+                .await
+                .into_iter()
+                .find(|t| {
+                    t["trace_id"] == trace_id.as_str()
+                        && t["trace_metadata"]["mlflow.gateway.endpointId"] == uid.as_str()
+                        && t["request_preview"]
+                            .as_str()
+                            .is_some_and(|p| p.contains("hello from the pods"))
+                })
+        },
+    )
     .await;
     assert_eq!(
         trace["trace_location"]["mlflow_experiment"]["experiment_id"],
         experiment_id.as_str()
     );
-    let preview = trace["request_preview"].as_str().unwrap_or_default();
-    assert!(preview.contains("hello from the pods"), "{trace:#}");
     assert!(!serde_json::to_string(&trace).unwrap().contains(API_KEY));
 }
 
@@ -822,4 +828,65 @@ async fn usage_tracking_off_runs_pods_without_any_mlflow_setting() {
     let d = env.deployments.get("chat").await.unwrap();
     assert!(!env_of(&d).keys().any(|k| k.starts_with("MLFLOW_")));
     assert!(d.meta().owner_references.is_some());
+}
+
+/// A CA bundle given to the operator for the gateway pods goes into each endpoint's ConfigMap,
+/// beside the config, and the pods are told where it is; a file that holds no certificate stops
+/// the operator at start with a message naming the variable.
+#[tokio::test]
+async fn the_gateway_pods_get_the_ca_bundle_the_operator_is_given() {
+    let ml = support::mlflow();
+    let env = setup("e2e-ca", true).await;
+    let ca = support::repo_root().join("tests/fixtures/test-ca.pem");
+    let pem = std::fs::read_to_string(&ca).unwrap();
+
+    let not_pem = std::env::temp_dir().join(format!("not-a-ca-{}.pem", support::suffix()));
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let mut vars = QUICK.to_vec();
+    vars.push((
+        "GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH",
+        not_pem.to_str().unwrap(),
+    ));
+    let mut refused = Operator::start(&env.ns, &ml.uri, &vars);
+    assert!(!refused.wait_exit(30).await.success());
+    let log = refused.log_text();
+    assert!(
+        log.contains("GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH")
+            && log.contains("no PEM certificate"),
+        "{log}"
+    );
+    let _ = std::fs::remove_file(&not_pem);
+
+    let mut vars = QUICK.to_vec();
+    vars.push((
+        "GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH",
+        ca.to_str().unwrap(),
+    ));
+    let _op = Operator::start(&env.ns, &ml.uri, &vars);
+    apply(
+        &env.ns,
+        &endpoint_yaml("chat", "https://api.openai.com/v1", ""),
+    );
+    ready(&env, "chat").await;
+    let cm = env.config_maps.get("chat").await.unwrap();
+    assert_eq!(cm.data.as_ref().unwrap()["mlflow-ca.crt"], pem);
+    let d = env.deployments.get("chat").await.unwrap();
+    assert_eq!(
+        env_of(&d)["MLFLOW_TRACKING_SERVER_CERT_PATH"]["value"],
+        "/etc/mlflow-gateway/mlflow-ca.crt"
+    );
+    let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let mount = pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/etc/mlflow-gateway")
+        .expect("the config volume");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    assert_eq!(volume.config_map.as_ref().unwrap().name, "chat");
 }

@@ -101,7 +101,7 @@ async fn read_trace(ml: &Mlflow, trace_id: &str, spans: usize) -> Value {
             let trace = v.get("trace")?;
             let n = trace.get("spans")?.as_array()?.len();
             let state = trace.pointer("/trace_info/state")?.as_str()?;
-            // Trace metadata lands after the spans.
+            // The trace info (metadata) and the spans land in separate requests.
             let meta = trace.pointer("/trace_info/trace_metadata/mlflow.gateway.requestType");
             (n >= spans && state != "IN_PROGRESS" && meta.is_some()).then(|| trace.clone())
         },

@@ -184,6 +184,38 @@ fn the_values_schema_and_the_chart_reject_bad_values_with_clear_messages() {
     assert_eq!(env["LEADER_ELECTION"]["value"].as_str(), Some("false"));
 }
 
+/// The gateway pods trust the operator's CA bundle, unless their TLS is not verified at all.
+#[test]
+fn the_gateway_pods_trust_the_operators_ca_bundle() {
+    let ca_path = |extra: &[&str]| {
+        let values = ci_values("default-values.yaml");
+        let mut args = vec![
+            "-f",
+            values.as_str(),
+            "--set",
+            "mlflow.caBundle.configMap=tracking-ca",
+        ];
+        args.extend_from_slice(extra);
+        let out = template("ops", &args).unwrap();
+        let docs = documents(&out);
+        let env = container_env(find(&docs, "Deployment")[0]);
+        let value = |k: &str| env.get(k).map(|e| e["value"].as_str().unwrap().to_string());
+        (
+            value("MLFLOW_TRACKING_SERVER_CERT_PATH"),
+            value("GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH"),
+        )
+    };
+    let (operator, gateway) = ca_path(&[]);
+    assert_eq!(
+        operator.as_deref(),
+        Some("/etc/mlflow-gateway-operator/tracking-ca/ca.crt")
+    );
+    assert_eq!(gateway, operator);
+    let (operator, gateway) = ca_path(&["--set", "gateway.insecureTls=true"]);
+    assert!(operator.is_some());
+    assert_eq!(gateway, None);
+}
+
 #[test]
 fn the_rendered_rbac_and_pod_are_least_privilege_and_hardened() {
     let out = template("ops", &["-f", &ci_values("default-values.yaml")]).unwrap();

@@ -371,7 +371,7 @@ async fn apply_objects(
     ensure(
         ctx,
         ep,
-        deploy::config_map(ep, &config),
+        deploy::config_map(ep, &config, ctx.settings.gateway.ca_bundle.as_deref()),
         Some(&ctx.stores.config_maps),
     )
     .await?;
@@ -391,7 +391,11 @@ async fn apply_objects(
     let inputs = PodInputs {
         experiment_id: experiment_id.map(str::to_string),
         credential: resolved.credential.clone(),
-        config_hash: deploy::config_hash(&config, &resolved.versions),
+        config_hash: deploy::config_hash(
+            &config,
+            ctx.settings.gateway.ca_bundle.as_deref(),
+            &resolved.versions,
+        ),
     };
     let desired = deploy::deployment(ep, &ctx.settings.gateway, &inputs);
     let (current, wrote) = ensure(ctx, ep, desired, Some(&ctx.stores.deployments)).await?;
