@@ -480,6 +480,9 @@ run_traced_mlflow() {
   if [ "$nice" != 0 ]; then
     # shellcheck disable=SC2046 # one pid per word
     renice -n "$nice" -p "$traces_pid" $(descendants "$traces_pid") >/dev/null
+    # The server runs in a session of its own (setsid), hence in its own scheduler autogroup,
+    # whose weight against the others' is the autogroup's nice, not the processes'.
+    [ -w "/proc/$traces_pid/autogroup" ] && echo "$nice" >"/proc/$traces_pid/autogroup"
   fi
   traces_cpu0=$(cpu_seconds "$traces_pid")
   between_runs=gw_drain
