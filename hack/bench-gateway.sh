@@ -647,25 +647,27 @@ def verdict(ok):
 def share(row):
     t = traces.get(row, {})
     return t["exported"] / t["answered"] * 100 if t.get("answered") else None
-sink_share = share("sink")
+# "<what> = X% (target < 10%: ...)": the throughput tracing row `row` loses against tracing off.
+def cost(what, row, off, c):
+    on, exported = rps(row, c), share(row)
+    if not (on and off):
+        return None
+    cost = (off - on) / off * 100
+    shared = f"; {exported:.1f}% of its traces were exported" if exported is not None else ""
+    return f"{what} = {cost:.1f}% (target < 10%: {verdict(cost < 10)}{shared})"
 lines = []
 for c in concs:
     off, ml, ng, sk = rps("off", c), rps("mlflow", c), rps("nginx", c), rps("sink", c)
     parts = []
     for row, what in (("on", "tracing on"), ("on-nice", "tracing on, MLflow niced")):
-        on, on_share = rps(row, c), share(row)
+        on = rps(row, c)
         if on and ml:
             parts.append(f"this gateway ({what}) / MLflow gateway = {on / ml:.1f}x (target >= 10x: {verdict(on / ml >= 10)})")
-        if on and off:
-            cost = (off - on) / off * 100
-            shared = f"; {on_share:.1f}% of its traces were exported" if on_share is not None else ""
-            parts.append(f"cost of {what} = {cost:.1f}% (target < 10%: {verdict(cost < 10)}{shared})")
+        parts.append(cost(f"cost of {what}", row, off, c))
         if on and ng:
             parts.append(f"{what} vs nginx proxy = {on / ng * 100:.0f}% (target >= 50%: {verdict(on / ng >= 0.5)})")
-    if sk and off:
-        cost = (off - sk) / off * 100
-        exp = f"; {sink_share:.1f}% of its traces were exported" if sink_share is not None else ""
-        parts.append(f"tracing cost, sink instead of MLflow = {cost:.1f}% (target < 10%: {verdict(cost < 10)}{exp})")
+    parts.append(cost("tracing cost, sink instead of MLflow", "sink", off, c))
+    parts = [p for p in parts if p]
     if sk and ng:
         parts.append(f"vs nginx proxy, sink = {sk / ng * 100:.0f}%")
     if off and ng:
@@ -697,7 +699,7 @@ for row, what in (("on", "this gateway, tracing on"), ("on-nice", "this gateway,
 t = traces.get("sink")
 if t:
     print(f"  this gateway, tracing on, sink: {t['answered']} requests answered; exported {t['exported']} traces"
-          f" ({sink_share:.1f}%), {t['spans_exported']} spans; dropped {t['dropped_traces']} traces whole, {t['dropped']} spans"
+          f" ({share('sink'):.1f}%), {t['spans_exported']} spans; dropped {t['dropped_traces']} traces whole, {t['dropped']} spans"
           f" in all; failed {t['failed']} spans; the sink (nginx) used {t['receiver_cpu_s']:.1f} CPU s meanwhile")
 t = traces.get("mlflow")
 if t:

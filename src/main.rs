@@ -238,14 +238,9 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         Some(_) if args.gateway_insecure_tls => anyhow::bail!(
             "GATEWAY_MLFLOW_TRACKING_INSECURE_TLS=true and GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH are exclusive: unset one of them"
         ),
-        Some(path) => match mlflow::read_ca_bundle(path) {
-            Ok((pem, _)) => Some(pem),
-            Err(mlflow::ConfigError::CaBundle { path, reason }) => anyhow::bail!(
-                "GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH {}: {reason}",
-                path.display()
-            ),
-            Err(e) => return Err(e.into()),
-        },
+        Some(path) => {
+            Some(mlflow::read_ca_bundle("GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH", path)?.0)
+        }
     };
     let settings = Settings {
         gateway: GatewayDefaults {

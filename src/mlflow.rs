@@ -208,8 +208,13 @@ pub enum ConfigError {
         "MLFLOW_TRACKING_INSECURE_TLS=true and MLFLOW_TRACKING_SERVER_CERT_PATH are exclusive: unset one of them"
     )]
     InsecureTlsWithCertPath,
-    #[error("MLFLOW_TRACKING_SERVER_CERT_PATH {}: {reason}", path.display())]
-    CaBundle { path: PathBuf, reason: String },
+    /// `variable`: the setting that named the file.
+    #[error("{variable} {}: {reason}", path.display())]
+    CaBundle {
+        variable: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("cannot build the HTTP client for the MLflow tracking server: {reason}")]
     HttpClient { reason: String },
 }
@@ -723,11 +728,14 @@ impl fmt::Debug for MlflowClient {
     }
 }
 
-/// Reads a PEM CA bundle: its text and its certificates (at least one).
+/// Reads a PEM CA bundle named by the setting `variable`: its text and its certificates (at
+/// least one).
 pub fn read_ca_bundle(
+    variable: &'static str,
     path: &std::path::Path,
 ) -> Result<(String, Vec<reqwest::Certificate>), ConfigError> {
     let fail = |reason: String| ConfigError::CaBundle {
+        variable,
         path: path.to_path_buf(),
         reason,
     };
@@ -761,7 +769,7 @@ pub fn tracking_http_client(
             env!("CARGO_PKG_VERSION")
         ));
     if let Some(path) = &config.server_cert_path {
-        let (_, certs) = read_ca_bundle(path)?;
+        let (_, certs) = read_ca_bundle(ENV_SERVER_CERT_PATH, path)?;
         for cert in certs {
             builder = builder.add_root_certificate(cert);
         }
