@@ -9,6 +9,7 @@ measured run.
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 from . import cpu
@@ -69,7 +70,9 @@ class Load:
         argv = ["wrk", f"-t{s.threads}", f"-c{conns}", f"-d{seconds}s", "--timeout",
                 f"{s.wrk_timeout}s", *(["--latency"] if latency else []), "-s", str(self.script),
                 url]
-        return run_bounded(argv, out, timeout, env={**os.environ, "BENCH_MODEL": model})
+        with open(out, "wb") as f:
+            return run_bounded(argv, timeout, stdout=f, stderr=subprocess.STDOUT,
+                               env={**os.environ, "BENCH_MODEL": model})
 
     def bench(self, row: str, label: str, url: str, model: str, pids, side_pid=None,
               between_runs=None) -> int:

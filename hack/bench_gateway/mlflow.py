@@ -18,7 +18,7 @@ import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
 from .load import Load
-from .processes import BenchError, Session, log
+from .processes import BenchError, Session, log, run_bounded
 from .settings import REPO_ROOT, mlflow_version
 from .web import chat_body, check_target, post_json, request
 
@@ -32,11 +32,10 @@ class MlflowServer:
         self.dir = session.run / name
         session.on_cleanup(self._cleanup)
         # bounded: a first run installs MLflow into its cached venv (1-2 min)
-        up = subprocess.run(
-            [MLFLOW_SH, "up", str(self.dir), "--owner-pid", str(os.getpid())],
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **env},
-            stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=900)
-        if up.returncode != 0:
+        status = run_bounded([MLFLOW_SH, "up", str(self.dir), "--owner-pid", str(os.getpid())],
+                             900, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **env},
+                             stdout=subprocess.DEVNULL)
+        if status != 0:
             raise BenchError(f"hack/mlflow.sh up {self.dir} failed (log: {self.dir}/mlflow.log)")
         values = dict(line.split("=", 1)
                       for line in (self.dir / "env").read_text().splitlines() if "=" in line)

@@ -149,12 +149,16 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_bounded(argv, out: Path, timeout: float, env=None) -> int | None:
-    """Runs `argv` in the foreground with its output to `out`, killed after `timeout` s (and on
-    Ctrl-C or any exception, by subprocess.run). Returns its exit status, None if it timed out."""
-    with open(out, "wb") as f:
-        try:
-            return subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, env=env, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            return None
+def run_bounded(argv, timeout: float, **popen_args) -> int | None:
+    """Runs `argv` in the foreground, killed after `timeout` s and on Ctrl-C or any exception
+    (and then waited for: subprocess.run does not wait for a child it kills on Ctrl-C). Returns
+    its exit status, None if it timed out."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, **popen_args)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
