@@ -36,6 +36,10 @@ spec:
 """
 
 
+class GatewayGone(Exception):
+    """The gateway's /metrics did not answer (it exited or hangs)."""
+
+
 class Gateway:
     """One running gateway process (for one row)."""
 
@@ -54,14 +58,18 @@ class Gateway:
                                          str(endpoint), "--listen", f"127.0.0.1:{self.port}"],
                                   env=child_env)
         self.url = f"http://127.0.0.1:{self.port}/gateway/mlflow/v1/chat/completions"
-        self.log_name = f"{name}.log"
+        self.name, self.log_name = name, f"{name}.log"
         session.wait_http(f"http://127.0.0.1:{self.port}/readyz", self.proc, 30, name)
 
     def metric(self, name: str) -> int:
-        """The sum of the samples of `name` in the gateway's /metrics."""
-        status, body = request(f"http://127.0.0.1:{self.port}/metrics", timeout=10)
+        """The sum of the samples of `name` in the gateway's /metrics; GatewayGone if it does not
+        answer."""
+        try:
+            status, body = request(f"http://127.0.0.1:{self.port}/metrics", timeout=10)
+        except OSError as e:  # urllib's errors included
+            raise GatewayGone(f"{self.name}: /metrics: {e}") from None
         if status != 200:
-            raise RuntimeError(f"/metrics -> {status}")
+            raise GatewayGone(f"{self.name}: /metrics -> {status}")
         return metric_sum(body, name)
 
     def alive(self) -> bool:
@@ -112,14 +120,18 @@ def run_traced_mlflow(session: Session, settings: Settings, load: Load, fake_por
         exported-trace counter (trace-info requests) nor MLflow's trace count moved for 2 s."""
         log(f"waiting for trace export to drain (at most {settings.drain_timeout} s)")
         deadline, prev = time.monotonic() + settings.drain_timeout, None
-        while time.monotonic() < deadline:
-            queued = gw.metric("mlflow_gateway_trace_export_queue_spans")
-            now = (gw.metric("mlflow_gateway_traces_exported_total"),
-                   server.count_traces(experiment))
-            if queued == 0 and now == prev:
-                return
-            prev = now
-            time.sleep(2)
+        try:
+            while time.monotonic() < deadline:
+                queued = gw.metric("mlflow_gateway_trace_export_queue_spans")
+                now = (gw.metric("mlflow_gateway_traces_exported_total"),
+                       server.count_traces(experiment))
+                if queued == 0 and now == prev:
+                    return
+                prev = now
+                time.sleep(2)
+        except GatewayGone as e:
+            log(f"warning: no drain: {e}")
+            return
         log(f"warning: trace export did not drain within {settings.drain_timeout} s")
 
     sent = _bench(gw, load, row, side_pid=server.pid, between_runs=drain)
@@ -142,9 +154,12 @@ def run_sink(session: Session, settings: Settings, load: Load, fake_port: int) -
 
     def drain():  # bounded: until the export queue is empty
         deadline = time.monotonic() + 30
-        while gw.metric("mlflow_gateway_trace_export_queue_spans") != 0 \
-                and time.monotonic() < deadline:
-            time.sleep(0.5)
+        try:
+            while gw.metric("mlflow_gateway_trace_export_queue_spans") != 0 \
+                    and time.monotonic() < deadline:
+                time.sleep(0.5)
+        except GatewayGone as e:
+            log(f"warning: no drain: {e}")
 
     sent = _bench(gw, load, "sink", side_pid=sink_pid, between_runs=drain)
     if gw.alive():

@@ -6,8 +6,11 @@ import sys
 import urllib.error
 import urllib.request
 
-# The request every row sends (wrk's Lua script builds the same body): a small chat request.
+from .processes import BenchError
+
+
 def chat_body(model: str) -> bytes:
+    """The request every row sends (wrk's Lua script builds the same body): a small chat."""
     return json.dumps({
         "model": model,
         "messages": [{"role": "system", "content": "You are a helpful assistant."},
@@ -32,11 +35,14 @@ def request(url: str, data: bytes | None = None, headers=None, timeout: float = 
 
 
 def post_json(url: str, payload: dict) -> dict:
-    """POSTs `payload`, returns the JSON answer; raises RuntimeError (with the body) on non-2xx."""
-    status, body = request(url, json.dumps(payload).encode(),
-                           {"content-type": "application/json"})
+    """POSTs `payload`, returns the JSON answer; raises BenchError (with the body) on failure."""
+    try:
+        status, body = request(url, json.dumps(payload).encode(),
+                               {"content-type": "application/json"})
+    except (urllib.error.URLError, OSError) as e:
+        raise BenchError(f"POST {url}: {e}") from None
     if status // 100 != 2:
-        raise RuntimeError(f"POST {url} -> {status}: {body}")
+        raise BenchError(f"POST {url} -> {status}: {body}")
     return json.loads(body)
 
 
