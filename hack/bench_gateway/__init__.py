@@ -44,4 +44,6 @@ The environment knobs are documented in `settings.py`. Modules, one concern each
   gateway    this gateway's rows: off, on (MLflow, niced or not), sink
   report     the printed report, from the results alone (pure)
   main       the rows in order
+  tests/     unit tests of the pure parts and of the process bookkeeping:
+             `python3 -m unittest discover -s hack/bench_gateway -t .` from the repository root
 """

@@ -64,6 +64,8 @@ class Session:
         self.keep = keep
         self._procs: dict[int, subprocess.Popen] = {}
         self._cleanups = []  # callables taking `keep`, run last-registered first
+        self._handlers = {sig: signal.getsignal(sig)
+                          for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _raise_exit)
 
@@ -111,9 +113,16 @@ class Session:
     def close(self, failed: bool) -> None:
         """Stops every process still running, runs the cleanups, removes the run directory
         unless it is kept (BENCH_KEEP=1 or a failed run). Signals are ignored meanwhile, so a
-        second Ctrl-C cannot cut the cleanup short."""
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        second Ctrl-C cannot cut the cleanup short; their handlers are restored after."""
+        for sig in self._handlers:
             signal.signal(sig, signal.SIG_IGN)
+        try:
+            self._close(failed)
+        finally:
+            for sig, handler in self._handlers.items():
+                signal.signal(sig, handler)
+
+    def _close(self, failed: bool) -> None:
         procs = list(self._procs.values())
         self._procs.clear()
         for proc in procs:
