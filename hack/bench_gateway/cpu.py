@@ -11,18 +11,21 @@ PROC = Path("/proc")
 
 
 def parse_pid_stat(text: str) -> tuple[int, int, int]:
-    """(ppid, process group, utime + stime in clock ticks) from a /proc/PID/stat line. The
-    command name (field 2) may hold spaces and parentheses, so fields are counted after its
-    last ')'."""
+    """(ppid, process group, CPU clock ticks) from a /proc/PID/stat line: its own utime + stime
+    and the cutime + cstime of the children it has reaped, so that a worker that dies during a
+    run (uvicorn restarts unresponsive ones) still counts, in its parent, and a tree's total
+    never goes down. The command name (field 2) may hold spaces and parentheses, so fields are
+    counted after its last ')'."""
     fields = text[text.rindex(")") + 2:].split()
-    # fields[0] is field 3 (state): ppid is field 4, pgrp 5, utime 14, stime 15
-    return int(fields[1]), int(fields[2]), int(fields[11]) + int(fields[12])
+    # fields[0] is field 3 (state): ppid is field 4, pgrp 5, utime 14, stime 15, cutime 16,
+    # cstime 17
+    return int(fields[1]), int(fields[2]), sum(int(f) for f in fields[11:15])
 
 
 def tree_ticks(procs: dict[int, tuple[int, int, int]], roots: set[int]) -> int:
     """Clock ticks used by the processes in `procs` (pid -> parse_pid_stat) that are a root, a
     descendant of one (up to 64 levels), or in a process group a root leads (MLflow's workers).
-    A process's threads are in its own counters."""
+    A process's threads are in its own counters; a reaped child's are in its parent's."""
 
     def ours(pid):
         if procs[pid][1] in roots:

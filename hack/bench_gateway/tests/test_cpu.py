@@ -4,7 +4,7 @@ import unittest
 from ..cpu import parse_cpu_line, parse_pid_stat, steal_pct, tree_ticks
 
 # A /proc/PID/stat line whose command name holds a space and a parenthesis.
-PID_STAT = ("4242 (mlflow (worker) 1) S 4000 4000 4000 0 -1 4194560 2611 0 0 0 150 25 3 1 20 0 "
+PID_STAT = ("4242 (mlflow (worker) 1) S 4000 4000 4000 0 -1 4194560 2611 0 0 0 150 25 30 7 20 0 "
             "5 0 123456 1000000 2000 18446744073709551615 1 1 0 0 0 0 0 16781312 16386 0 0 0 17 "
             "1 0 0 0 0 0")
 
@@ -15,8 +15,9 @@ intr 12345
 
 
 class ProcessTicks(unittest.TestCase):
-    def test_fields_are_counted_after_the_last_parenthesis(self):
-        self.assertEqual(parse_pid_stat(PID_STAT), (4000, 4000, 175))
+    def test_own_and_reaped_childrens_ticks_counted_after_the_last_parenthesis(self):
+        # utime 150 + stime 25 + cutime 30 + cstime 7
+        self.assertEqual(parse_pid_stat(PID_STAT), (4000, 4000, 212))
 
     def test_a_tree_holds_descendants_and_group_members_only(self):
         procs = {
