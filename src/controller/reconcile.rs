@@ -1,5 +1,5 @@
 //! One reconcile of one endpoint, shaped as kube-rs/controller-rs shapes it: the finalizer, then
-//! [`apply`] or [`cleanup`]. Each step is a function that returns what it decided
+//! `apply` or `cleanup`. Each step is a function that returns what it decided
 //! ([`experiment_step`], [`decide`]); the async functions around them only fetch, write and publish.
 
 use std::sync::Arc;
@@ -27,7 +27,7 @@ use crate::mlflow::MlflowError;
 /// Held on every endpoint until its experiment has been dealt with per `experimentDeletionPolicy`.
 pub const FINALIZER: &str = "mlflow-gateway.dev/experiment";
 
-/// Finalizer -> [`apply`] or [`cleanup`]; counts the reconcile, and forgets past failures on
+/// Finalizer -> `apply` or `cleanup`; counts the reconcile, and forgets past failures on
 /// success.
 pub async fn reconcile(ep: Arc<GatewayEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = ep
