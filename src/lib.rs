@@ -3,8 +3,6 @@
 
 pub mod api;
 pub mod controller;
-pub mod deploy;
-pub mod experiment;
 pub mod gateway;
 pub mod leader;
 pub mod metrics;

@@ -7,14 +7,12 @@ use axum::http::Method;
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::CustomResourceExt;
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
 use mlflow_gateway_operator::api::GatewayEndpoint;
 use mlflow_gateway_operator::controller::{self, Context, Settings};
-use mlflow_gateway_operator::deploy::{self, GatewayDefaults};
 use mlflow_gateway_operator::gateway;
 use mlflow_gateway_operator::leader;
 use mlflow_gateway_operator::metrics::{self, Metrics};
-use mlflow_gateway_operator::mlflow::{self, MlflowClient, MlflowConfig};
+use mlflow_gateway_operator::mlflow::{MlflowClient, MlflowConfig};
 use mlflow_gateway_operator::telemetry::Telemetry;
 
 // The gateway's hot path allocates many small JSON values: glibc's malloc was a fifth of its CPU.
@@ -71,53 +69,11 @@ struct GatewayArgs {
 
 #[derive(clap::Args)]
 struct ControllerArgs {
-    /// Base URL of the MLflow UI for status.experimentUrl (default: MLFLOW_TRACKING_URI).
-    #[arg(long, env = "MLFLOW_UI_URL")]
-    mlflow_ui_url: Option<url::Url>,
-    /// Seconds between drift checks of a quiet endpoint (a check that finds no drift writes nothing).
-    #[arg(long, env = "RESYNC_PERIOD_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
-    resync_period_seconds: u64,
-    /// Endpoints reconciled at once.
-    #[arg(long, env = "CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
-    concurrency: u16,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    namespace: Option<String>,
-    /// Longest wait, in seconds, between retries of an endpoint that keeps failing.
-    #[arg(long, env = "MAX_BACKOFF_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
-    max_backoff_seconds: u64,
+    #[command(flatten)]
+    settings: controller::Args,
     /// Address of the /metrics, /healthz and /readyz server.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
-    /// Image of the gateway pods (the operator's own image: the same binary).
-    #[arg(long, env = "GATEWAY_IMAGE", default_value = DEFAULT_GATEWAY_IMAGE)]
-    gateway_image: String,
-    /// Tracking URI the gateway pods send traces to (default: MLFLOW_TRACKING_URI), e.g. the
-    /// tracking server's in-cluster Service when the operator reaches it another way.
-    #[arg(long, env = "GATEWAY_MLFLOW_TRACKING_URI")]
-    gateway_tracking_uri: Option<url::Url>,
-    /// Skip TLS verification of the tracking server in the gateway pods.
-    #[arg(long, env = "GATEWAY_MLFLOW_TRACKING_INSECURE_TLS", default_value_t = false, action = clap::ArgAction::Set)]
-    gateway_insecure_tls: bool,
-    /// A PEM CA bundle the gateway pods trust for the tracking server (e.g. the same file as
-    /// MLFLOW_TRACKING_SERVER_CERT_PATH). Read at start and put in each endpoint's ConfigMap,
-    /// with MLFLOW_TRACKING_SERVER_CERT_PATH set in its pods. Not with
-    /// GATEWAY_MLFLOW_TRACKING_INSECURE_TLS.
-    #[arg(long, env = "GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH")]
-    gateway_ca_bundle: Option<std::path::PathBuf>,
-    /// A Secret in the operator's namespace (POD_NAMESPACE) holding the trace-writing MLflow
-    /// credential of the gateway pods: keys `username` and `password`, or `token`. The operator
-    /// mirrors it into each endpoint's namespace, for endpoints without
-    /// spec.tracing.credentialsSecretRef. Never the operator's own credential.
-    #[arg(long, env = "GATEWAY_MLFLOW_CREDENTIALS_SECRET")]
-    gateway_credentials_secret: Option<String>,
-    /// Default requests and limits of the gateway container, as JSON, e.g.
-    /// '{"requests":{"cpu":"100m","memory":"64Mi"},"limits":{"memory":"256Mi"}}'.
-    #[arg(long, env = "GATEWAY_RESOURCES", value_parser = parse_resources)]
-    gateway_resources: Option<ResourceRequirements>,
-    /// The namespace the operator runs in (from the downward API in the Helm chart).
-    #[arg(long, env = "POD_NAMESPACE")]
-    operator_namespace: Option<String>,
     #[command(flatten)]
     leader: LeaderArgs,
 }
@@ -147,16 +103,6 @@ struct LeaderArgs {
     /// Seconds between attempts to acquire or renew the Lease.
     #[arg(long, env = "LEADER_ELECTION_RETRY_PERIOD_SECONDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
     leader_election_retry_period_seconds: u64,
-}
-
-/// The image this build of the operator is published as.
-const DEFAULT_GATEWAY_IMAGE: &str = concat!(
-    "ghcr.io/mlflow-gateway-operator/mlflow-gateway-operator:",
-    env!("CARGO_PKG_VERSION")
-);
-
-fn parse_resources(s: &str) -> Result<ResourceRequirements, String> {
-    serde_json::from_str(s).map_err(|e| format!("not a ResourceRequirements JSON object: {e}"))
 }
 
 #[tokio::main]
@@ -198,9 +144,7 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
 
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let mlflow = MlflowConfig::from_env().context("MLflow tracking server configuration")?;
-    let ui_url = args
-        .mlflow_ui_url
-        .unwrap_or_else(|| mlflow.tracking_uri.clone());
+    let settings = Settings::from_args(args.settings, &mlflow.tracking_uri)?;
     let metrics = Arc::new(Metrics::default());
     let tracking = MlflowClient::new(&mlflow)
         .context("MLflow client")?
@@ -217,56 +161,15 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             }
             req
         });
-    let elector = leader_elector(&args.leader, args.operator_namespace.as_deref(), &config)?;
+    let elector = leader_elector(&args.leader, settings.operator_namespace(), &config)?;
     let client = kube::client::ClientBuilder::try_from(config)
         .context("Kubernetes client")?
         .with_layer(&count_writes)
         .build();
-    if args.gateway_credentials_secret.is_some() && args.operator_namespace.is_none() {
-        anyhow::bail!(
-            "GATEWAY_MLFLOW_CREDENTIALS_SECRET is set, but not the namespace it is in: set POD_NAMESPACE"
-        );
-    }
-    let mut gateway_tracking_uri = args
-        .gateway_tracking_uri
-        .unwrap_or_else(|| mlflow.tracking_uri.clone());
-    // Credentials in the URI would land in every Deployment: never copy them.
-    let _ = gateway_tracking_uri.set_username("");
-    let _ = gateway_tracking_uri.set_password(None);
-    let gateway_ca_bundle = match &args.gateway_ca_bundle {
-        None => None,
-        Some(_) if args.gateway_insecure_tls => anyhow::bail!(
-            "GATEWAY_MLFLOW_TRACKING_INSECURE_TLS=true and GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH are exclusive: unset one of them"
-        ),
-        Some(path) => {
-            Some(mlflow::read_ca_bundle("GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH", path)?.0)
-        }
-    };
-    let settings = Settings {
-        gateway: GatewayDefaults {
-            image: args.gateway_image,
-            tracking_uri: gateway_tracking_uri
-                .as_str()
-                .trim_end_matches('/')
-                .to_string(),
-            insecure_tls: args.gateway_insecure_tls,
-            ca_bundle: gateway_ca_bundle,
-            resources: args
-                .gateway_resources
-                .unwrap_or_else(deploy::default_resources),
-        },
-        gateway_credentials_secret: args.gateway_credentials_secret,
-        operator_namespace: args.operator_namespace,
-        ui_url,
-        resync: Duration::from_secs(args.resync_period_seconds),
-        concurrency: args.concurrency,
-        namespace: args.namespace,
-        max_backoff: Duration::from_secs(args.max_backoff_seconds),
-    };
     let server = metrics::serve(args.metrics_addr, metrics.clone());
     tracing::info!(
         tracking_uri = %mlflow.tracking_uri,
-        namespace = settings.namespace.as_deref().unwrap_or("<all>"),
+        namespace = settings.namespace().unwrap_or("<all>"),
         "starting controller"
     );
     let ctx = Arc::new(Context::new(client, tracking, settings, metrics.clone()));

@@ -5,7 +5,7 @@ mod support;
 
 use kube::api::Api;
 use mlflow_gateway_operator::api::GatewayEndpoint;
-use mlflow_gateway_operator::experiment::{self, Declared, EndpointIdentity};
+use mlflow_gateway_operator::controller::experiment::{self, Declared, EndpointIdentity};
 use mlflow_gateway_operator::mlflow::{Auth, MlflowClient, MlflowConfig, ViewType};
 use support::{Mlflow, Operator, apply, cluster, events, eventually, wait_condition};
 

@@ -140,6 +140,7 @@ pub enum Outcome {
     },
 }
 
+/// Why the declared experiment cannot be reached (each is also a condition reason of that name).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockedReason {
     /// The name is held by an experiment that is not ours.
@@ -148,16 +149,6 @@ pub enum BlockedReason {
     ExperimentNotFound,
     /// The user's `experimentId` is deleted.
     ExperimentDeleted,
-}
-
-impl BlockedReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BlockedReason::ExperimentNameConflict => "ExperimentNameConflict",
-            BlockedReason::ExperimentNotFound => "ExperimentNotFound",
-            BlockedReason::ExperimentDeleted => "ExperimentDeleted",
-        }
-    }
 }
 
 /// Makes the declared experiment exist, and reports which one it is.

@@ -1,6 +1,7 @@
 //! What each `GatewayEndpoint` runs as: a ConfigMap holding the endpoint as the gateway reads it, a
 //! Deployment of gateway pods, a Service, and (with the operator-wide trace credential) a mirrored
-//! Secret. Pure functions: [`crate::controller`] decides when to apply them.
+//! Secret. Pure functions, apart from applying so they are unit-tested on their own:
+//! [`super::apply`] decides when to apply them.
 
 use std::collections::BTreeMap;
 
@@ -17,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::api::{GatewayEndpoint, GatewayPodSpec};
 
@@ -488,7 +489,7 @@ pub fn deployment(
     }
 }
 
-fn sha256_hex(parts: &[&[u8]]) -> String {
+pub(super) fn sha256_hex(parts: &[&[u8]]) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for p in parts {
         // Length-prefixed, so that ("ab", "c") and ("a", "bc") differ.
@@ -521,77 +522,6 @@ pub fn config_hash(
         parts.push(version.as_bytes());
     }
     sha256_hex(&parts)
-}
-
-/// Stamps `obj` with [`ANNOTATION_APPLIED`]: the hash of everything else the operator declares in
-/// it, so a later change of the operator's mind is seen without comparing whole objects.
-pub fn stamp<K: Resource + serde::Serialize>(mut obj: K) -> Result<K, serde_json::Error> {
-    obj.annotations_mut().remove(ANNOTATION_APPLIED);
-    let hash = sha256_hex(&[serde_json::to_vec(&obj)?.as_slice()]);
-    obj.annotations_mut()
-        .insert(ANNOTATION_APPLIED.to_string(), hash);
-    Ok(obj)
-}
-
-/// Whether `actual` no longer holds what `desired` declares: every field set in `desired` must
-/// have the same value in `actual` (the API server adds defaults, other managers add fields: those
-/// are not drift). Lists match element by element in order, and may go on with elements others
-/// added (an injected sidecar); quantities under `resources` compare by value (`0.5` is `500m`).
-/// The operator's own changes show through [`ANNOTATION_APPLIED`].
-pub fn drifted(desired: &Value, actual: &Value) -> bool {
-    !contains(desired, actual, false)
-}
-
-fn contains(desired: &Value, actual: &Value, quantities: bool) -> bool {
-    match (desired, actual) {
-        (Value::Object(d), Value::Object(a)) => d.iter().all(|(k, dv)| {
-            if dv.is_null() {
-                return true;
-            }
-            a.get(k)
-                .is_some_and(|av| contains(dv, av, quantities || k == "resources"))
-        }),
-        (Value::Array(d), Value::Array(a)) => {
-            d.len() <= a.len() && d.iter().zip(a).all(|(dv, av)| contains(dv, av, quantities))
-        }
-        (Value::String(d), Value::String(a)) if quantities && d != a => {
-            match (parse_quantity(d), parse_quantity(a)) {
-                (Some(x), Some(y)) => (x - y).abs() <= f64::EPSILON * x.abs().max(y.abs()) * 4.0,
-                _ => false,
-            }
-        }
-        _ => desired == actual,
-    }
-}
-
-/// A Kubernetes quantity as a number: `100m`, `1.5`, `64Mi`, `2G`, `1e3`.
-fn parse_quantity(s: &str) -> Option<f64> {
-    const SUFFIXES: [(&str, f64); 16] = [
-        ("Ki", 1024.0),
-        ("Mi", 1_048_576.0),
-        ("Gi", 1_073_741_824.0),
-        ("Ti", 1_099_511_627_776.0),
-        ("Pi", 1_125_899_906_842_624.0),
-        ("Ei", 1_152_921_504_606_846_976.0),
-        ("n", 1e-9),
-        ("u", 1e-6),
-        ("m", 1e-3),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-        ("", 1.0),
-    ];
-    let s = s.trim();
-    SUFFIXES.iter().find_map(|(suffix, factor)| {
-        let number = s.strip_suffix(suffix)?;
-        if number.is_empty() || number.ends_with(['e', 'E']) && !suffix.is_empty() {
-            return None;
-        }
-        number.parse::<f64>().ok().map(|n| n * factor)
-    })
 }
 
 #[cfg(test)]
@@ -865,49 +795,5 @@ spec:
         let data = s.data.unwrap();
         assert_eq!(data.keys().collect::<Vec<_>>(), vec!["token"]);
         assert_eq!(s.metadata.name.as_deref(), Some("chat-mlflow-credentials"));
-    }
-
-    #[test]
-    fn drift_ignores_defaults_and_sees_edits() {
-        let desired = json!({"spec": {"replicas": 2, "template": {"containers": [{"image": "a", "resources": {"limits": {"cpu": "0.5", "memory": "1Gi"}}}]}}});
-        let defaulted = json!({"spec": {"replicas": 2, "progressDeadlineSeconds": 600, "template": {"containers": [{"image": "a", "imagePullPolicy": "IfNotPresent", "resources": {"limits": {"cpu": "500m", "memory": "1024Mi"}}}]}}});
-        assert!(!drifted(&desired, &defaulted));
-        let edited = json!({"spec": {"replicas": 5, "template": {"containers": [{"image": "a", "resources": {"limits": {"cpu": "500m", "memory": "1Gi"}}}]}}});
-        assert!(drifted(&desired, &edited));
-        let sidecar = json!({"spec": {"replicas": 2, "template": {"containers": [{"image": "a", "resources": {"limits": {"cpu": "500m", "memory": "1Gi"}}}, {"image": "b"}]}}});
-        assert!(!drifted(&desired, &sidecar));
-        let removed = json!({"spec": {"replicas": 2, "template": {"containers": []}}});
-        assert!(drifted(&desired, &removed));
-        // Outside resources, strings compare as strings.
-        assert!(drifted(&json!({"a": "1"}), &json!({"a": "1.0"})));
-        assert!(drifted(
-            &json!({"resources": {"cpu": "1"}}),
-            &json!({"resources": {"cpu": "2"}})
-        ));
-    }
-
-    #[test]
-    fn quantities_parse_with_suffixes() {
-        assert_eq!(parse_quantity("100m"), Some(0.1));
-        assert_eq!(parse_quantity("64Mi"), Some(64.0 * 1_048_576.0));
-        assert_eq!(parse_quantity("2G"), Some(2e9));
-        assert_eq!(parse_quantity("1e3"), Some(1000.0));
-        assert_eq!(parse_quantity("abc"), None);
-    }
-
-    #[test]
-    fn stamp_hash_follows_content() {
-        let ep = endpoint("");
-        let a = stamp(config_map(&ep, "x", None)).unwrap();
-        let b = stamp(config_map(&ep, "y", None)).unwrap();
-        let a2 = stamp(a.clone()).unwrap();
-        assert_eq!(
-            a.annotations()[ANNOTATION_APPLIED],
-            a2.annotations()[ANNOTATION_APPLIED]
-        );
-        assert_ne!(
-            a.annotations()[ANNOTATION_APPLIED],
-            b.annotations()[ANNOTATION_APPLIED]
-        );
     }
 }

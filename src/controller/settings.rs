@@ -1,0 +1,346 @@
+//! The controller's settings: its command-line flags and environment variables ([`Args`]), and
+//! [`Settings`], built from them by one constructor that enforces every rule once (no credential
+//! copied out of a tracking URI, a credential Secret only with the namespace it is in, the gateway
+//! pods' TLS settings consistent and their CA bundle read at start). Its fields are private, so a
+//! `Settings` that exists is a valid one.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use url::Url;
+
+use super::workload::render::{GatewayDefaults, default_resources};
+use crate::mlflow::{self, ConfigError};
+
+/// The image this build of the operator is published as.
+pub const DEFAULT_GATEWAY_IMAGE: &str = concat!(
+    "ghcr.io/mlflow-gateway-operator/mlflow-gateway-operator:",
+    env!("CARGO_PKG_VERSION")
+);
+
+/// The variable naming the gateway pods' CA bundle, named in its errors.
+const ENV_GATEWAY_CA_BUNDLE: &str = "GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH";
+
+/// The controller's flags (each also an environment variable), as given.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Base URL of the MLflow UI for status.experimentUrl (default: MLFLOW_TRACKING_URI).
+    #[arg(long, env = "MLFLOW_UI_URL")]
+    pub mlflow_ui_url: Option<Url>,
+    /// Seconds between drift checks of a quiet endpoint (a check that finds no drift writes nothing).
+    #[arg(long, env = "RESYNC_PERIOD_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub resync_period_seconds: u64,
+    /// Endpoints reconciled at once.
+    #[arg(long, env = "CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: u16,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Longest wait, in seconds, between retries of an endpoint that keeps failing.
+    #[arg(long, env = "MAX_BACKOFF_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_backoff_seconds: u64,
+    /// Image of the gateway pods (the operator's own image: the same binary).
+    #[arg(long, env = "GATEWAY_IMAGE", default_value = DEFAULT_GATEWAY_IMAGE)]
+    pub gateway_image: String,
+    /// Tracking URI the gateway pods send traces to (default: MLFLOW_TRACKING_URI), e.g. the
+    /// tracking server's in-cluster Service when the operator reaches it another way.
+    #[arg(long, env = "GATEWAY_MLFLOW_TRACKING_URI")]
+    pub gateway_tracking_uri: Option<Url>,
+    /// Skip TLS verification of the tracking server in the gateway pods.
+    #[arg(long, env = "GATEWAY_MLFLOW_TRACKING_INSECURE_TLS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub gateway_insecure_tls: bool,
+    /// A PEM CA bundle the gateway pods trust for the tracking server (e.g. the same file as
+    /// MLFLOW_TRACKING_SERVER_CERT_PATH). Read at start and put in each endpoint's ConfigMap,
+    /// with MLFLOW_TRACKING_SERVER_CERT_PATH set in its pods. Not with
+    /// GATEWAY_MLFLOW_TRACKING_INSECURE_TLS.
+    #[arg(long, env = "GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH")]
+    pub gateway_ca_bundle: Option<PathBuf>,
+    /// A Secret in the operator's namespace (POD_NAMESPACE) holding the trace-writing MLflow
+    /// credential of the gateway pods: keys `username` and `password`, or `token`. The operator
+    /// mirrors it into each endpoint's namespace, for endpoints without
+    /// spec.tracing.credentialsSecretRef. Never the operator's own credential.
+    #[arg(long, env = "GATEWAY_MLFLOW_CREDENTIALS_SECRET")]
+    pub gateway_credentials_secret: Option<String>,
+    /// Default requests and limits of the gateway container, as JSON, e.g.
+    /// '{"requests":{"cpu":"100m","memory":"64Mi"},"limits":{"memory":"256Mi"}}'.
+    #[arg(long, env = "GATEWAY_RESOURCES", value_parser = parse_resources)]
+    pub gateway_resources: Option<ResourceRequirements>,
+    /// The namespace the operator runs in (from the downward API in the Helm chart).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub operator_namespace: Option<String>,
+}
+
+fn parse_resources(s: &str) -> Result<ResourceRequirements, String> {
+    serde_json::from_str(s).map_err(|e| format!("not a ResourceRequirements JSON object: {e}"))
+}
+
+/// Settings that cannot be used together, or a file that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(
+        "GATEWAY_MLFLOW_CREDENTIALS_SECRET is set, but not the namespace it is in: set POD_NAMESPACE"
+    )]
+    CredentialsWithoutNamespace,
+    #[error(
+        "GATEWAY_MLFLOW_TRACKING_INSECURE_TLS=true and GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH are exclusive: unset one of them"
+    )]
+    InsecureTlsWithCaBundle,
+    #[error(transparent)]
+    CaBundle(#[from] ConfigError),
+}
+
+/// A Secret in the operator's namespace, mirrored into endpoints' namespaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperatorSecret {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Operator-wide settings, valid by construction ([`Settings::from_args`]).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    ui_url: Url,
+    resync: Duration,
+    concurrency: u16,
+    namespace: Option<String>,
+    max_backoff: Duration,
+    gateway: GatewayDefaults,
+    gateway_credentials: Option<OperatorSecret>,
+    operator_namespace: Option<String>,
+}
+
+impl Settings {
+    /// Checks `args` and fills in what they leave to `tracking_uri` (the operator's own tracking
+    /// server): the UI URL and where the gateway pods send traces. Reads the pods' CA bundle.
+    pub fn from_args(args: Args, tracking_uri: &Url) -> Result<Settings, SettingsError> {
+        let gateway_credentials = match (args.gateway_credentials_secret, &args.operator_namespace)
+        {
+            (None, _) => None,
+            (Some(_), None) => return Err(SettingsError::CredentialsWithoutNamespace),
+            (Some(name), Some(namespace)) => Some(OperatorSecret {
+                namespace: namespace.clone(),
+                name,
+            }),
+        };
+        let ca_bundle =
+            gateway_ca_bundle(args.gateway_insecure_tls, args.gateway_ca_bundle.as_deref())?;
+        let gateway_tracking_uri = args
+            .gateway_tracking_uri
+            .unwrap_or_else(|| tracking_uri.clone());
+        Ok(Settings {
+            ui_url: args.mlflow_ui_url.unwrap_or_else(|| tracking_uri.clone()),
+            resync: Duration::from_secs(args.resync_period_seconds),
+            concurrency: args.concurrency,
+            namespace: args.namespace,
+            max_backoff: Duration::from_secs(args.max_backoff_seconds),
+            gateway: GatewayDefaults {
+                image: args.gateway_image,
+                tracking_uri: without_credentials(gateway_tracking_uri),
+                insecure_tls: args.gateway_insecure_tls,
+                ca_bundle,
+                resources: args.gateway_resources.unwrap_or_else(default_resources),
+            },
+            gateway_credentials,
+            operator_namespace: args.operator_namespace,
+        })
+    }
+
+    /// Base URL of the MLflow UI, for `status.experimentUrl`.
+    pub fn ui_url(&self) -> &Url {
+        &self.ui_url
+    }
+
+    /// How often a quiet endpoint is re-checked for drift in MLflow.
+    pub fn resync(&self) -> Duration {
+        self.resync
+    }
+
+    /// Endpoints reconciled at once.
+    pub fn concurrency(&self) -> u16 {
+        self.concurrency
+    }
+
+    /// Watch this namespace only (default: all).
+    pub fn namespace(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
+
+    /// The longest wait between retries of a failing endpoint.
+    pub fn max_backoff(&self) -> Duration {
+        self.max_backoff
+    }
+
+    /// Defaults of the gateway pods.
+    pub fn gateway(&self) -> &GatewayDefaults {
+        &self.gateway
+    }
+
+    /// The Secret holding the trace-writing credential the gateway pods use (mirrored into each
+    /// endpoint's namespace) unless an endpoint names its own.
+    pub fn gateway_credentials(&self) -> Option<&OperatorSecret> {
+        self.gateway_credentials.as_ref()
+    }
+
+    /// The namespace the operator runs in.
+    pub fn operator_namespace(&self) -> Option<&str> {
+        self.operator_namespace.as_deref()
+    }
+}
+
+/// The URI as the pods get it: credentials in it would land in every Deployment, so never copy
+/// them; no trailing slash.
+fn without_credentials(mut uri: Url) -> String {
+    let _ = uri.set_username("");
+    let _ = uri.set_password(None);
+    uri.as_str().trim_end_matches('/').to_string()
+}
+
+// integrator: use mlflow's TLS rule
+/// The gateway pods' TLS settings: insecure TLS or a CA bundle, not both. The bundle (PEM) is read
+/// now, so a bad file stops the operator at start rather than every pod later.
+fn gateway_ca_bundle(insecure: bool, path: Option<&Path>) -> Result<Option<String>, SettingsError> {
+    match path {
+        None => Ok(None),
+        Some(_) if insecure => Err(SettingsError::InsecureTlsWithCaBundle),
+        Some(path) => Ok(Some(mlflow::read_ca_bundle(ENV_GATEWAY_CA_BUNDLE, path)?.0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn args(flags: &[&str]) -> Args {
+        let argv = std::iter::once("controller").chain(flags.iter().copied());
+        Cli::try_parse_from(argv).expect("flags parse").args
+    }
+
+    fn tracking() -> Url {
+        Url::parse("https://user:secret@mlflow.example.com/").unwrap()
+    }
+
+    fn test_ca() -> String {
+        format!("{}/tests/fixtures/test-ca.pem", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn defaults_come_from_the_tracking_uri_without_its_credentials() {
+        let s = Settings::from_args(args(&[]), &tracking()).unwrap();
+        assert_eq!(s.gateway().tracking_uri, "https://mlflow.example.com");
+        assert_eq!(s.ui_url(), &tracking());
+        assert_eq!(s.resync(), Duration::from_secs(300));
+        assert_eq!(s.max_backoff(), Duration::from_secs(300));
+        assert_eq!(s.concurrency(), 16);
+        assert_eq!(s.namespace(), None);
+        assert_eq!(s.gateway().image, DEFAULT_GATEWAY_IMAGE);
+        assert_eq!(s.gateway().resources, default_resources());
+        assert!(!s.gateway().insecure_tls && s.gateway().ca_bundle.is_none());
+        assert_eq!(s.gateway_credentials(), None);
+    }
+
+    #[test]
+    fn the_gateway_tracking_uri_loses_its_credentials_too() {
+        let s = Settings::from_args(
+            args(&[
+                "--gateway-tracking-uri",
+                "http://u:p@mlflow.mlflow.svc:5000/",
+                "--mlflow-ui-url",
+                "https://ui.example.com/",
+                "--max-backoff-seconds",
+                "1800",
+            ]),
+            &tracking(),
+        )
+        .unwrap();
+        assert_eq!(s.gateway().tracking_uri, "http://mlflow.mlflow.svc:5000");
+        assert_eq!(s.ui_url().as_str(), "https://ui.example.com/");
+        assert_eq!(s.max_backoff(), Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn a_credential_secret_needs_the_operator_namespace() {
+        let err = Settings::from_args(
+            args(&["--gateway-credentials-secret", "traces"]),
+            &tracking(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, SettingsError::CredentialsWithoutNamespace));
+        assert!(err.to_string().contains("set POD_NAMESPACE"));
+        let s = Settings::from_args(
+            args(&[
+                "--gateway-credentials-secret",
+                "traces",
+                "--operator-namespace",
+                "ops",
+            ]),
+            &tracking(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.gateway_credentials(),
+            Some(&OperatorSecret {
+                namespace: "ops".into(),
+                name: "traces".into()
+            })
+        );
+        assert_eq!(s.operator_namespace(), Some("ops"));
+    }
+
+    #[test]
+    fn insecure_tls_and_a_ca_bundle_are_exclusive() {
+        let err = Settings::from_args(
+            args(&[
+                "--gateway-insecure-tls",
+                "true",
+                "--gateway-ca-bundle",
+                &test_ca(),
+            ]),
+            &tracking(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, SettingsError::InsecureTlsWithCaBundle));
+        let insecure =
+            Settings::from_args(args(&["--gateway-insecure-tls", "true"]), &tracking()).unwrap();
+        assert!(insecure.gateway().insecure_tls);
+    }
+
+    #[test]
+    fn the_ca_bundle_is_read_at_start_and_a_bad_one_names_its_variable() {
+        let s =
+            Settings::from_args(args(&["--gateway-ca-bundle", &test_ca()]), &tracking()).unwrap();
+        let pem = std::fs::read_to_string(test_ca()).unwrap();
+        assert_eq!(s.gateway().ca_bundle.as_deref(), Some(pem.as_str()));
+        let missing = Settings::from_args(
+            args(&["--gateway-ca-bundle", "/nonexistent/ca.pem"]),
+            &tracking(),
+        )
+        .unwrap_err();
+        assert!(matches!(missing, SettingsError::CaBundle(_)));
+        assert!(
+            missing.to_string().contains(ENV_GATEWAY_CA_BUNDLE),
+            "{missing}"
+        );
+    }
+
+    #[test]
+    fn resources_are_json() {
+        let s = Settings::from_args(
+            args(&["--gateway-resources", r#"{"limits":{"memory":"1Gi"}}"#]),
+            &tracking(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.gateway().resources.limits.as_ref().unwrap()["memory"].0,
+            "1Gi"
+        );
+        assert!(parse_resources("[]").is_err());
+    }
+}

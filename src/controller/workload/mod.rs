@@ -1,0 +1,188 @@
+//! The endpoint's workload: what it runs as in Kubernetes, in one place. [`render`] says what the
+//! ConfigMap, Service, Deployment and mirrored credential are (pure); [`secrets`] checks the
+//! Secrets the pods read; [`apply`] makes the cluster hold the rendered objects (server-side apply
+//! when [`drift`] says they differ); [`rollout`] reads the Deployment back as conditions. This
+//! module runs those steps in order and returns what they found as one [`GatewayState`].
+
+pub mod apply;
+pub mod drift;
+pub mod render;
+pub mod rollout;
+pub mod secrets;
+
+use kube::ResourceExt;
+use kube::runtime::events::Event;
+
+use super::conditions::{ConditionState, ConditionType, Reason};
+use super::context::Context;
+use super::error::Error;
+use crate::api::GatewayEndpoint;
+use secrets::Resolved;
+
+/// What the gateway part of a reconcile found and did.
+pub struct GatewayState {
+    pub secrets: ConditionState,
+    pub available: ConditionState,
+    pub progressing: ConditionState,
+    pub url: String,
+    pub replicas: Option<i32>,
+    pub ready_replicas: Option<i32>,
+    pub events: Vec<Event>,
+    /// An object of one of the endpoint's names that is someone else's (then `available` says so).
+    pub conflict: Option<NameConflict>,
+}
+
+/// An object the endpoint needs a name of, held by someone else's object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameConflict {
+    pub kind: String,
+    /// `<namespace>/<name>`.
+    pub name: String,
+}
+
+/// Makes the endpoint's gateway objects match its spec, and reports what the Deployment says.
+/// `experiment_id`: where the pods trace (None with tracking on: not known yet, so no pods yet).
+pub async fn ensure_gateway(
+    ep: &GatewayEndpoint,
+    ctx: &Context,
+    experiment_id: Option<&str>,
+    tracking: bool,
+) -> Result<GatewayState, Error> {
+    let ns = ep.namespace().unwrap_or_default();
+    let resolved = secrets::resolve_secrets(ep, ctx, &ns, tracking).await?;
+    let secrets = secrets::secrets_condition(&resolved);
+    let blocked = blocked(&resolved, tracking, experiment_id);
+    let traced_into = experiment_id.filter(|_| tracking);
+    let applied =
+        match apply::apply_objects(ep, ctx, &resolved, traced_into, blocked.is_some()).await {
+            Ok(applied) => applied,
+            Err(Error::NameConflict { kind, name }) => {
+                return Ok(conflicted(ep, secrets, NameConflict { kind, name }));
+            }
+            Err(e) => return Err(e),
+        };
+    let (available, progressing) =
+        rollout::deployment_conditions(applied.deployment.as_deref(), blocked);
+    let status = applied
+        .deployment
+        .as_ref()
+        .map(|d| d.status.clone().unwrap_or_default());
+    Ok(GatewayState {
+        secrets,
+        available,
+        progressing,
+        url: render::url(ep),
+        replicas: status.as_ref().map(|s| s.replicas.unwrap_or_default()),
+        ready_replicas: status
+            .as_ref()
+            .map(|s| s.ready_replicas.unwrap_or_default()),
+        events: applied.event.into_iter().collect(),
+        conflict: None,
+    })
+}
+
+/// Why the Deployment must not change now, if it must not: Secrets missing, or (with tracking on)
+/// no experiment known yet.
+fn blocked(
+    resolved: &Resolved,
+    tracking: bool,
+    experiment_id: Option<&str>,
+) -> Option<(Reason, String)> {
+    if !resolved.problems.is_empty() {
+        Some((
+            resolved.reason(),
+            "the Deployment is not changed until the Secrets are fixed".to_string(),
+        ))
+    } else if tracking && experiment_id.is_none() {
+        Some((
+            Reason::WaitingForExperiment,
+            "the pods start once the endpoint's experiment is known".to_string(),
+        ))
+    } else {
+        None
+    }
+}
+
+/// The state when one of the endpoint's names is held by someone else's object: not available,
+/// not progressing, saying whose name it is.
+fn conflicted(
+    ep: &GatewayEndpoint,
+    secrets: ConditionState,
+    conflict: NameConflict,
+) -> GatewayState {
+    let message = Error::NameConflict {
+        kind: conflict.kind.clone(),
+        name: conflict.name.clone(),
+    }
+    .to_string();
+    let condition =
+        |type_| ConditionState::new(type_, false, Reason::NameConflict, message.clone());
+    GatewayState {
+        secrets,
+        available: condition(ConditionType::Available),
+        progressing: condition(ConditionType::Progressing),
+        url: render::url(ep),
+        replicas: None,
+        ready_replicas: None,
+        events: Vec::new(),
+        conflict: Some(conflict),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn resolved(problems: Vec<(Reason, String)>) -> Resolved {
+        Resolved {
+            versions: BTreeMap::new(),
+            credential: render::TraceCredential::None,
+            mirror: None,
+            problems,
+        }
+    }
+
+    #[test]
+    fn missing_secrets_then_a_missing_experiment_block_the_deployment() {
+        let missing = resolved(vec![(Reason::SecretNotFound, "x".into())]);
+        assert_eq!(
+            blocked(&missing, true, None).map(|b| b.0),
+            Some(Reason::SecretNotFound)
+        );
+        assert_eq!(
+            blocked(&resolved(vec![]), true, None).map(|b| b.0),
+            Some(Reason::WaitingForExperiment)
+        );
+        assert_eq!(blocked(&resolved(vec![]), true, Some("7")), None);
+        assert_eq!(blocked(&resolved(vec![]), false, None), None);
+    }
+
+    #[test]
+    fn a_name_conflict_says_whose_name_it_is() {
+        let ep: GatewayEndpoint = serde_yaml::from_str(
+            "apiVersion: mlflow-gateway.dev/v1alpha1\nkind: GatewayEndpoint\nmetadata: {name: chat, namespace: team-a, uid: u1}\nspec:\n  models: [{name: m, provider: openai, model: x}]\n",
+        )
+        .unwrap();
+        let secrets = ConditionState::new(
+            ConditionType::SecretsReady,
+            true,
+            Reason::SecretsFound,
+            "m".into(),
+        );
+        let conflict = NameConflict {
+            kind: "Service".into(),
+            name: "team-a/chat".into(),
+        };
+        let g = conflicted(&ep, secrets, conflict.clone());
+        assert_eq!(g.available.reason, Reason::NameConflict);
+        assert_eq!(g.progressing.reason, Reason::NameConflict);
+        assert!(
+            g.available
+                .message
+                .starts_with("a Service named team-a/chat already exists")
+        );
+        assert_eq!(g.url, "http://chat.team-a.svc:8080");
+        assert_eq!(g.conflict, Some(conflict));
+    }
+}
