@@ -5,10 +5,11 @@
 //! the MLflow server a binary starts for itself (when `make test` passes none in) are started once.
 //! Run one area with `cargo test --test integration gateway::`, one test by its name.
 //!
-//! Which areas need which outside service: `crd` needs none (it runs in `make unit`); `smoke`,
-//! `e2e_*`, `helm`, `leader_election` and `gitops` need the cluster (and most of them MLflow);
-//! `mlflow_client`, `telemetry_mlflow` and `gateway` need only MLflow. The fake LLM providers
-//! every gateway test uses are `mgo_dev::fake_llm` (tools/dev), tested there.
+//! Which areas need which outside service: `crd` needs none; `smoke`, `e2e_*`, `helm`,
+//! `leader_election` and `gitops` need the cluster (most of them MLflow too, `gitops` also Go for
+//! Argo CD's Lua runtime); `mlflow_client`, `telemetry_mlflow` and `gateway` need MLflow, except
+//! the tests the Makefile's `UNIT_TESTS` lists, which `make unit` runs with none. The fake LLM
+//! providers the gateway tests use are `mgo_dev::fake_llm` (tools/dev), tested there.
 
 mod support;
 

@@ -196,17 +196,25 @@ fn b64_hex(b64: &str) -> String {
         .collect()
 }
 
-/// Logs of this test binary, captured from every thread (to look for secrets).
+/// Logs of this test binary, captured from every thread (to look for secrets). The Kubernetes
+/// client's own chatter is left out: the other modules of the binary poll the API server all run
+/// long, and no MLflow credential goes through that client.
 fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    use tracing_subscriber::layer::SubscriberExt;
     static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
     LOGS.get_or_init(|| {
         let buffer = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&buffer);
+        let filter = tracing_subscriber::filter::Targets::new()
+            .with_default(tracing::Level::TRACE)
+            .with_target("kube", tracing::Level::WARN)
+            .with_target("tower_http", tracing::Level::WARN);
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)
             .with_ansi(false)
             .with_writer(move || LogSink(Arc::clone(&sink)))
-            .finish();
+            .finish()
+            .with(filter);
         let _ = tracing::subscriber::set_global_default(subscriber);
         buffer
     })
