@@ -1,4 +1,6 @@
 //! Local fake LLM providers for the gateway's tests and the demo (the `fake-llm` command).
+//! One file over 800 lines on purpose: one server, one set of deterministic rules and fault
+//! controls, applied to four wire formats side by side.
 //!
 //! [`FakeLlm::start`] runs one axum server on `127.0.0.1:0` that speaks the documented wire
 //! formats of four provider APIs, so the gateway can be tested without any outside service:
