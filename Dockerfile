@@ -7,6 +7,8 @@ FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The workspace's development tools: cargo loads every member, the image builds only the operator.
+COPY tools/dev ./tools/dev
 RUN cargo build --release --locked --bin mlflow-gateway-operator
 
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -2,7 +2,8 @@
 # The whole thing, locally: a real Kubernetes control plane, a real MLflow server, the operator,
 # the endpoints of examples/ (each with its experiment and its gateway pods), and one traced chat
 # request through an endpoint's gateway. kwok pods run no process, so the gateway runs here, exactly
-# as its Deployment declares it (hack/run-gateway.py), in front of a local fake of the OpenAI API.
+# as its Deployment declares it (run-gateway), in front of a local fake of the OpenAI API (fake-llm):
+# the two commands of tools/dev, whose code the tests use too.
 #   hack/demo.sh up     (make demo)       start everything and print where to look
 #   hack/demo.sh down   (make demo-down)  stop everything it started
 set -euo pipefail
@@ -11,7 +12,7 @@ cd "$REPO_ROOT"
 dir=${MGO_DEMO_DIR:-$REPO_ROOT/.stack/demo}
 
 down() {
-  for p in operator gateway fake-openai; do
+  for p in operator gateway fake-llm; do
     if [ -f "$dir/$p.pid" ]; then
       kill "$(cat "$dir/$p.pid")" 2>/dev/null || true
       rm -f "$dir/$p.pid"
@@ -25,8 +26,8 @@ down() {
 up() {
   [ -f "$dir/cluster/env" ] && { log "a demo is already running; 'make demo-down' first"; down; }
   mkdir -p "$dir"
-  log "building the operator"
-  cargo build --quiet --locked
+  log "building the operator, fake-llm and run-gateway"
+  cargo build --quiet --locked --workspace --bins
   log "starting the control plane (the first run builds Kubernetes from source: ~25 min)"
   hack/cluster.sh up "$dir/cluster" >/dev/null
   log "starting MLflow"
@@ -48,8 +49,9 @@ up() {
   log "starting a local fake of the OpenAI API and an endpoint that uses it"
   local fake_port gw_port
   fake_port=$(free_port); gw_port=$(free_port)
-  setsid python3 hack/fake-openai.py "$fake_port" sk-demo-local >"$dir/fake-openai.log" 2>&1 < /dev/null &
-  echo $! > "$dir/fake-openai.pid"
+  setsid target/debug/fake-llm --port "$fake_port" --api-key sk-demo-local --name fake-openai \
+    >"$dir/fake-llm.log" 2>&1 < /dev/null &
+  echo $! > "$dir/fake-llm.pid"
   kubectl apply -n demo -f - >/dev/null <<YAML
 apiVersion: v1
 kind: Secret
@@ -68,7 +70,8 @@ YAML
     || { tail -20 "$dir/operator.log" >&2; die "endpoints did not become Ready (operator log: $dir/operator.log)"; }
 
   log "running the assistant endpoint's gateway as its Deployment declares it"
-  setsid python3 hack/run-gateway.py demo assistant "127.0.0.1:$gw_port" >"$dir/gateway.log" 2>&1 < /dev/null &
+  setsid target/debug/run-gateway demo assistant "127.0.0.1:$gw_port" target/debug/mlflow-gateway-operator \
+    >"$dir/gateway.log" 2>&1 < /dev/null &
   echo $! > "$dir/gateway.pid"
   local i
   for i in $(seq 1 100); do

@@ -82,7 +82,9 @@ INI
   local pid=$!
   echo "$pid" > "$dir/pid"
   local url=http://127.0.0.1:$port
-  for _ in $(seq 1 240); do
+  # A deadline, not a count of tries: on a busy machine a cold start takes over a minute.
+  local deadline=$((SECONDS + 180))
+  while [ "$SECONDS" -lt "$deadline" ]; do
     if curl -fsS -o /dev/null "$url/health" 2>/dev/null; then
       { printf 'MLFLOW_TRACKING_URI=%s\nMLFLOW_PID=%s\nMLFLOW_RUN_DIR=%s\n' "$url" "$pid" "$dir"
         [ -n "$auth" ] && printf 'MLFLOW_ADMIN_USERNAME=admin\nMLFLOW_ADMIN_PASSWORD=%s\n' "$auth"; } > "$dir/env"
@@ -94,7 +96,7 @@ INI
   done
   tail -30 "$dir/mlflow.log" >&2
   stop "$dir"
-  die "mlflow server did not answer /health within 60 s (log: $dir/mlflow.log)"
+  die "mlflow server did not answer /health within 180 s (log: $dir/mlflow.log)"
 }
 
 # Ends the server when OWNER ends (a crashed test run leaves nothing behind).

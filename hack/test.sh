@@ -10,7 +10,7 @@ t0=$SECONDS
 
 log "checking formatting and lints"
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # The heavy, cached prerequisites (cold: ~25 min for the Kubernetes binaries, ~2 min for MLflow).
 hack/build-tools.sh >/dev/null
@@ -31,5 +31,7 @@ hack/mlflow.sh up "$run/mlflow" --owner-pid $$ >/dev/null
 export MGO_CLUSTER_ENV=$run/cluster/env MGO_MLFLOW_ENV=$run/mlflow/env
 
 log "running tests"
-cargo test --locked --all-targets --no-fail-fast -- "$@"
+# The operator's unit tests, tools/dev's (the fake LLM), and the one integration binary
+# (tests/integration/); arguments are test-name filters, e.g. `hack/test.sh gateway::`.
+cargo test --locked --workspace --all-targets --no-fail-fast -- "$@"
 log "all tests passed in $((SECONDS - t0))s"

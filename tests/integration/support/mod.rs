@@ -2,13 +2,17 @@
 //!
 //! `make test` starts one cluster and one MLflow server for the whole run and passes them in
 //! (`MGO_CLUSTER_ENV`, `MGO_MLFLOW_ENV`: paths of the `env` files the hack/ scripts write). A test
-//! binary run on its own starts what is missing, once per binary, and a watchdog tears it down when
+//! binary run on its own starts what is missing, once per run, and a watchdog tears it down when
 //! the binary exits. If anything cannot start, the test fails with the reason: nothing is skipped.
+//! `make unit` sets `MGO_NO_SERVICES=1`: then a test that asks for a cluster or an MLflow server
+//! fails at once instead of starting one (so the unit run needs neither Go nor MLflow).
 //!
-//! [`fake_llm`] serves local fakes of the LLM providers' APIs (started per test, nothing shared).
+//! [`fake_llm`] serves local fakes of the LLM providers' APIs (started per test, nothing shared);
+//! it and [`gateway_from_deployment`]'s reading of the Deployment live in tools/dev (`mgo_dev`),
+//! which the demo runs too.
 #![allow(dead_code)]
 
-pub mod fake_llm;
+pub use mgo_dev::fake_llm;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,6 +31,16 @@ fn read_env_file(path: &Path) -> HashMap<String, String> {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// Panics when the run must not start outside services (`make unit`), naming what was asked for.
+fn services_allowed(what: &str) {
+    assert!(
+        std::env::var_os("MGO_NO_SERVICES").is_none(),
+        "this test needs {what}, and MGO_NO_SERVICES is set (`make unit` runs only the tests \
+         that need no outside service: run it with `make test`, or drop it from the Makefile's \
+         UNIT_TESTS)"
+    );
 }
 
 /// Runs a hack/ script and panics with its output if it fails.
@@ -85,6 +99,7 @@ pub struct Cluster {
 pub fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
+        services_allowed("a Kubernetes cluster");
         let env_file = match std::env::var_os("MGO_CLUSTER_ENV") {
             Some(p) => PathBuf::from(p),
             None => {
@@ -273,6 +288,29 @@ pub async fn events(
         .collect()
 }
 
+/// Waits up to `secs` until there are `n` Events in `ns` about `name` with `reason`, and fails if
+/// there are more: Events are written apart from (and often after) the status a test waited for.
+pub async fn wait_events(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+    n: usize,
+    secs: u64,
+) -> Vec<k8s_openapi::api::events::v1::Event> {
+    let found = eventually(
+        secs,
+        &format!("{n} {reason} Event(s) about {name}"),
+        || async {
+            let found = events(client, ns, name, reason).await;
+            (found.len() >= n).then_some(found)
+        },
+    )
+    .await;
+    assert_eq!(found.len(), n, "{reason} Events about {name}: {found:#?}");
+    found
+}
+
 /// Creates or replaces the Secret `name` in `ns` with `data` (server-side apply).
 pub async fn secret(client: &kube::Client, ns: &str, name: &str, data: &[(&str, &str)]) {
     use k8s_openapi::api::core::v1::Secret;
@@ -333,6 +371,7 @@ pub struct Mlflow {
 impl Mlflow {
     /// Starts a private server for one test (use for auth or stop/start scenarios).
     pub fn start(auth: bool) -> Mlflow {
+        services_allowed("an MLflow server of its own");
         let dir = unique_dir("mlflow");
         let pid = std::process::id().to_string();
         let mut args = vec!["up", dir.to_str().unwrap(), "--owner-pid", &pid];
@@ -391,6 +430,7 @@ impl Drop for Mlflow {
 /// The MLflow server shared by this test binary (no auth).
 pub fn mlflow() -> &'static Mlflow {
     static MLFLOW: OnceLock<Mlflow> = OnceLock::new();
+    services_allowed("an MLflow server");
     MLFLOW.get_or_init(|| match std::env::var_os("MGO_MLFLOW_ENV") {
         Some(p) => Mlflow::from_env_file(Path::new(&p)),
         None => {
@@ -607,7 +647,13 @@ impl GatewayProcess {
 
     /// Starts the gateway and waits until it answers /readyz.
     pub async fn start(manifest: &str, env: &[(&str, &str)]) -> GatewayProcess {
-        let (mut cmd, log, port) = Self::command(manifest, env);
+        let (cmd, log, port) = Self::command(manifest, env);
+        Self::spawn(cmd, log, port).await
+    }
+
+    /// Starts `cmd` (a gateway listening on 127.0.0.1:`port`), logging to `log`, and waits until
+    /// it answers /readyz.
+    async fn spawn(mut cmd: Command, log: PathBuf, port: u16) -> GatewayProcess {
         let file = std::fs::File::create(&log).unwrap();
         cmd.stdout(file.try_clone().unwrap()).stderr(file);
         let mut child = cmd.spawn().expect("start the gateway");
@@ -686,79 +732,34 @@ pub async fn container_env(
     container: &k8s_openapi::api::core::v1::Container,
     pod_name: &str,
 ) -> Vec<(String, String)> {
-    use k8s_openapi::api::core::v1::Secret;
-    use kube::api::Api;
-    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
-    let mut env = Vec::new();
-    for e in container.env.clone().unwrap_or_default() {
-        if let Some(v) = e.value {
-            env.push((e.name, v));
-            continue;
-        }
-        let from = e.value_from.expect("value or valueFrom");
-        if let Some(f) = from.field_ref {
-            let v = match f.field_path.as_str() {
-                "metadata.name" => pod_name.to_string(),
-                "metadata.namespace" => ns.to_string(),
-                other => panic!("unexpected fieldRef {other}"),
-            };
-            env.push((e.name, v));
-        } else if let Some(r) = from.secret_key_ref {
-            let secret = secrets.get(&r.name).await.expect("referenced Secret");
-            match secret.data.unwrap_or_default().get(&r.key) {
-                Some(v) => env.push((e.name, String::from_utf8(v.0.clone()).unwrap())),
-                None => assert_eq!(r.optional, Some(true), "missing key {}", r.key),
-            }
-        } else {
-            panic!("unsupported valueFrom in {}", e.name);
-        }
-    }
-    env
+    mgo_dev::declared::container_env(client, ns, container, pod_name)
+        .await
+        .unwrap_or_else(|e| panic!("the environment of {ns}/{pod_name}: {e:#}"))
 }
 
 /// Runs the gateway locally exactly as the endpoint's Deployment declares it (kwok pods run no
-/// process): the `endpoint.yaml` of the ConfigMap its `config` volume mounts, and its container's
-/// environment with every Secret reference resolved through the API server.
+/// process), as `make demo` does ([`mgo_dev::declared`]): its container's arguments and
+/// environment with every Secret reference resolved through the API server, and the ConfigMap its
+/// `config` volume mounts; `extra_env` on top.
 pub async fn gateway_from_deployment(
     client: &kube::Client,
     ns: &str,
     name: &str,
     extra_env: &[(&str, &str)],
 ) -> GatewayProcess {
-    use k8s_openapi::api::apps::v1::Deployment;
-    use k8s_openapi::api::core::v1::ConfigMap;
-    use kube::api::Api;
-    let dep = Api::<Deployment>::namespaced(client.clone(), ns)
-        .get(name)
+    let dir = unique_dir("gateway");
+    let declared = mgo_dev::declared::DeclaredGateway::read(client, ns, name, &dir.join("config"))
         .await
-        .expect("the endpoint's Deployment");
-    let pod = dep.spec.unwrap().template.spec.unwrap();
-    let container = &pod.containers[0];
-    assert_eq!(
-        container.args.as_deref(),
-        Some(&["gateway".to_string()][..])
+        .unwrap_or_else(|e| panic!("the gateway of {ns}/{name}: {e:#}"));
+    assert_eq!(declared.args, ["gateway"]);
+    let port = free_port();
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut cmd = declared.command(
+        Path::new(env!("CARGO_BIN_EXE_mlflow-gateway-operator")),
+        listen,
     );
-    let config_map = pod
-        .volumes
-        .unwrap_or_default()
-        .into_iter()
-        .find(|v| v.name == "config")
-        .and_then(|v| v.config_map)
-        .expect("a config volume from a ConfigMap")
-        .name;
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .get(&config_map)
-        .await
-        .expect("the endpoint's ConfigMap");
-    let manifest = cm.data.unwrap()["endpoint.yaml"].clone();
-    let mut env = container_env(client, ns, container, name).await;
-    env.extend(
-        extra_env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    GatewayProcess::start(&manifest, &env).await
+    cmd.env("RUST_LOG", "info").envs(extra_env.iter().copied());
+    GatewayProcess::spawn(cmd, dir.join("gateway.log"), port).await
 }
 
 /// The sum of a metric's samples (Prometheus text) whose labels contain every `label="value"`.
@@ -780,6 +781,7 @@ pub fn sum_metric(text: &str, name: &str, labels: &[&str]) -> f64 {
 pub fn python() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        services_allowed("the MLflow venv's Python");
         let out = Command::new("bash")
             .arg(repo_root().join("hack/mlflow.sh"))
             .arg("install")

@@ -1,7 +1,7 @@
 //! Proof that the test stack is the real thing: a real API server with RBAC, a controller-manager,
 //! a scheduler and kwok moving Pods to Running, and a real MLflow tracking server.
 
-mod support;
+use crate::support;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
@@ -191,10 +191,11 @@ async fn rbac_denies_a_service_account_until_a_role_allows_it() {
         )
         .await
         .unwrap();
-    let list = pods
-        .list(&ListParams::default())
-        .await
-        .expect("allowed now");
+    // The authorizer sees a new RoleBinding through its informer: a moment later.
+    let list = support::eventually(30, "the RoleBinding to allow listing pods", || async {
+        pods.list(&ListParams::default()).await.ok()
+    })
+    .await;
     assert!(list.items.is_empty());
     // Only what the Role grants: get is still denied.
     match pods.get("anything").await {

@@ -1,7 +1,7 @@
 //! GitOps: the Argo CD health check (docs/argocd/health.lua) in Argo CD's own Lua runtime, and no
 //! drift between what a user applied and what the operator leaves on the object.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 

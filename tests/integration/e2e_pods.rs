@@ -1,7 +1,7 @@
 //! End-to-end: the operator deploys each endpoint as gateway pods, on a real control plane
 //! (controller-manager, scheduler and kwok make Deployments Running pods) and a real MLflow.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -185,7 +185,15 @@ async fn an_endpoint_runs_as_a_configmap_a_deployment_and_a_service_with_running
             "  replicas: 2\n  gateway:\n    podLabels: {team: a}\n    resources: {requests: {cpu: 50m}, limits: {memory: 128Mi}}\n",
         ),
     );
-    let ep = ready(&env, "chat").await;
+    ready(&env, "chat").await;
+    // Ready needs the Deployment Available; the counts and the finished rollout can come later.
+    let ep = eventually(90, "2 ready replicas and the rollout complete", || async {
+        let ep = env.endpoints.get("chat").await.ok()?;
+        let status = ep.status.as_ref()?;
+        let done = status.condition("Progressing")?.status == "False";
+        (status.ready_replicas == Some(2) && done).then_some(ep.clone())
+    })
+    .await;
     let status = ep.status.clone().unwrap();
     assert_eq!(
         status.url.as_deref(),
@@ -205,7 +213,10 @@ async fn an_endpoint_runs_as_a_configmap_a_deployment_and_a_service_with_running
             "{t}"
         );
     }
-    assert_eq!(running_pods(&env, "chat").await.len(), 2);
+    eventually(60, "2 Running pods", || async {
+        (running_pods(&env, "chat").await.len() == 2).then_some(())
+    })
+    .await;
 
     // The ConfigMap: the endpoint as the gateway reads it, with uid and namespace, nothing secret.
     let cm = env.config_maps.get("chat").await.unwrap();
@@ -376,8 +387,13 @@ async fn a_changed_model_or_a_rotated_secret_rolls_the_pods_and_scaling_does_not
     })
     .await;
     pods_rolled_to(&env, "chat", &second, 1).await;
-    let cm = env.config_maps.get("chat").await.unwrap();
-    assert!(cm.data.unwrap()["endpoint.yaml"].contains("gpt-4.1-mini"));
+    eventually(30, "the new model in the ConfigMap", || async {
+        let cm = env.config_maps.get("chat").await.ok()?;
+        cm.data?["endpoint.yaml"]
+            .contains("gpt-4.1-mini")
+            .then_some(())
+    })
+    .await;
     wait_condition(
         &env,
         "chat",
@@ -413,15 +429,15 @@ async fn a_changed_model_or_a_rotated_secret_rolls_the_pods_and_scaling_does_not
         config_hash(&env.deployments.get("chat").await.unwrap()),
         third
     );
-    let ep = wait_condition(
-        &env,
-        "chat",
-        "Progressing",
-        "False",
-        Some("RolloutComplete"),
-    )
+    // Progressing may still show the last rollout's RolloutComplete: wait for the 3 replicas too.
+    eventually(90, "3 ready replicas, rollout complete", || async {
+        let ep = env.endpoints.get("chat").await.ok()?;
+        let status = ep.status?;
+        let c = status.condition("Progressing")?;
+        (c.status == "False" && c.reason == "RolloutComplete" && status.ready_replicas == Some(3))
+            .then_some(())
+    })
     .await;
-    assert_eq!(ep.status.unwrap().ready_replicas, Some(3));
 }
 
 #[tokio::test]
@@ -769,8 +785,11 @@ async fn gateway_pods_write_traces_with_their_own_credential_never_the_operators
         },
     )
     .await;
-    let mirror = env.secrets.get("chat-mlflow-credentials").await.unwrap();
-    assert_eq!(mirror.data.unwrap()["password"].0, b"writer-password-2");
+    eventually(30, "the rotated password in the mirror", || async {
+        let mirror = env.secrets.get("chat-mlflow-credentials").await.ok()?;
+        (mirror.data?["password"].0 == b"writer-password-2").then_some(())
+    })
+    .await;
 
     // An endpoint that names its own credential uses it, and gets no mirror.
     support::secret(

@@ -1,6 +1,6 @@
 //! The MLflow client against a real tracking server (`mlflow server`, sqlite backend).
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The gateway process against local fake providers (each speaking its documented wire format)
 //! and a real MLflow server: responses, routing, errors, and the traces read back from MLflow.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

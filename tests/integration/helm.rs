@@ -7,7 +7,7 @@
 //! ServiceAccount, so RBAC is evaluated for that identity: what it reconciles proves the
 //! ClusterRole and the Lease Role suffice, and what it is refused proves they stop there.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -618,7 +618,10 @@ spec:
         lease.spec.unwrap().holder_identity.as_deref(),
         Some(pod_a.as_str())
     );
-    assert_eq!(op.metric("mlflow_gateway_operator_leader", &[]).await, 1.0);
+    eventually(20, "the operator's leader gauge", || async {
+        (op.metric("mlflow_gateway_operator_leader", &[]).await == 1.0).then_some(())
+    })
+    .await;
 
     // Requests it has no business making are refused to its ServiceAccount.
     let as_sa = c.impersonating(&sa).await;

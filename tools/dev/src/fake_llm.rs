@@ -1,4 +1,6 @@
-//! Local fake LLM providers for the gateway's tests.
+//! Local fake LLM providers for the gateway's tests and the demo (the `fake-llm` command).
+//! One file over 800 lines on purpose: one server, one set of deterministic rules and fault
+//! controls, applied to four wire formats side by side.
 //!
 //! [`FakeLlm::start`] runs one axum server on `127.0.0.1:0` that speaks the documented wire
 //! formats of four provider APIs, so the gateway can be tested without any outside service:
@@ -100,6 +102,11 @@ impl FakeLlm {
     /// Starts a fake on a free loopback port. `name` appears in every reply text, `api_key` is the
     /// only credential it accepts (on every provider surface).
     pub async fn start(name: &str, api_key: &str) -> FakeLlm {
+        Self::start_on_port(0, name, api_key).await
+    }
+
+    /// [`FakeLlm::start`] on `127.0.0.1:port` (0: a free port).
+    pub async fn start_on_port(port: u16, name: &str, api_key: &str) -> FakeLlm {
         use axum::serve::ListenerExt;
         let inner = Arc::new(Inner {
             name: name.to_string(),
@@ -114,7 +121,7 @@ impl FakeLlm {
             recording: AtomicBool::new(true),
             log: Mutex::new(VecDeque::new()),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind the fake LLM's port");
         let addr = listener.local_addr().expect("fake LLM address");

@@ -1,7 +1,7 @@
 //! Every rule that needs no I/O rejects its bad manifest at `kubectl apply`, with a message that
 //! says what to fix (the API server evaluates the CRD's schema and CEL rules).
 
-mod support;
+use crate::support;
 
 use support::cluster;
 

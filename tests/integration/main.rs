@@ -1,0 +1,26 @@
+//! The integration tests: one test binary, one module per area, all sharing [`support`] (the real
+//! Kubernetes control plane, the real MLflow servers, the operator and gateway processes).
+//!
+//! One binary rather than one per file: `support` is compiled and linked once, and the cluster and
+//! the MLflow server a binary starts for itself (when `make test` passes none in) are started once.
+//! Run one area with `cargo test --test integration gateway::`, one test by its name.
+//!
+//! Which areas need which outside service: `crd` needs none; `smoke`, `e2e_*`, `helm`,
+//! `leader_election` and `gitops` need the cluster (most of them MLflow too, `gitops` also Go for
+//! Argo CD's Lua runtime); `mlflow_client`, `telemetry_mlflow` and `gateway` need MLflow, except
+//! the tests the Makefile's `UNIT_TESTS` lists, which `make unit` runs with none. The fake LLM
+//! providers the gateway tests use are `mgo_dev::fake_llm` (tools/dev), tested there.
+
+mod support;
+
+mod crd;
+mod e2e_admission;
+mod e2e_experiment;
+mod e2e_pods;
+mod gateway;
+mod gitops;
+mod helm;
+mod leader_election;
+mod mlflow_client;
+mod smoke;
+mod telemetry_mlflow;

@@ -1,0 +1,30 @@
+//! `fake-llm`: serves one fake LLM provider ([`mgo_dev::fake_llm`]) on 127.0.0.1 until stopped,
+//! for the demo and for trying the gateway by hand. Prints its base URL on the first line.
+
+use clap::Parser;
+use mgo_dev::fake_llm::FakeLlm;
+
+/// A local fake of the OpenAI, Azure OpenAI, Anthropic and Gemini APIs (their wire formats, their
+/// credential headers), answering `reply from NAME to: <the last user message>` with usage.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Port on 127.0.0.1 (0: a free one).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// The only API key it accepts.
+    #[arg(long)]
+    api_key: String,
+    /// Its name in every answer.
+    #[arg(long, default_value = "fake-llm")]
+    name: String,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args = Args::parse();
+    let fake = FakeLlm::start_on_port(args.port, &args.name, &args.api_key).await;
+    println!("{}", fake.url);
+    // Runs until a signal ends the process (the demo stops it with SIGTERM).
+    std::future::pending::<()>().await;
+}

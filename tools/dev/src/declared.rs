@@ -1,0 +1,177 @@
+//! An endpoint's gateway as its Deployment declares it, to run on this machine: the container's
+//! arguments, its environment with the Secret references resolved through the API server, and the
+//! ConfigMap its `config` volume mounts written to a local directory that stands for the mount.
+//!
+//! kwok pods run no process, so the tests and the demo run the gateway here instead, and this is
+//! what makes that run the same as a pod's: nothing is taken from the GatewayEndpoint, only from
+//! what the operator rendered. Environment values that are paths under the mount (the endpoint
+//! file, the CA bundle) are pointed at the local directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Secret};
+use kube::api::Api;
+
+/// The name of the gateway's container in the Deployment.
+const CONTAINER: &str = "gateway";
+/// The volume that mounts the endpoint's ConfigMap.
+const CONFIG_VOLUME: &str = "config";
+
+/// What one gateway pod of an endpoint runs.
+#[derive(Clone, Debug)]
+pub struct DeclaredGateway {
+    /// The container's arguments (`["gateway"]`).
+    pub args: Vec<String>,
+    /// The container's environment, Secret references resolved and paths under the ConfigMap's
+    /// mount pointed at `config_dir`. Holds secrets: keep it out of logs and files.
+    pub env: Vec<(String, String)>,
+    /// The local directory holding the ConfigMap's files.
+    pub config_dir: PathBuf,
+}
+
+impl DeclaredGateway {
+    /// Reads the Deployment `name` in `ns`, resolves its gateway container's environment, and
+    /// writes the ConfigMap its `config` volume mounts into `config_dir` (created if missing).
+    pub async fn read(
+        client: &kube::Client,
+        ns: &str,
+        name: &str,
+        config_dir: &Path,
+    ) -> Result<DeclaredGateway> {
+        let deployment = Api::<Deployment>::namespaced(client.clone(), ns)
+            .get(name)
+            .await
+            .with_context(|| format!("reading the Deployment {ns}/{name}"))?;
+        let pod = deployment
+            .spec
+            .and_then(|s| s.template.spec)
+            .with_context(|| format!("the Deployment {ns}/{name} has no pod template"))?;
+        let container = pod
+            .containers
+            .iter()
+            .find(|c| c.name == CONTAINER)
+            .with_context(|| format!("the Deployment {ns}/{name} has no container {CONTAINER}"))?;
+        let config_map = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == CONFIG_VOLUME)
+            .and_then(|v| v.config_map.as_ref())
+            .map(|c| c.name.clone())
+            .with_context(|| {
+                format!("the Deployment {ns}/{name} mounts no ConfigMap as {CONFIG_VOLUME}")
+            })?;
+        let mount_path = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == CONFIG_VOLUME)
+            .map(|m| m.mount_path.trim_end_matches('/').to_string())
+            .with_context(|| format!("the container {CONTAINER} does not mount {CONFIG_VOLUME}"))?;
+
+        let files = Api::<ConfigMap>::namespaced(client.clone(), ns)
+            .get(&config_map)
+            .await
+            .with_context(|| format!("reading the ConfigMap {ns}/{config_map}"))?
+            .data
+            .unwrap_or_default();
+        std::fs::create_dir_all(config_dir)
+            .with_context(|| format!("creating {}", config_dir.display()))?;
+        for (key, text) in &files {
+            let path = config_dir.join(key);
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+
+        let local = config_dir.to_string_lossy();
+        let env = container_env(client, ns, container, name)
+            .await?
+            .into_iter()
+            .map(|(k, v)| match v.strip_prefix(&format!("{mount_path}/")) {
+                Some(file) => (k, format!("{local}/{file}")),
+                None => (k, v),
+            })
+            .collect();
+        Ok(DeclaredGateway {
+            args: container.args.clone().unwrap_or_default(),
+            env,
+            config_dir: config_dir.to_path_buf(),
+        })
+    }
+
+    /// `binary` with the container's arguments, listening on `listen` instead of the container's
+    /// port, with exactly the declared environment (plus `PATH`, and `RUST_LOG` from this process
+    /// or `info`).
+    pub fn command(&self, binary: &Path, listen: std::net::SocketAddr) -> std::process::Command {
+        let mut cmd = std::process::Command::new(binary);
+        cmd.args(&self.args)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env(
+                "RUST_LOG",
+                std::env::var_os("RUST_LOG").unwrap_or_else(|| "info".into()),
+            )
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+}
+
+/// A container's environment as its pod `pod_name` in `ns` would get it: plain values, the pod's
+/// name and namespace (`fieldRef`), and Secret keys read through the API server (a missing
+/// Secret or key is skipped when the reference is `optional`, an error otherwise).
+pub async fn container_env(
+    client: &kube::Client,
+    ns: &str,
+    container: &Container,
+    pod_name: &str,
+) -> Result<Vec<(String, String)>> {
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    let mut env = Vec::new();
+    for e in container.env.iter().flatten() {
+        if let Some(v) = &e.value {
+            env.push((e.name.clone(), v.clone()));
+            continue;
+        }
+        let Some(from) = &e.value_from else {
+            // Declared without a value: the empty string, as the kubelet sets it.
+            env.push((e.name.clone(), String::new()));
+            continue;
+        };
+        if let Some(f) = &from.field_ref {
+            let v = match f.field_path.as_str() {
+                "metadata.name" => pod_name.to_string(),
+                "metadata.namespace" => ns.to_string(),
+                other => bail!("{}: unsupported fieldRef {other}", e.name),
+            };
+            env.push((e.name.clone(), v));
+        } else if let Some(r) = &from.secret_key_ref {
+            let optional = r.optional == Some(true);
+            let secret = secrets
+                .get_opt(&r.name)
+                .await
+                .with_context(|| format!("reading the Secret {ns}/{}", r.name))?;
+            let value = secret.and_then(|s| s.data?.remove(&r.key));
+            match value {
+                Some(v) => {
+                    let text = String::from_utf8(v.0).with_context(|| {
+                        format!("the Secret {ns}/{} key {:?} is not UTF-8", r.name, r.key)
+                    })?;
+                    env.push((e.name.clone(), text));
+                }
+                None if optional => {}
+                None => bail!(
+                    "the Secret {ns}/{} has no key {:?} (variable {})",
+                    r.name,
+                    r.key,
+                    e.name
+                ),
+            }
+        } else {
+            bail!("{}: unsupported valueFrom", e.name);
+        }
+    }
+    Ok(env)
+}
