@@ -1,11 +1,13 @@
 //! The provider layer of the gateway: conversion between the OpenAI API the gateway serves and
 //! each upstream provider's own wire format.
 //!
-//! For one configured model (an [`Upstream`]) it builds the upstream HTTP request from the
-//! OpenAI-shaped body a client sent (URL, auth headers, converted body), converts a successful
-//! response back to the OpenAI shape, converts a streamed response chunk by chunk
-//! ([`StreamConverter`]) and extracts a readable message from an error response. No I/O happens
-//! here: the gateway sends the requests.
+//! For one configured model (a [`ModelConfig`], whose [`ProviderConfig`] says which provider and
+//! carries what it needs) it builds the upstream HTTP request from the OpenAI-shaped body a client
+//! sent (URL, auth headers, converted body), converts a successful response back to the OpenAI
+//! shape, converts a streamed response chunk by chunk ([`StreamConverter`]) and extracts a
+//! readable message from an error response. These are methods of `ModelConfig` defined here: the
+//! gateway's config says what a model is, this layer how to speak to it. No I/O happens here
+//! (the gateway sends the requests), and nothing here knows Kubernetes.
 //!
 //! Bodies are handled with pass-through typing: only the fields a conversion acts on are read;
 //! every other field of an OpenAI-compatible request is forwarded unchanged, so parameters this
@@ -37,37 +39,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use url::Url;
 
-use crate::api::{Model, Provider};
-
-/// The OpenAI API operation a client called.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Operation {
-    /// `/v1/chat/completions`
-    Chat,
-    /// `/v1/completions`
-    Completions,
-    /// `/v1/embeddings`
-    Embeddings,
-}
-
-impl Operation {
-    /// The operation an endpoint of this type serves.
-    pub fn of(endpoint_type: crate::api::EndpointType) -> Self {
-        match endpoint_type {
-            crate::api::EndpointType::Chat => Operation::Chat,
-            crate::api::EndpointType::Completions => Operation::Completions,
-            crate::api::EndpointType::Embeddings => Operation::Embeddings,
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Operation::Chat => "chat completions",
-            Operation::Completions => "completions",
-            Operation::Embeddings => "embeddings",
-        }
-    }
-}
+pub use crate::gateway::config::Operation;
+use crate::gateway::config::{ModelConfig, ProviderConfig};
 
 /// Token usage of one call, as MLflow records it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -139,44 +112,6 @@ fn bad_upstream(msg: impl Into<String>) -> ProviderError {
     ProviderError::BadUpstreamResponse(msg.into())
 }
 
-/// One configured model, ready to call. `Debug` does not print the API key.
-#[derive(Clone)]
-pub struct Upstream {
-    /// The model's name in the endpoint.
-    pub name: String,
-    pub provider: Provider,
-    /// The provider's model id.
-    pub model: String,
-    /// Resolved: the spec's `apiBase` or the provider's default.
-    pub api_base: Url,
-    api_key: Option<String>,
-    /// Azure: resolved, the spec's `apiVersion` or [`azure::DEFAULT_API_VERSION`]. Others: as set.
-    pub api_version: Option<String>,
-    /// Azure: the deployment name.
-    pub deployment: Option<String>,
-}
-
-impl fmt::Debug for Upstream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upstream")
-            .field("name", &self.name)
-            .field("provider", &self.provider)
-            .field("model", &self.model)
-            .field("api_base", &self.api_base.as_str())
-            .field(
-                "api_key",
-                &if self.api_key.is_some() {
-                    "<redacted>"
-                } else {
-                    "<none>"
-                },
-            )
-            .field("api_version", &self.api_version)
-            .field("deployment", &self.deployment)
-            .finish()
-    }
-}
-
 /// A request ready to send: what `build_request` turns into an HTTP request.
 pub(crate) struct Prepared<'a> {
     pub url: Url,
@@ -219,69 +154,10 @@ impl serde::Serialize for Body<'_> {
     }
 }
 
-impl Upstream {
-    /// Resolves a model of the spec: its API base (or the provider's default) and key. An empty
-    /// key counts as none.
-    pub fn new(model: &Model, api_key: Option<String>) -> Result<Self, ProviderError> {
-        let provider = model.provider;
-        let base = match (&model.api_base, default_api_base(provider)) {
-            (Some(base), _) => base.as_str(),
-            (None, Some(default)) => default,
-            (None, None) => {
-                return Err(ProviderError::Config(format!(
-                    "model {}: provider {} needs apiBase",
-                    model.name,
-                    provider.as_str()
-                )));
-            }
-        };
-        let api_base = Url::parse(base).map_err(|e| {
-            ProviderError::Config(format!(
-                "model {}: apiBase {base:?} is not a valid URL: {e}",
-                model.name
-            ))
-        })?;
-        if !matches!(api_base.scheme(), "http" | "https") || api_base.cannot_be_a_base() {
-            return Err(ProviderError::Config(format!(
-                "model {}: apiBase {base:?} must be an http:// or https:// URL",
-                model.name
-            )));
-        }
-        if api_base.fragment().is_some() {
-            return Err(ProviderError::Config(format!(
-                "model {}: apiBase {base:?} must not have a #fragment",
-                model.name
-            )));
-        }
-        let mut api_version = model.api_version.clone();
-        if provider == Provider::Azure {
-            if model.deployment.as_deref().is_none_or(str::is_empty) {
-                return Err(ProviderError::Config(format!(
-                    "model {}: provider azure needs deployment",
-                    model.name
-                )));
-            }
-            api_version.get_or_insert_with(|| azure::DEFAULT_API_VERSION.to_string());
-        }
-        Ok(Upstream {
-            name: model.name.clone(),
-            provider,
-            model: model.model.clone(),
-            api_base,
-            api_key: api_key.filter(|k| !k.is_empty()),
-            api_version,
-            deployment: model.deployment.clone(),
-        })
-    }
-
-    /// The provider's name as MLflow spells it ("openai", "anthropic", ...).
-    pub fn provider_name(&self) -> &'static str {
-        self.provider.as_str()
-    }
-
+impl ModelConfig {
     /// Whether the provider has an API for `op` (anthropic has no embeddings).
     pub fn supports(&self, op: Operation) -> bool {
-        !(self.provider == Provider::Anthropic && op == Operation::Embeddings)
+        self.provider.provider().serves(op)
     }
 
     /// Builds the upstream HTTP request for an OpenAI-shaped request body (`/v1/chat/completions`,
@@ -315,11 +191,11 @@ impl Upstream {
         let body = body
             .as_object()
             .ok_or_else(|| invalid("the request body must be a JSON object"))?;
-        match self.provider {
-            Provider::Azure => azure::prepare(self, op, body),
-            Provider::Anthropic => anthropic::prepare(self, op, body),
-            Provider::Gemini => gemini::prepare(self, op, body),
-            _ => openai::prepare(self, op, body),
+        match &self.provider {
+            ProviderConfig::Azure(azure) => azure::prepare(self, azure, op, body),
+            ProviderConfig::Anthropic { .. } => anthropic::prepare(self, op, body),
+            ProviderConfig::Gemini { .. } => gemini::prepare(self, op, body),
+            ProviderConfig::OpenAi { .. } => openai::prepare(self, op, body),
         }
     }
 
@@ -351,7 +227,7 @@ impl Upstream {
         self.parse_response_for(op, None, body)
     }
 
-    /// [`Upstream::parse_response`], knowing the client's request body: a provider whose
+    /// [`ModelConfig::parse_response`], knowing the client's request body: a provider whose
     /// response cannot express a request option gets it applied here (Gemini embeddings with
     /// `encoding_format: "base64"`, which OpenAI SDKs request by default).
     pub fn parse_response_for(
@@ -367,27 +243,32 @@ impl Upstream {
                 truncate(&String::from_utf8_lossy(body), 200)
             ))
         })?;
-        match self.provider {
-            Provider::Anthropic => anthropic::parse_response(self, op, value),
-            Provider::Gemini => gemini::parse_response(self, op, request, value),
-            _ => openai::parse_response(self, op, value),
+        match &self.provider {
+            ProviderConfig::Anthropic { .. } => anthropic::parse_response(self, op, value),
+            ProviderConfig::Gemini { .. } => gemini::parse_response(self, op, request, value),
+            ProviderConfig::OpenAi { .. } | ProviderConfig::Azure(_) => {
+                openai::parse_response(self, op, value)
+            }
         }
     }
 
     /// Whether a successful (2xx) answer for `op` is already in the OpenAI shape, so that
-    /// [`Upstream::parse_response_for`] returns it as parsed and the client can be sent the
+    /// [`ModelConfig::parse_response_for`] returns it as parsed and the client can be sent the
     /// provider's bytes as they are (OpenAI-compatible providers and Azure, except completions
     /// served through chat).
     pub fn answers_verbatim(&self, op: Operation) -> bool {
-        match self.provider {
-            Provider::Anthropic | Provider::Gemini => false,
-            provider => op != Operation::Completions || !openai::completions_via_chat(provider),
+        match &self.provider {
+            ProviderConfig::Anthropic { .. } | ProviderConfig::Gemini { .. } => false,
+            ProviderConfig::Azure(_) => true,
+            ProviderConfig::OpenAi { provider, .. } => {
+                op != Operation::Completions || !openai::completions_via_chat(*provider)
+            }
         }
     }
 
-    /// For an answer that [`Upstream::answers_verbatim`]: checks it as
-    /// [`Upstream::parse_response_for`] would, reading only its list and usage. `None`: look at
-    /// it whole with [`Upstream::parse_response_for`] (which says what is wrong, if anything).
+    /// For an answer that [`ModelConfig::answers_verbatim`]: checks it as
+    /// [`ModelConfig::parse_response_for`] would, reading only its list and usage. `None`: look at
+    /// it whole with [`ModelConfig::parse_response_for`] (which says what is wrong, if anything).
     pub fn check_verbatim(&self, op: Operation, body: &[u8]) -> Option<openai::Checked> {
         if !self.answers_verbatim(op) {
             return None;
@@ -398,18 +279,19 @@ impl Upstream {
     /// Stream conversion for `op` (Chat or Completions). `client_wants_usage`: whether the client
     /// sent `stream_options.include_usage: true`.
     pub fn stream_converter(&self, op: Operation, client_wants_usage: bool) -> StreamConverter {
-        let (inner, chat_to_completions) = match self.provider {
-            Provider::Anthropic => (
+        let (inner, chat_to_completions) = match &self.provider {
+            ProviderConfig::Anthropic { .. } => (
                 Inner::Anthropic(anthropic::StreamState::new()),
                 op == Operation::Completions,
             ),
-            Provider::Gemini => (
+            ProviderConfig::Gemini { .. } => (
                 Inner::Gemini(gemini::StreamState::new(&self.model)),
                 op == Operation::Completions,
             ),
-            provider => (
+            ProviderConfig::Azure(_) => (Inner::OpenAi(openai::StreamState::default()), false),
+            ProviderConfig::OpenAi { provider, .. } => (
                 Inner::OpenAi(openai::StreamState::default()),
-                op == Operation::Completions && openai::completions_via_chat(provider),
+                op == Operation::Completions && openai::completions_via_chat(*provider),
             ),
         };
         StreamConverter {
@@ -455,7 +337,7 @@ impl Upstream {
         &self,
         body: &Value,
     ) -> Result<Request<Bytes>, ProviderError> {
-        if self.provider != Provider::Anthropic {
+        if !matches!(self.provider, ProviderConfig::Anthropic { .. }) {
             return Err(ProviderError::Unsupported(format!(
                 "model {} (provider {}) does not serve the Anthropic Messages API",
                 self.name,
@@ -479,7 +361,7 @@ impl Upstream {
 
     /// The API key as a sensitive header value (hidden from `Debug` of headers).
     pub(crate) fn key_header(&self, prefix: &str) -> Result<Option<HeaderValue>, ProviderError> {
-        let Some(key) = &self.api_key else {
+        let Some(key) = self.api_key() else {
             return Ok(None);
         };
         let mut value = HeaderValue::from_str(&format!("{prefix}{key}")).map_err(|_| {
@@ -494,22 +376,10 @@ impl Upstream {
 
     /// Replaces any occurrence of the API key in `text` (an upstream might echo it).
     fn redact(&self, text: &str) -> String {
-        match &self.api_key {
-            Some(key) if key.len() >= 8 && text.contains(key.as_str()) => {
-                text.replace(key.as_str(), "[REDACTED]")
-            }
+        match self.api_key() {
+            Some(key) if key.len() >= 8 && text.contains(key) => text.replace(key, "[REDACTED]"),
             _ => text.to_string(),
         }
-    }
-}
-
-/// The provider's public API, used when the model has no `apiBase` (azure has none).
-pub fn default_api_base(provider: Provider) -> Option<&'static str> {
-    match provider {
-        Provider::Azure => None,
-        Provider::Anthropic => Some(anthropic::DEFAULT_API_BASE),
-        Provider::Gemini => Some(gemini::DEFAULT_API_BASE),
-        other => openai::default_api_base(other),
     }
 }
 
