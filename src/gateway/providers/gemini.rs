@@ -23,6 +23,9 @@
 //! MAX_TOKENS → length, SAFETY, RECITATION and the other blocking reasons → content_filter;
 //! usageMetadata → usage, thinking tokens counted as completion tokens (as OpenAI counts
 //! reasoning tokens).
+//!
+//! Over 800 lines as one cohesive thing: the Gemini wire format both ways (requests, answers,
+//! streams, embeddings), as each other provider has its one file.
 
 use std::collections::{HashMap, HashSet};
 

@@ -11,6 +11,9 @@
 //!
 //! `UPDATE_GOLDEN=1 cargo test --lib providers` rewrites the expected files (review the diff!).
 //! `created` values within a day of now (generated, not passed through) compare as 0.
+//!
+//! Over 800 lines as one cohesive thing: the provider layer's tests, mostly one small test per
+//! conversion rule, beside the golden walk over the fixtures.
 
 use std::path::{Path, PathBuf};
 
