@@ -7,7 +7,6 @@ pub mod gateway;
 pub mod leader;
 pub mod metrics;
 pub mod mlflow;
-pub mod providers;
 pub mod telemetry;
 
 /// An error and its causes on one line, each cause once (libraries often repeat their source's

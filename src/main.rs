@@ -120,8 +120,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    let loaded = gateway::config::load(&args.endpoint, &|k| std::env::var(k).ok())?;
-    let telemetry = match loaded.telemetry {
+    let config = gateway::config::load(&args.endpoint, &|k| std::env::var(k).ok())?;
+    let telemetry = match config.tracing {
         Some(config) => Telemetry::new(config).context("trace export to MLflow")?,
         None => Telemetry::disabled(),
     };
@@ -131,7 +131,8 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         attempt_timeout: Duration::from_secs(args.attempt_timeout_seconds),
     };
     let gw = Arc::new(gateway::Gateway {
-        endpoint: loaded.endpoint,
+        endpoint: config.endpoint,
+        routing: gateway::routing::Routing::new(config.routing),
         http: gateway::http_client().context("HTTP client for providers")?,
         telemetry,
         metrics: Default::default(),

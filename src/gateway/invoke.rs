@@ -1,5 +1,5 @@
-//! One invocation: pick a model by weight, try it and then the fallbacks in order, trace every
-//! attempt, and answer in OpenAI's shape (or stream server-sent events).
+//! One invocation: walk the routing's attempts (a model picked by weight, then the fallbacks),
+//! try each, trace every attempt, and answer in OpenAI's shape (or stream server-sent events).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use super::client::{ByteStream, TransportError};
 use super::{Gateway, JsonBody, Shared, openai_error};
-use crate::api::Provider;
-use crate::providers::{Operation, ProviderError, StreamConverter, Upstream, usage_of};
+use crate::gateway::config::{ModelConfig, ProviderConfig};
+use crate::gateway::providers::{Operation, ProviderError, StreamConverter, usage_of};
 use crate::telemetry::{Attempt, Invocation, TokenUsage};
 
 /// What the client called.
@@ -73,28 +73,6 @@ fn record(g: &Gateway, route: &'static str, status: StatusCode, started: Option<
     }
 }
 
-/// The attempts of one request: a weighted choice among the models, then the fallbacks in order,
-/// at most `max_attempts` in all.
-pub fn plan(g: &Gateway) -> Vec<&Upstream> {
-    let ep = &g.endpoint;
-    let mut order = Vec::with_capacity(1 + ep.fallbacks.len());
-    let total = ep.total_weight();
-    if total > 0 {
-        let mut pick = fastrand::u64(0..total);
-        for (up, w) in &ep.models {
-            let w = u64::from(*w);
-            if pick < w {
-                order.push(up);
-                break;
-            }
-            pick -= w;
-        }
-    }
-    order.extend(ep.fallbacks.iter());
-    order.truncate(ep.max_attempts);
-    order
-}
-
 fn method(op: Operation, stream: bool) -> &'static str {
     match (op, stream) {
         (Operation::Chat, false) => "chat",
@@ -102,14 +80,6 @@ fn method(op: Operation, stream: bool) -> &'static str {
         (Operation::Completions, false) => "completions",
         (Operation::Completions, true) => "completions_stream",
         (Operation::Embeddings, _) => "embeddings",
-    }
-}
-
-fn endpoint_route(op: Operation) -> &'static str {
-    match op {
-        Operation::Chat => "POST /v1/chat/completions",
-        Operation::Completions => "POST /v1/completions",
-        Operation::Embeddings => "POST /v1/embeddings",
     }
 }
 
@@ -132,17 +102,17 @@ enum Mode {
 }
 
 pub async fn run(g: &Shared, call: Call, headers: &HeaderMap, body: JsonBody) -> Response {
-    let served = super::operation(g.endpoint.endpoint_type);
+    let served = g.endpoint.operation;
     if call.op != served {
         return reject(
             g,
             call.route,
             StatusCode::BAD_REQUEST,
             format!(
-                "endpoint {:?} serves {}: use {}",
+                "endpoint {:?} serves {}: use POST {}",
                 g.endpoint.name,
-                g.endpoint.endpoint_type.as_str(),
-                endpoint_route(served)
+                served.endpoint_type(),
+                served.path()
             ),
         );
     }
@@ -155,7 +125,7 @@ pub async fn run_anthropic_passthrough(
     headers: &HeaderMap,
     body: JsonBody,
 ) -> Response {
-    if super::operation(g.endpoint.endpoint_type) != Operation::Chat {
+    if g.endpoint.operation != Operation::Chat {
         return reject(
             g,
             route,
@@ -163,7 +133,7 @@ pub async fn run_anthropic_passthrough(
             format!(
                 "endpoint {:?} serves {}, not chat",
                 g.endpoint.name,
-                g.endpoint.endpoint_type.as_str()
+                g.endpoint.operation.endpoint_type()
             ),
         );
     }
@@ -192,22 +162,19 @@ async fn execute(
             "embeddings cannot be streamed",
         );
     }
-    let mut order = plan(g);
-    if mode == Mode::AnthropicPassthrough {
-        // Pass-through only makes sense when the chosen model speaks the Messages API.
-        if order
-            .first()
-            .is_none_or(|u| u.provider != Provider::Anthropic)
-        {
-            return reject(
-                g,
-                call.route,
-                StatusCode::BAD_REQUEST,
-                "the Anthropic Messages pass-through needs the chosen model to be provider anthropic; use /v1/chat/completions",
-            );
-        }
-        order.retain(|u| u.provider == Provider::Anthropic);
+    let attempts = g.routing.attempts();
+    let anthropic = |u: &&ModelConfig| matches!(u.provider, ProviderConfig::Anthropic { .. });
+    // Pass-through only makes sense when the chosen model speaks the Messages API.
+    if mode == Mode::AnthropicPassthrough && attempts.clone().next().is_none_or(|u| !anthropic(&u))
+    {
+        return reject(
+            g,
+            call.route,
+            StatusCode::BAD_REQUEST,
+            "the Anthropic Messages pass-through needs the chosen model to be provider anthropic; use /v1/chat/completions",
+        );
     }
+    let attempts = attempts.filter(|u| mode == Mode::Unified || anthropic(u));
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let caller = if g.telemetry.is_enabled() {
         crate::telemetry::caller_from_headers(headers)
@@ -230,7 +197,9 @@ async fn execute(
 
     let mut upstream_time = Duration::ZERO;
     let mut last: Option<(String, Failure)> = None;
-    for (i, up) in order.iter().enumerate() {
+    let mut tried = 0;
+    for (i, up) in attempts.enumerate() {
+        tried += 1;
         if i > 0 {
             g.metrics.fallbacks.inc();
         }
@@ -322,11 +291,7 @@ async fn execute(
         }
     }
     let message = match &last {
-        Some((who, f)) => format!(
-            "all {} attempts failed; last: {who}: {}",
-            order.len(),
-            f.message
-        ),
+        Some((who, f)) => format!("all {tried} attempts failed; last: {who}: {}", f.message),
         None => "no model to try".to_string(),
     };
     invocation.finish(None, Some(&message));
@@ -334,11 +299,11 @@ async fn execute(
     openai_error(StatusCode::BAD_GATEWAY, "upstream_error", message)
 }
 
-fn label(up: &Upstream) -> String {
+fn label(up: &ModelConfig) -> String {
     format!("{} ({}/{})", up.name, up.provider_name(), up.model)
 }
 
-fn token_usage(u: crate::providers::Usage) -> TokenUsage {
+fn token_usage(u: crate::gateway::providers::Usage) -> TokenUsage {
     TokenUsage {
         input_tokens: u.input_tokens,
         output_tokens: u.output_tokens,
@@ -384,7 +349,7 @@ fn client_error(
     resp
 }
 
-fn classify_status(up: &Upstream, status: StatusCode, body: &[u8]) -> Failure {
+fn classify_status(up: &ModelConfig, status: StatusCode, body: &[u8]) -> Failure {
     let message = format!(
         "HTTP {}: {}",
         status.as_u16(),
@@ -436,12 +401,12 @@ enum Answer {
     /// The provider's bytes, the answer as is, checked without being parsed whole.
     Checked {
         bytes: Bytes,
-        check: crate::providers::openai::Checked,
+        check: crate::gateway::providers::openai::Checked,
     },
 }
 
 impl Answer {
-    fn usage(&self) -> Option<crate::providers::Usage> {
+    fn usage(&self) -> Option<crate::gateway::providers::Usage> {
         match self {
             Answer::Parsed { response, .. } => usage_of(response),
             Answer::Checked { check, .. } => check.usage,
@@ -485,7 +450,7 @@ impl Answer {
 /// One non-streamed attempt, within the attempt timeout.
 async fn unary(
     g: &Gateway,
-    up: &Upstream,
+    up: &ModelConfig,
     op: Operation,
     body: &Value,
     request: Request<Bytes>,
@@ -556,7 +521,7 @@ fn sse_event(v: &Value) -> Bytes {
 /// Sends the request and waits, within the attempt timeout, for a 2xx answer and its first bytes.
 async fn open_stream(
     g: &Gateway,
-    up: &Upstream,
+    up: &ModelConfig,
     op: Operation,
     request: Request<Bytes>,
     wants_usage: bool,

@@ -5,6 +5,8 @@ pub mod client;
 pub mod config;
 mod invoke;
 pub mod metrics;
+pub mod providers;
+pub mod routing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,12 +20,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use serde_json::{Value, json};
 
-use crate::api::EndpointType;
-use crate::providers::Operation;
 use crate::telemetry::Telemetry;
-use config::Endpoint;
+use config::{EndpointConfig, Operation};
 use invoke::Call;
 use metrics::GatewayMetrics;
+use routing::Routing;
 
 /// Settings of the gateway process beyond the endpoint itself.
 #[derive(Clone, Debug)]
@@ -37,7 +38,8 @@ pub struct ServerSettings {
 }
 
 pub struct Gateway {
-    pub endpoint: Endpoint,
+    pub endpoint: EndpointConfig,
+    pub routing: Routing,
     pub http: client::UpstreamClient,
     pub telemetry: Telemetry,
     pub metrics: GatewayMetrics,
@@ -46,14 +48,6 @@ pub struct Gateway {
 
 pub type Shared = Arc<Gateway>;
 
-pub fn operation(t: EndpointType) -> Operation {
-    match t {
-        EndpointType::Chat => Operation::Chat,
-        EndpointType::Completions => Operation::Completions,
-        EndpointType::Embeddings => Operation::Embeddings,
-    }
-}
-
 /// The HTTP client for providers: pooled keep-alive connections, no global timeout (each attempt
 /// has its own), the proxy environment honoured.
 pub fn http_client() -> Result<client::UpstreamClient, reqwest::Error> {
@@ -61,19 +55,12 @@ pub fn http_client() -> Result<client::UpstreamClient, reqwest::Error> {
 }
 
 pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
-    Router::new()
-        .route(
-            "/v1/chat/completions",
-            unified_route(Operation::Chat, "/v1/chat/completions"),
-        )
-        .route(
-            "/v1/completions",
-            unified_route(Operation::Completions, "/v1/completions"),
-        )
-        .route(
-            "/v1/embeddings",
-            unified_route(Operation::Embeddings, "/v1/embeddings"),
-        )
+    let mut router = Router::new();
+    // OpenAI's routes, one per operation (an endpoint answers the others with a 400 naming its own).
+    for op in Operation::ALL {
+        router = router.route(op.path(), unified_route(op, op.path()));
+    }
+    router
         .route("/v1/models", get(models))
         .route(
             "/gateway/{endpoint}/mlflow/invocations",

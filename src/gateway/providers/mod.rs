@@ -1,11 +1,13 @@
 //! The provider layer of the gateway: conversion between the OpenAI API the gateway serves and
 //! each upstream provider's own wire format.
 //!
-//! For one configured model (an [`Upstream`]) it builds the upstream HTTP request from the
-//! OpenAI-shaped body a client sent (URL, auth headers, converted body), converts a successful
-//! response back to the OpenAI shape, converts a streamed response chunk by chunk
-//! ([`StreamConverter`]) and extracts a readable message from an error response. No I/O happens
-//! here: the gateway sends the requests.
+//! For one configured model (a [`ModelConfig`], whose [`ProviderConfig`] says which provider and
+//! carries what it needs) it builds the upstream HTTP request from the OpenAI-shaped body a client
+//! sent (URL, auth headers, converted body), converts a successful response back to the OpenAI
+//! shape, converts a streamed response chunk by chunk ([`StreamConverter`]) and extracts a
+//! readable message from an error response. These are methods of `ModelConfig` defined here: the
+//! gateway's config says what a model is, this layer how to speak to it. No I/O happens here
+//! (the gateway sends the requests), and nothing here knows Kubernetes.
 //!
 //! Bodies are handled with pass-through typing: only the fields a conversion acts on are read;
 //! every other field of an OpenAI-compatible request is forwarded unchanged, so parameters this
@@ -17,18 +19,17 @@
 //! - [`anthropic`]: the Anthropic Messages API.
 //! - [`gemini`]: the Gemini API (generativelanguage.googleapis.com).
 //! - [`sse`]: the incremental server-sent-events parser the stream converters use.
+//! - `stream`: [`StreamConverter`], a provider's stream as OpenAI chunks, and its aggregate.
 
 pub mod anthropic;
 pub mod azure;
 pub mod gemini;
 pub mod openai;
 pub mod sse;
+mod stream;
 
 #[cfg(test)]
 mod tests;
-
-use std::collections::BTreeMap;
-use std::fmt;
 
 use axum::body::Bytes;
 use axum::http::header::CONTENT_TYPE;
@@ -37,37 +38,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use url::Url;
 
-use crate::api::{Model, Provider};
-
-/// The OpenAI API operation a client called.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Operation {
-    /// `/v1/chat/completions`
-    Chat,
-    /// `/v1/completions`
-    Completions,
-    /// `/v1/embeddings`
-    Embeddings,
-}
-
-impl Operation {
-    /// The operation an endpoint of this type serves.
-    pub fn of(endpoint_type: crate::api::EndpointType) -> Self {
-        match endpoint_type {
-            crate::api::EndpointType::Chat => Operation::Chat,
-            crate::api::EndpointType::Completions => Operation::Completions,
-            crate::api::EndpointType::Embeddings => Operation::Embeddings,
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Operation::Chat => "chat completions",
-            Operation::Completions => "completions",
-            Operation::Embeddings => "embeddings",
-        }
-    }
-}
+pub use crate::gateway::config::Operation;
+use crate::gateway::config::{ModelConfig, ProviderConfig};
+pub use stream::StreamConverter;
 
 /// Token usage of one call, as MLflow records it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -139,44 +112,6 @@ fn bad_upstream(msg: impl Into<String>) -> ProviderError {
     ProviderError::BadUpstreamResponse(msg.into())
 }
 
-/// One configured model, ready to call. `Debug` does not print the API key.
-#[derive(Clone)]
-pub struct Upstream {
-    /// The model's name in the endpoint.
-    pub name: String,
-    pub provider: Provider,
-    /// The provider's model id.
-    pub model: String,
-    /// Resolved: the spec's `apiBase` or the provider's default.
-    pub api_base: Url,
-    api_key: Option<String>,
-    /// Azure: resolved, the spec's `apiVersion` or [`azure::DEFAULT_API_VERSION`]. Others: as set.
-    pub api_version: Option<String>,
-    /// Azure: the deployment name.
-    pub deployment: Option<String>,
-}
-
-impl fmt::Debug for Upstream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upstream")
-            .field("name", &self.name)
-            .field("provider", &self.provider)
-            .field("model", &self.model)
-            .field("api_base", &self.api_base.as_str())
-            .field(
-                "api_key",
-                &if self.api_key.is_some() {
-                    "<redacted>"
-                } else {
-                    "<none>"
-                },
-            )
-            .field("api_version", &self.api_version)
-            .field("deployment", &self.deployment)
-            .finish()
-    }
-}
-
 /// A request ready to send: what `build_request` turns into an HTTP request.
 pub(crate) struct Prepared<'a> {
     pub url: Url,
@@ -219,69 +154,10 @@ impl serde::Serialize for Body<'_> {
     }
 }
 
-impl Upstream {
-    /// Resolves a model of the spec: its API base (or the provider's default) and key. An empty
-    /// key counts as none.
-    pub fn new(model: &Model, api_key: Option<String>) -> Result<Self, ProviderError> {
-        let provider = model.provider;
-        let base = match (&model.api_base, default_api_base(provider)) {
-            (Some(base), _) => base.as_str(),
-            (None, Some(default)) => default,
-            (None, None) => {
-                return Err(ProviderError::Config(format!(
-                    "model {}: provider {} needs apiBase",
-                    model.name,
-                    provider.as_str()
-                )));
-            }
-        };
-        let api_base = Url::parse(base).map_err(|e| {
-            ProviderError::Config(format!(
-                "model {}: apiBase {base:?} is not a valid URL: {e}",
-                model.name
-            ))
-        })?;
-        if !matches!(api_base.scheme(), "http" | "https") || api_base.cannot_be_a_base() {
-            return Err(ProviderError::Config(format!(
-                "model {}: apiBase {base:?} must be an http:// or https:// URL",
-                model.name
-            )));
-        }
-        if api_base.fragment().is_some() {
-            return Err(ProviderError::Config(format!(
-                "model {}: apiBase {base:?} must not have a #fragment",
-                model.name
-            )));
-        }
-        let mut api_version = model.api_version.clone();
-        if provider == Provider::Azure {
-            if model.deployment.as_deref().is_none_or(str::is_empty) {
-                return Err(ProviderError::Config(format!(
-                    "model {}: provider azure needs deployment",
-                    model.name
-                )));
-            }
-            api_version.get_or_insert_with(|| azure::DEFAULT_API_VERSION.to_string());
-        }
-        Ok(Upstream {
-            name: model.name.clone(),
-            provider,
-            model: model.model.clone(),
-            api_base,
-            api_key: api_key.filter(|k| !k.is_empty()),
-            api_version,
-            deployment: model.deployment.clone(),
-        })
-    }
-
-    /// The provider's name as MLflow spells it ("openai", "anthropic", ...).
-    pub fn provider_name(&self) -> &'static str {
-        self.provider.as_str()
-    }
-
+impl ModelConfig {
     /// Whether the provider has an API for `op` (anthropic has no embeddings).
     pub fn supports(&self, op: Operation) -> bool {
-        !(self.provider == Provider::Anthropic && op == Operation::Embeddings)
+        self.provider.provider().serves(op)
     }
 
     /// Builds the upstream HTTP request for an OpenAI-shaped request body (`/v1/chat/completions`,
@@ -315,11 +191,11 @@ impl Upstream {
         let body = body
             .as_object()
             .ok_or_else(|| invalid("the request body must be a JSON object"))?;
-        match self.provider {
-            Provider::Azure => azure::prepare(self, op, body),
-            Provider::Anthropic => anthropic::prepare(self, op, body),
-            Provider::Gemini => gemini::prepare(self, op, body),
-            _ => openai::prepare(self, op, body),
+        match &self.provider {
+            ProviderConfig::Azure(azure) => azure::prepare(self, azure, op, body),
+            ProviderConfig::Anthropic { .. } => anthropic::prepare(self, op, body),
+            ProviderConfig::Gemini { .. } => gemini::prepare(self, op, body),
+            ProviderConfig::OpenAi { .. } => openai::prepare(self, op, body),
         }
     }
 
@@ -351,7 +227,7 @@ impl Upstream {
         self.parse_response_for(op, None, body)
     }
 
-    /// [`Upstream::parse_response`], knowing the client's request body: a provider whose
+    /// [`ModelConfig::parse_response`], knowing the client's request body: a provider whose
     /// response cannot express a request option gets it applied here (Gemini embeddings with
     /// `encoding_format: "base64"`, which OpenAI SDKs request by default).
     pub fn parse_response_for(
@@ -367,27 +243,32 @@ impl Upstream {
                 truncate(&String::from_utf8_lossy(body), 200)
             ))
         })?;
-        match self.provider {
-            Provider::Anthropic => anthropic::parse_response(self, op, value),
-            Provider::Gemini => gemini::parse_response(self, op, request, value),
-            _ => openai::parse_response(self, op, value),
+        match &self.provider {
+            ProviderConfig::Anthropic { .. } => anthropic::parse_response(self, op, value),
+            ProviderConfig::Gemini { .. } => gemini::parse_response(self, op, request, value),
+            ProviderConfig::OpenAi { .. } | ProviderConfig::Azure(_) => {
+                openai::parse_response(self, op, value)
+            }
         }
     }
 
     /// Whether a successful (2xx) answer for `op` is already in the OpenAI shape, so that
-    /// [`Upstream::parse_response_for`] returns it as parsed and the client can be sent the
+    /// [`ModelConfig::parse_response_for`] returns it as parsed and the client can be sent the
     /// provider's bytes as they are (OpenAI-compatible providers and Azure, except completions
     /// served through chat).
     pub fn answers_verbatim(&self, op: Operation) -> bool {
-        match self.provider {
-            Provider::Anthropic | Provider::Gemini => false,
-            provider => op != Operation::Completions || !openai::completions_via_chat(provider),
+        match &self.provider {
+            ProviderConfig::Anthropic { .. } | ProviderConfig::Gemini { .. } => false,
+            ProviderConfig::Azure(_) => true,
+            ProviderConfig::OpenAi { provider, .. } => {
+                op != Operation::Completions || !openai::completions_via_chat(*provider)
+            }
         }
     }
 
-    /// For an answer that [`Upstream::answers_verbatim`]: checks it as
-    /// [`Upstream::parse_response_for`] would, reading only its list and usage. `None`: look at
-    /// it whole with [`Upstream::parse_response_for`] (which says what is wrong, if anything).
+    /// For an answer that [`ModelConfig::answers_verbatim`]: checks it as
+    /// [`ModelConfig::parse_response_for`] would, reading only its list and usage. `None`: look at
+    /// it whole with [`ModelConfig::parse_response_for`] (which says what is wrong, if anything).
     pub fn check_verbatim(&self, op: Operation, body: &[u8]) -> Option<openai::Checked> {
         if !self.answers_verbatim(op) {
             return None;
@@ -398,31 +279,7 @@ impl Upstream {
     /// Stream conversion for `op` (Chat or Completions). `client_wants_usage`: whether the client
     /// sent `stream_options.include_usage: true`.
     pub fn stream_converter(&self, op: Operation, client_wants_usage: bool) -> StreamConverter {
-        let (inner, chat_to_completions) = match self.provider {
-            Provider::Anthropic => (
-                Inner::Anthropic(anthropic::StreamState::new()),
-                op == Operation::Completions,
-            ),
-            Provider::Gemini => (
-                Inner::Gemini(gemini::StreamState::new(&self.model)),
-                op == Operation::Completions,
-            ),
-            provider => (
-                Inner::OpenAi(openai::StreamState::default()),
-                op == Operation::Completions && openai::completions_via_chat(provider),
-            ),
-        };
-        StreamConverter {
-            op,
-            client_wants_usage,
-            chat_to_completions,
-            parser: sse::SseParser::new(),
-            inner,
-            aggregate: Aggregate::default(),
-            usage: None,
-            pending_error: None,
-            finished: false,
-        }
+        StreamConverter::new(self, op, client_wants_usage)
     }
 
     /// Human-readable message from an upstream error response (status + body): OpenAI's
@@ -455,7 +312,7 @@ impl Upstream {
         &self,
         body: &Value,
     ) -> Result<Request<Bytes>, ProviderError> {
-        if self.provider != Provider::Anthropic {
+        if !matches!(self.provider, ProviderConfig::Anthropic { .. }) {
             return Err(ProviderError::Unsupported(format!(
                 "model {} (provider {}) does not serve the Anthropic Messages API",
                 self.name,
@@ -479,7 +336,7 @@ impl Upstream {
 
     /// The API key as a sensitive header value (hidden from `Debug` of headers).
     pub(crate) fn key_header(&self, prefix: &str) -> Result<Option<HeaderValue>, ProviderError> {
-        let Some(key) = &self.api_key else {
+        let Some(key) = self.api_key() else {
             return Ok(None);
         };
         let mut value = HeaderValue::from_str(&format!("{prefix}{key}")).map_err(|_| {
@@ -494,22 +351,10 @@ impl Upstream {
 
     /// Replaces any occurrence of the API key in `text` (an upstream might echo it).
     fn redact(&self, text: &str) -> String {
-        match &self.api_key {
-            Some(key) if key.len() >= 8 && text.contains(key.as_str()) => {
-                text.replace(key.as_str(), "[REDACTED]")
-            }
+        match self.api_key() {
+            Some(key) if key.len() >= 8 && text.contains(key) => text.replace(key, "[REDACTED]"),
             _ => text.to_string(),
         }
-    }
-}
-
-/// The provider's public API, used when the model has no `apiBase` (azure has none).
-pub fn default_api_base(provider: Provider) -> Option<&'static str> {
-    match provider {
-        Provider::Azure => None,
-        Provider::Anthropic => Some(anthropic::DEFAULT_API_BASE),
-        Provider::Gemini => Some(gemini::DEFAULT_API_BASE),
-        other => openai::default_api_base(other),
     }
 }
 
@@ -879,391 +724,4 @@ pub(crate) fn chat_response_to_completion(mut chat: Value) -> Value {
         obj.remove("system_fingerprint");
     }
     chat
-}
-
-/// A chat.completion.chunk as a text_completion chunk; `None` for a chunk that carries nothing
-/// a completions client sees (the role-only first chunk).
-fn chat_chunk_to_completion(chunk: Value) -> Option<Value> {
-    let mut chunk = chunk;
-    let obj = chunk.as_object_mut()?;
-    let choices = obj
-        .get("choices")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let had_choices = !choices.is_empty();
-    let choices: Vec<Value> = choices
-        .iter()
-        .filter_map(|c| {
-            let text = c
-                .pointer("/delta/content")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            let finish = c.get("finish_reason").cloned().unwrap_or(Value::Null);
-            (!text.is_empty() || !finish.is_null()).then(|| {
-                json!({
-                    "text": text,
-                    "index": c.get("index").cloned().unwrap_or(json!(0)),
-                    "logprobs": null,
-                    "finish_reason": finish,
-                })
-            })
-        })
-        .collect();
-    if had_choices && choices.is_empty() && obj.get("usage").is_none_or(Value::is_null) {
-        return None;
-    }
-    obj.insert("object".into(), json!("text_completion"));
-    obj.insert("choices".into(), Value::Array(choices));
-    obj.remove("system_fingerprint");
-    Some(chunk)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Streaming
-
-/// Converts one provider's SSE stream into OpenAI `chat.completion.chunk` (or text_completion
-/// chunk) JSON objects. Stateful: Anthropic and Gemini streams carry ids and usage in early
-/// events.
-///
-/// Usage: the converter always knows the usage when the upstream sent it ([`Self::usage`]); the
-/// chunk carrying it (`choices: []`, `usage`, as OpenAI sends it last) reaches the client only
-/// when it asked for it (`client_wants_usage`); otherwise `usage` is removed from every chunk.
-pub struct StreamConverter {
-    op: Operation,
-    client_wants_usage: bool,
-    /// Convert chat chunks into text_completion chunks (Completions served by a chat API).
-    chat_to_completions: bool,
-    parser: sse::SseParser,
-    inner: Inner,
-    aggregate: Aggregate,
-    usage: Option<(Usage, Value)>,
-    /// An upstream error that arrived after chunks of the same push: reported on the next call.
-    pending_error: Option<ProviderError>,
-    finished: bool,
-}
-
-impl fmt::Debug for StreamConverter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StreamConverter")
-            .field("op", &self.op)
-            .field("client_wants_usage", &self.client_wants_usage)
-            .field("usage", &self.usage())
-            .finish_non_exhaustive()
-    }
-}
-
-enum Inner {
-    OpenAi(openai::StreamState),
-    Anthropic(anthropic::StreamState),
-    Gemini(gemini::StreamState),
-}
-
-impl Inner {
-    fn event(&mut self, event: sse::SseEvent) -> Result<Vec<Value>, ProviderError> {
-        match self {
-            Inner::OpenAi(s) => s.event(event),
-            Inner::Anthropic(s) => s.event(event),
-            Inner::Gemini(s) => s.event(event),
-        }
-    }
-
-    fn finish(&mut self) -> Vec<Value> {
-        match self {
-            Inner::OpenAi(_) => Vec::new(),
-            Inner::Anthropic(s) => s.finish(),
-            Inner::Gemini(s) => s.finish(),
-        }
-    }
-
-    /// Usage known before the final usage chunk (a stream cut short).
-    fn partial_usage(&self) -> Option<Value> {
-        match self {
-            Inner::OpenAi(_) => None,
-            Inner::Anthropic(s) => s.usage_json(),
-            Inner::Gemini(s) => s.usage_json(),
-        }
-    }
-}
-
-impl StreamConverter {
-    /// Feed raw bytes as they arrive (they may split events anywhere); returns the OpenAI chunks
-    /// now complete, each to be sent to the client as `data: <json>\n\n`.
-    ///
-    /// An upstream error (an `error` event, or an event that cannot be parsed) is an
-    /// `Err(BadUpstreamResponse)`; when it follows chunks in the same bytes, those chunks are
-    /// returned first and the error comes from the next `push` or `finish`.
-    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Value>, ProviderError> {
-        if let Some(e) = self.pending_error.take() {
-            return Err(e);
-        }
-        let events = self.parser.push(bytes);
-        self.process(events)
-    }
-
-    /// End of upstream stream: remaining chunks (the gateway then sends `data: [DONE]`).
-    pub fn finish(&mut self) -> Result<Vec<Value>, ProviderError> {
-        if let Some(e) = self.pending_error.take() {
-            return Err(e);
-        }
-        if self.finished {
-            return Ok(Vec::new());
-        }
-        // At most one event is left (the last one, without its blank line): an error cannot
-        // follow chunks here.
-        let events = self.parser.finish();
-        let mut out = self.process(events)?;
-        if let Some(e) = self.pending_error.take() {
-            return Err(e);
-        }
-        self.finished = true;
-        let tail = self.inner.finish();
-        out.extend(self.output(tail));
-        Ok(out)
-    }
-
-    /// Usage seen so far (from the final chunk / message_delta / usageMetadata).
-    pub fn usage(&self) -> Option<Usage> {
-        match &self.usage {
-            Some((u, _)) => Some(*u),
-            None => self
-                .inner
-                .partial_usage()
-                .and_then(|u| usage_of(&json!({ "usage": u }))),
-        }
-    }
-
-    /// The whole streamed answer aggregated into one response object (for the trace's outputs):
-    /// chat.completion-shaped for Chat (id, model, choices[].message{role, content, tool_calls},
-    /// finish_reason, usage), text_completion-shaped for Completions.
-    pub fn aggregated(&self) -> Value {
-        let usage = match &self.usage {
-            Some((_, u)) => Some(u.clone()),
-            None => self.inner.partial_usage(),
-        };
-        self.aggregate.to_value(self.op, usage)
-    }
-
-    fn process(&mut self, events: Vec<sse::SseEvent>) -> Result<Vec<Value>, ProviderError> {
-        let mut out = Vec::new();
-        for event in events {
-            match self.inner.event(event) {
-                Ok(chunks) => out.extend(self.output(chunks)),
-                Err(e) if out.is_empty() => return Err(e),
-                Err(e) => {
-                    self.pending_error = Some(e);
-                    break;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Records usage and the aggregate from converted chunks, then shapes them for the client.
-    fn output(&mut self, chunks: Vec<Value>) -> Vec<Value> {
-        let mut out = Vec::with_capacity(chunks.len());
-        for mut chunk in chunks {
-            if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
-                if let Some(usage) = usage_of(&chunk) {
-                    self.usage = Some((usage, u.clone()));
-                }
-            } else if let Some(usage) = usage_of(&chunk) {
-                // e.g. Groq's x_groq.usage
-                self.usage = Some((
-                    usage,
-                    json!({
-                        "prompt_tokens": usage.input_tokens,
-                        "completion_tokens": usage.output_tokens,
-                        "total_tokens": usage.total_tokens,
-                    }),
-                ));
-            }
-            self.aggregate.add(&chunk);
-            if !self.client_wants_usage
-                && let Some(obj) = chunk.as_object_mut()
-                && obj.remove("usage").is_some_and(|u| !u.is_null())
-                && obj
-                    .get("choices")
-                    .and_then(Value::as_array)
-                    .is_none_or(Vec::is_empty)
-            {
-                continue; // the usage-only chunk the client did not ask for
-            }
-            if self.chat_to_completions {
-                if let Some(c) = chat_chunk_to_completion(chunk) {
-                    out.push(c);
-                }
-            } else {
-                out.push(chunk);
-            }
-        }
-        out
-    }
-}
-
-/// Accumulates streamed chunks (chat or text_completion shaped) into one response.
-#[derive(Default)]
-struct Aggregate {
-    id: Option<Value>,
-    model: Option<Value>,
-    created: Option<Value>,
-    choices: BTreeMap<u64, AggChoice>,
-}
-
-#[derive(Default)]
-struct AggChoice {
-    role: Option<String>,
-    content: String,
-    has_content: bool,
-    finish_reason: Option<Value>,
-    tool_calls: BTreeMap<u64, AggToolCall>,
-}
-
-#[derive(Default)]
-struct AggToolCall {
-    id: Option<String>,
-    name: String,
-    arguments: String,
-    extra: Map<String, Value>,
-}
-
-impl Aggregate {
-    fn add(&mut self, chunk: &Value) {
-        for (slot, key) in [
-            (&mut self.id, "id"),
-            (&mut self.model, "model"),
-            (&mut self.created, "created"),
-        ] {
-            // Azure's first chunk (prompt filter results) has an empty id and model, created 0.
-            if slot.is_none()
-                && let Some(v) = chunk
-                    .get(key)
-                    .filter(|v| !v.is_null() && *v != "" && *v != 0)
-            {
-                *slot = Some(v.clone());
-            }
-        }
-        let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
-            return;
-        };
-        for (pos, c) in choices.iter().enumerate() {
-            let index = c.get("index").and_then(Value::as_u64).unwrap_or(pos as u64);
-            let agg = self.choices.entry(index).or_default();
-            let delta = c.get("delta");
-            if let Some(role) = delta.and_then(|d| d.get("role")).and_then(Value::as_str) {
-                agg.role = Some(role.to_string());
-            }
-            let text = delta
-                .and_then(|d| d.get("content"))
-                .or_else(|| c.get("text"))
-                .and_then(Value::as_str);
-            if let Some(text) = text {
-                agg.content.push_str(text);
-                agg.has_content = true;
-            }
-            if let Some(f) = c.get("finish_reason").filter(|f| !f.is_null()) {
-                agg.finish_reason = Some(f.clone());
-            }
-            let calls = delta
-                .and_then(|d| d.get("tool_calls"))
-                .and_then(Value::as_array);
-            for (pos, call) in calls.into_iter().flatten().enumerate() {
-                let i = call
-                    .get("index")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(pos as u64);
-                let t = agg.tool_calls.entry(i).or_default();
-                if let Some(id) = call.get("id").and_then(Value::as_str) {
-                    t.id = Some(id.to_string());
-                }
-                if let Some(f) = call.get("function") {
-                    if let Some(n) = f.get("name").and_then(Value::as_str) {
-                        t.name.push_str(n);
-                    }
-                    if let Some(a) = f.get("arguments").and_then(Value::as_str) {
-                        t.arguments.push_str(a);
-                    }
-                }
-                if let Some(obj) = call.as_object() {
-                    for (k, v) in obj {
-                        if !matches!(k.as_str(), "index" | "id" | "type" | "function") {
-                            t.extra.insert(k.clone(), v.clone());
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn to_value(&self, op: Operation, usage: Option<Value>) -> Value {
-        let choices: Vec<Value> = self
-            .choices
-            .iter()
-            .map(|(index, c)| {
-                if op == Operation::Completions {
-                    return json!({
-                        "index": index,
-                        "text": c.content,
-                        "finish_reason": c.finish_reason.clone().unwrap_or(Value::Null),
-                    });
-                }
-                let mut message = Map::new();
-                message.insert(
-                    "role".into(),
-                    json!(c.role.as_deref().unwrap_or("assistant")),
-                );
-                message.insert(
-                    "content".into(),
-                    if c.content.is_empty() && !(c.tool_calls.is_empty() && c.has_content) {
-                        Value::Null
-                    } else {
-                        json!(c.content)
-                    },
-                );
-                if !c.tool_calls.is_empty() {
-                    let calls: Vec<Value> = c
-                        .tool_calls
-                        .values()
-                        .map(|t| {
-                            let mut call = Map::new();
-                            call.insert("id".into(), json!(t.id.clone().unwrap_or_default()));
-                            call.insert("type".into(), json!("function"));
-                            call.insert(
-                                "function".into(),
-                                json!({"name": t.name, "arguments": t.arguments}),
-                            );
-                            call.extend(t.extra.clone());
-                            Value::Object(call)
-                        })
-                        .collect();
-                    message.insert("tool_calls".into(), Value::Array(calls));
-                }
-                json!({
-                    "index": index,
-                    "message": message,
-                    "finish_reason": c.finish_reason.clone().unwrap_or(Value::Null),
-                })
-            })
-            .collect();
-        let mut out = Map::new();
-        out.insert("id".into(), self.id.clone().unwrap_or(Value::Null));
-        out.insert(
-            "object".into(),
-            json!(if op == Operation::Completions {
-                "text_completion"
-            } else {
-                "chat.completion"
-            }),
-        );
-        out.insert(
-            "created".into(),
-            self.created.clone().unwrap_or(Value::Null),
-        );
-        out.insert("model".into(), self.model.clone().unwrap_or(Value::Null));
-        out.insert("choices".into(), Value::Array(choices));
-        if let Some(u) = usage {
-            out.insert("usage".into(), u);
-        }
-        Value::Object(out)
-    }
 }

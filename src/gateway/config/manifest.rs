@@ -1,5 +1,9 @@
-//! What the gateway serves: a `GatewayEndpoint` manifest (the same YAML a user applies), API keys
-//! from `GATEWAY_API_KEY_<NAME>`, and MLflow settings from MLflow's own variables.
+//! The one translation from Kubernetes to the gateway: a `GatewayEndpoint` manifest (the same
+//! YAML a user applies, read from the pods' ConfigMap), API keys from `GATEWAY_API_KEY_<NAME>` and
+//! MLflow settings from MLflow's own variables become a [`GatewayConfig`].
+//!
+//! It repeats the checks the API server makes at admission, for manifests that never went through
+//! one, using the provider facts of [`Provider`]; a test checks the CRD's CEL rules against them.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -7,9 +11,11 @@ use std::time::Duration;
 
 use kube::ResourceExt;
 
-use crate::api::{EndpointType, GatewayEndpoint, Model, Provider};
+use super::{
+    EndpointConfig, GatewayConfig, ModelConfig, ModelSettings, Operation, Provider, RoutingConfig,
+};
+use crate::api::{self, EndpointType, GatewayEndpoint, Model};
 use crate::mlflow::MlflowConfig;
-use crate::providers::{ProviderError, Upstream};
 use crate::telemetry::TelemetryConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,43 +31,16 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
     #[error("{0}")]
     Env(String),
-    #[error("model {model}: {source}")]
-    Provider {
-        model: String,
-        source: ProviderError,
-    },
-}
-
-/// One endpoint, ready to serve.
-pub struct Endpoint {
-    /// `metadata.name`: the endpoint's name in routes and in the trace name `gateway/<name>`.
-    pub name: String,
-    /// `metadata.uid` (MLflow's endpoint id), or the name when the manifest has none.
-    pub id: String,
-    pub endpoint_type: EndpointType,
-    /// The primary pool, with weights (only models with weight > 0).
-    pub models: Vec<(Upstream, u32)>,
-    pub fallbacks: Vec<Upstream>,
-    /// Attempts per request in all.
-    pub max_attempts: usize,
-}
-
-impl Endpoint {
-    pub fn total_weight(&self) -> u64 {
-        self.models.iter().map(|(_, w)| u64::from(*w)).sum()
-    }
-}
-
-/// Everything `gateway` needs, read once at start.
-pub struct Loaded {
-    pub endpoint: Endpoint,
-    /// None when `usageTracking: false`.
-    pub telemetry: Option<TelemetryConfig>,
+    #[error("model {model}: {message}")]
+    Provider { model: String, message: String },
 }
 
 /// Reads and checks the manifest at `path`; `env` looks up variables (the process environment in
 /// production, a map in tests).
-pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, ConfigError> {
+pub fn load(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<GatewayConfig, ConfigError> {
     let p = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: p.clone(),
@@ -79,7 +58,7 @@ pub fn from_resource(
     resource: &GatewayEndpoint,
     path: &str,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Loaded, ConfigError> {
+) -> Result<GatewayConfig, ConfigError> {
     let invalid = |message: String| ConfigError::Invalid {
         path: path.to_string(),
         message,
@@ -106,10 +85,12 @@ pub fn from_resource(
         return Err(invalid("at least one model needs a weight above 0".into()));
     }
 
-    let upstream = |m: &Model| -> Result<Upstream, ConfigError> {
+    let operation = operation(spec.endpoint_type);
+    let model_config = |m: &Model| -> Result<ModelConfig, ConfigError> {
         let var = m.api_key_env();
         let key = env(&var).filter(|k| !k.is_empty());
-        if key.is_none() && m.provider != Provider::Ollama {
+        let provider = provider(m.provider);
+        if key.is_none() && provider.needs_api_key() {
             return Err(ConfigError::Env(format!(
                 "model {}: the API key variable {var} is not set (the controller fills it from spec apiKeySecretRef {})",
                 m.name,
@@ -118,30 +99,37 @@ pub fn from_resource(
                     .map_or_else(|| "<none>".to_string(), |r| format!("{}/{}", r.name, r.key))
             )));
         }
-        Upstream::new(m, key).map_err(|source| ConfigError::Provider {
+        let settings = ModelSettings {
+            name: m.name.clone(),
+            provider,
+            model: m.model.clone(),
+            api_base: m.api_base.clone(),
+            api_version: m.api_version.clone(),
+            deployment: m.deployment.clone(),
+        };
+        ModelConfig::new(&settings, key).map_err(|message| ConfigError::Provider {
             model: m.name.clone(),
-            source,
+            message,
         })
     };
     let models = spec
         .models
         .iter()
         .filter(|m| m.weight() > 0)
-        .map(|m| Ok((upstream(m)?, m.weight())))
+        .map(|m| Ok((model_config(m)?, m.weight())))
         .collect::<Result<Vec<_>, ConfigError>>()?;
     let fallbacks = spec
         .fallbacks
         .iter()
-        .map(upstream)
+        .map(model_config)
         .collect::<Result<Vec<_>, _>>()?;
-    let op = super::operation(spec.endpoint_type);
-    for up in models.iter().map(|(u, _)| u).chain(fallbacks.iter()) {
-        if !up.supports(op) {
+    for m in models.iter().map(|(m, _)| m).chain(fallbacks.iter()) {
+        if !m.provider.provider().serves(operation) {
             return Err(invalid(format!(
                 "model {} (provider {}) cannot serve {}",
-                up.name,
-                up.provider_name(),
-                spec.endpoint_type.as_str()
+                m.name,
+                m.provider_name(),
+                operation.endpoint_type()
             )));
         }
     }
@@ -151,16 +139,18 @@ pub fn from_resource(
         .and_then(|f| f.max_attempts)
         .map_or(1 + fallbacks.len(), |n| n.max(1) as usize);
 
-    let endpoint = Endpoint {
+    let endpoint = EndpointConfig {
         id: resource.uid().unwrap_or_else(|| name.clone()),
         name,
-        endpoint_type: spec.endpoint_type,
+        operation,
+    };
+    let routing = RoutingConfig {
         models,
         fallbacks,
         max_attempts,
     };
 
-    let telemetry = if spec.usage_tracking {
+    let tracing = if spec.usage_tracking {
         let mlflow = MlflowConfig::from_lookup(|k| env(k)).map_err(|e| {
             ConfigError::Env(format!(
                 "usageTracking is true, so traces go to MLflow, but: {e} (or set spec.usageTracking: false)"
@@ -196,10 +186,37 @@ pub fn from_resource(
     } else {
         None
     };
-    Ok(Loaded {
+    Ok(GatewayConfig {
         endpoint,
-        telemetry,
+        routing,
+        tracing,
     })
+}
+
+/// The operation an endpoint of this type serves.
+pub fn operation(endpoint_type: EndpointType) -> Operation {
+    match endpoint_type {
+        EndpointType::Chat => Operation::Chat,
+        EndpointType::Completions => Operation::Completions,
+        EndpointType::Embeddings => Operation::Embeddings,
+    }
+}
+
+/// The gateway's name for a provider of the manifest.
+pub fn provider(provider: api::Provider) -> Provider {
+    match provider {
+        api::Provider::Openai => Provider::Openai,
+        api::Provider::Azure => Provider::Azure,
+        api::Provider::Anthropic => Provider::Anthropic,
+        api::Provider::Gemini => Provider::Gemini,
+        api::Provider::Mistral => Provider::Mistral,
+        api::Provider::Groq => Provider::Groq,
+        api::Provider::Deepseek => Provider::Deepseek,
+        api::Provider::Xai => Provider::Xai,
+        api::Provider::Openrouter => Provider::Openrouter,
+        api::Provider::Togetherai => Provider::Togetherai,
+        api::Provider::Ollama => Provider::Ollama,
+    }
 }
 
 /// A positive whole number from `var`, or `default` when unset.
@@ -261,11 +278,13 @@ spec:
         let loaded = from_resource(&resource(CHAT), "f", &env_of(KEYS)).unwrap();
         let ep = loaded.endpoint;
         assert_eq!((ep.name.as_str(), ep.id.as_str()), ("chat", "1234-abcd"));
-        assert_eq!(ep.models.len(), 1, "weight 0 is out of rotation");
-        assert_eq!(ep.models[0].1, 3);
-        assert_eq!(ep.fallbacks.len(), 1);
-        assert_eq!(ep.max_attempts, 2);
-        let t = loaded.telemetry.unwrap();
+        assert_eq!(ep.operation, Operation::Chat);
+        let routing = loaded.routing;
+        assert_eq!(routing.models.len(), 1, "weight 0 is out of rotation");
+        assert_eq!(routing.models[0].1, 3);
+        assert_eq!(routing.fallbacks.len(), 1);
+        assert_eq!(routing.max_attempts, 2);
+        let t = loaded.tracing.unwrap();
         assert_eq!(t.experiment_id, "7");
         assert_eq!(t.endpoint_id, "1234-abcd");
         assert!(t.capture_content);
@@ -305,7 +324,7 @@ spec:
     fn usage_tracking_off_needs_no_mlflow() {
         let yaml = format!("{CHAT}  usageTracking: false\n");
         let loaded = from_resource(&resource(&yaml), "f", &env_of(&KEYS[..3])).unwrap();
-        assert!(loaded.telemetry.is_none());
+        assert!(loaded.tracing.is_none());
     }
 
     #[test]
@@ -318,5 +337,102 @@ spec:
         assert!(err.contains("used twice"), "{err}");
         let env = env_of(&[("GATEWAY_TRACE_QUEUE_SPANS", "lots")]);
         assert!(env_number(&env, "GATEWAY_TRACE_QUEUE_SPANS", 1).is_err());
+    }
+
+    /// Every `rule` of the CRD's CEL validations.
+    fn cel_rules() -> Vec<String> {
+        fn collect(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    if let Some(rules) = map.get("x-kubernetes-validations") {
+                        for r in rules.as_array().into_iter().flatten() {
+                            out.push(r["rule"].as_str().unwrap().to_string());
+                        }
+                    }
+                    map.values().for_each(|v| collect(v, out));
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|v| collect(v, out)),
+                _ => {}
+            }
+        }
+        use kube::CustomResourceExt;
+        let mut out = Vec::new();
+        collect(
+            &serde_json::to_value(GatewayEndpoint::crd()).unwrap(),
+            &mut out,
+        );
+        out
+    }
+
+    /// The one provider with `fact`: the CEL rules name a single provider for each fact (a list
+    /// would need the rules in src/api.rs rewritten with `in [...]`, then this test).
+    fn the_one_provider(fact: &str, has: impl Fn(Provider) -> bool) -> &'static str {
+        let with: Vec<_> = Provider::ALL.into_iter().filter(|p| has(*p)).collect();
+        assert_eq!(
+            with.len(),
+            1,
+            "providers that {fact}: {with:?}; update the CEL rules in src/api.rs and this test"
+        );
+        with[0].name()
+    }
+
+    fn assert_cel_rule(rules: &[String], rule: String) {
+        assert!(
+            rules.contains(&rule),
+            "the CRD has no CEL rule `{rule}`: src/api.rs and the provider facts of gateway::config disagree"
+        );
+    }
+
+    #[test]
+    fn cel_rules_say_what_the_provider_facts_say() {
+        let rules = cel_rules();
+        let needs_base = the_one_provider("need apiBase", |p| p.default_api_base().is_none());
+        let needs_deployment = the_one_provider("need a deployment", Provider::needs_deployment);
+        assert_eq!(needs_base, needs_deployment, "one CEL rule checks both");
+        assert_cel_rule(
+            &rules,
+            format!(
+                "self.provider != '{needs_base}' || (has(self.apiBase) && has(self.deployment))"
+            ),
+        );
+        assert_cel_rule(
+            &rules,
+            format!("self.provider == '{needs_deployment}' || !has(self.deployment)"),
+        );
+        let keyless = the_one_provider("need no API key", |p| !p.needs_api_key());
+        assert_cel_rule(
+            &rules,
+            format!("self.provider == '{keyless}' || has(self.apiKeySecretRef)"),
+        );
+        for op in [Operation::Chat, Operation::Completions] {
+            assert!(Provider::ALL.iter().all(|p| p.serves(op)), "{op:?}");
+        }
+        let no_embeddings =
+            the_one_provider("have no embeddings", |p| !p.serves(Operation::Embeddings));
+        let embeddings = Operation::Embeddings.endpoint_type();
+        assert_cel_rule(
+            &rules,
+            format!(
+                "!has(self.endpointType) || self.endpointType != '{embeddings}' || (self.models.all(m, m.provider != '{no_embeddings}') && (!has(self.fallbacks) || self.fallbacks.all(f, f.provider != '{no_embeddings}')))"
+            ),
+        );
+    }
+
+    #[test]
+    fn the_manifest_and_the_gateway_name_providers_and_endpoint_types_alike() {
+        for p in Provider::ALL {
+            let in_manifest: api::Provider =
+                serde_json::from_value(serde_json::json!(p.name())).unwrap();
+            assert_eq!(provider(in_manifest), p);
+            assert_eq!(in_manifest.as_str(), p.name());
+        }
+        for t in [
+            EndpointType::Chat,
+            EndpointType::Completions,
+            EndpointType::Embeddings,
+        ] {
+            assert_eq!(operation(t).endpoint_type(), t.as_str());
+            assert_eq!(serde_json::json!(t), serde_json::json!(t.as_str()));
+        }
     }
 }

@@ -19,26 +19,11 @@ use serde_json::{Map, Value, json};
 
 use super::sse::SseEvent;
 use super::{
-    Body, Operation, Prepared, ProviderError, Upstream, Usage, bad_upstream,
+    Body, ModelConfig, Operation, Prepared, ProviderError, Usage, bad_upstream,
     chat_response_to_completion, completions_to_chat, invalid, join_url, message_of_error_body,
     usage_of_fields, usage_of_metadata,
 };
-use crate::api::Provider;
-
-/// The public API of each OpenAI-compatible provider.
-pub fn default_api_base(provider: Provider) -> Option<&'static str> {
-    Some(match provider {
-        Provider::Openai => "https://api.openai.com/v1",
-        Provider::Mistral => "https://api.mistral.ai/v1",
-        Provider::Groq => "https://api.groq.com/openai/v1",
-        Provider::Deepseek => "https://api.deepseek.com/v1",
-        Provider::Xai => "https://api.x.ai/v1",
-        Provider::Openrouter => "https://openrouter.ai/api/v1",
-        Provider::Togetherai => "https://api.together.xyz/v1",
-        Provider::Ollama => "http://localhost:11434/v1",
-        Provider::Azure | Provider::Anthropic | Provider::Gemini => return None,
-    })
-}
+use crate::gateway::config::Provider;
 
 /// Whether completions are served through the provider's chat API (it has no `/completions`).
 pub fn completions_via_chat(provider: Provider) -> bool {
@@ -63,17 +48,17 @@ pub(crate) fn path(op: Operation) -> &'static [&'static str] {
 }
 
 pub(crate) fn prepare<'a>(
-    up: &Upstream,
+    up: &ModelConfig,
     op: Operation,
     body: &'a Map<String, Value>,
 ) -> Result<Prepared<'a>, ProviderError> {
-    let stream_options = accepts_stream_options(up.provider);
+    let stream_options = accepts_stream_options(up.provider.provider());
     let mut headers = Vec::new();
     if let Some(auth) = up.key_header("Bearer ")? {
         headers.push(("authorization", auth));
     }
     let model = Value::String(up.model.clone());
-    if op == Operation::Completions && completions_via_chat(up.provider) {
+    if op == Operation::Completions && completions_via_chat(up.provider.provider()) {
         let mut chat = completions_to_chat(body)?;
         chat.insert("model".into(), model);
         if !stream_options {
@@ -83,7 +68,7 @@ pub(crate) fn prepare<'a>(
             chat.insert("stream_options".into(), options);
         }
         return Ok(Prepared {
-            url: join_url(&up.api_base, path(Operation::Chat)),
+            url: join_url(up.api_base(), path(Operation::Chat)),
             headers,
             body: Body::Built(Value::Object(chat)),
         });
@@ -91,7 +76,7 @@ pub(crate) fn prepare<'a>(
     let mut set = vec![("model", model)];
     set.extend(check_body(op, body, stream_options)?.map(|options| ("stream_options", options)));
     Ok(Prepared {
-        url: join_url(&up.api_base, path(op)),
+        url: join_url(up.api_base(), path(op)),
         headers,
         body: Body::Patched {
             base: body,
@@ -149,7 +134,7 @@ pub(crate) fn check_body(
 }
 
 pub(crate) fn parse_response(
-    up: &Upstream,
+    up: &ModelConfig,
     op: Operation,
     value: Value,
 ) -> Result<Value, ProviderError> {
@@ -165,7 +150,7 @@ pub(crate) fn parse_response(
             up.provider_name()
         )));
     }
-    if op == Operation::Completions && completions_via_chat(up.provider) {
+    if op == Operation::Completions && completions_via_chat(up.provider.provider()) {
         return Ok(chat_response_to_completion(value));
     }
     Ok(value)

@@ -29,12 +29,11 @@ use url::Url;
 
 use super::sse::SseEvent;
 use super::{
-    Body, ChatMessage, ChatRequest, ImageRef, Operation, Prepared, ProviderError, Upstream,
+    Body, ChatMessage, ChatRequest, ImageRef, ModelConfig, Operation, Prepared, ProviderError,
     bad_upstream, chat_response_to_completion, completions_to_chat, content_text, image_ref,
     invalid, join_url, last_path_segment, message_of_error_body, now_secs,
 };
 
-pub const DEFAULT_API_BASE: &str = "https://api.anthropic.com";
 /// The `anthropic-version` header sent (MLflow's default).
 pub const API_VERSION: &str = "2023-06-01";
 /// `max_tokens` when the request sets none (MLflow's MLFLOW_AI_GATEWAY_ANTHROPIC_DEFAULT_MAX_TOKENS).
@@ -68,15 +67,15 @@ const DROPPED: &[&str] = &[
 ];
 
 /// `{apiBase}/v1/messages`.
-pub fn messages_url(up: &Upstream) -> Url {
-    if last_path_segment(&up.api_base) == Some("v1") {
-        join_url(&up.api_base, &["messages"])
+pub fn messages_url(up: &ModelConfig) -> Url {
+    if last_path_segment(up.api_base()) == Some("v1") {
+        join_url(up.api_base(), &["messages"])
     } else {
-        join_url(&up.api_base, &["v1", "messages"])
+        join_url(up.api_base(), &["v1", "messages"])
     }
 }
 
-pub(crate) fn headers(up: &Upstream) -> Result<Vec<(&'static str, HeaderValue)>, ProviderError> {
+pub(crate) fn headers(up: &ModelConfig) -> Result<Vec<(&'static str, HeaderValue)>, ProviderError> {
     let mut headers = Vec::with_capacity(2);
     if let Some(key) = up.key_header("")? {
         headers.push(("x-api-key", key));
@@ -86,7 +85,7 @@ pub(crate) fn headers(up: &Upstream) -> Result<Vec<(&'static str, HeaderValue)>,
 }
 
 pub(crate) fn prepare(
-    up: &Upstream,
+    up: &ModelConfig,
     op: Operation,
     body: &Map<String, Value>,
 ) -> Result<Prepared<'static>, ProviderError> {
@@ -107,7 +106,7 @@ pub(crate) fn prepare(
 }
 
 /// An OpenAI chat request as an Anthropic Messages request.
-fn chat_request(up: &Upstream, body: &Map<String, Value>) -> Result<Value, ProviderError> {
+fn chat_request(up: &ModelConfig, body: &Map<String, Value>) -> Result<Value, ProviderError> {
     let mut req = ChatRequest::parse(body)?;
     req.reject_legacy_functions("anthropic")?;
     let mut out = Map::new();
@@ -506,7 +505,7 @@ pub fn finish_reason(stop_reason: &str) -> &'static str {
 }
 
 pub(crate) fn parse_response(
-    _up: &Upstream,
+    _up: &ModelConfig,
     op: Operation,
     value: Value,
 ) -> Result<Value, ProviderError> {

@@ -9,14 +9,13 @@ use serde_json::{Map, Value};
 use url::Url;
 
 use super::{
-    Body, Operation, Prepared, ProviderError, Upstream, join_url, last_path_segment, openai,
+    Body, ModelConfig, Operation, Prepared, ProviderError, join_url, last_path_segment, openai,
 };
-
-/// The API version used when the model sets none (the GA version MLflow's docs use).
-pub const DEFAULT_API_VERSION: &str = "2024-10-21";
+use crate::gateway::config::AzureConfig;
 
 pub(crate) fn prepare<'a>(
-    up: &Upstream,
+    up: &ModelConfig,
+    azure: &AzureConfig,
     op: Operation,
     body: &'a Map<String, Value>,
 ) -> Result<Prepared<'a>, ProviderError> {
@@ -28,7 +27,7 @@ pub(crate) fn prepare<'a>(
         headers.push(("api-key", key));
     }
     Ok(Prepared {
-        url: url(up, op)?,
+        url: url(azure, op),
         headers,
         body: Body::Patched {
             base: body,
@@ -39,22 +38,15 @@ pub(crate) fn prepare<'a>(
 }
 
 /// The deployment URL of `op`.
-pub fn url(up: &Upstream, op: Operation) -> Result<Url, ProviderError> {
-    let deployment = up.deployment.as_deref().unwrap_or_default();
-    if deployment.is_empty() {
-        return Err(ProviderError::Config(format!(
-            "model {}: provider azure needs deployment",
-            up.name
-        )));
-    }
+pub fn url(azure: &AzureConfig, op: Operation) -> Url {
     let mut segments = Vec::with_capacity(5);
-    if last_path_segment(&up.api_base) != Some("openai") {
+    if last_path_segment(&azure.api_base) != Some("openai") {
         segments.push("openai");
     }
-    segments.extend(["deployments", deployment]);
+    segments.extend(["deployments", azure.deployment.as_str()]);
     segments.extend(openai::path(op));
-    let mut url = join_url(&up.api_base, &segments);
-    let version = up.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION);
-    url.query_pairs_mut().append_pair("api-version", version);
-    Ok(url)
+    let mut url = join_url(&azure.api_base, &segments);
+    url.query_pairs_mut()
+        .append_pair("api-version", &azure.api_version);
+    url
 }

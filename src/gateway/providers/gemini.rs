@@ -23,6 +23,9 @@
 //! MAX_TOKENS → length, SAFETY, RECITATION and the other blocking reasons → content_filter;
 //! usageMetadata → usage, thinking tokens counted as completion tokens (as OpenAI counts
 //! reasoning tokens).
+//!
+//! Over 800 lines as one cohesive thing: the Gemini wire format both ways (requests, answers,
+//! streams, embeddings), as each other provider has its one file.
 
 use std::collections::{HashMap, HashSet};
 
@@ -33,12 +36,11 @@ use url::Url;
 
 use super::sse::SseEvent;
 use super::{
-    Body, ChatMessage, ChatRequest, ImageRef, Operation, Prepared, ProviderError, Upstream,
+    Body, ChatMessage, ChatRequest, ImageRef, ModelConfig, Operation, Prepared, ProviderError,
     bad_upstream, chat_response_to_completion, completions_to_chat, content_text, image_ref,
     invalid, join_url, last_path_segment, message_of_error_body, now_secs,
 };
 
-pub const DEFAULT_API_BASE: &str = "https://generativelanguage.googleapis.com";
 /// The API version used when `apiBase` names none.
 pub const API_VERSION: &str = "v1beta";
 
@@ -66,28 +68,28 @@ const DROPPED: &[&str] = &[
 ];
 
 /// The model id without a `models/` prefix.
-fn model_id(up: &Upstream) -> &str {
+fn model_id(up: &ModelConfig) -> &str {
     up.model.strip_prefix("models/").unwrap_or(&up.model)
 }
 
 /// `{apiBase}/v1beta/models/{model}:{method}`.
-pub fn url(up: &Upstream, method: &str, stream: bool) -> Url {
+pub fn url(up: &ModelConfig, method: &str, stream: bool) -> Url {
     let target = format!("{}:{method}", model_id(up));
     let mut segments: Vec<&str> = Vec::with_capacity(3);
-    match last_path_segment(&up.api_base) {
+    match last_path_segment(up.api_base()) {
         Some("models") => {}
         Some("v1beta" | "v1" | "v1alpha") => segments.push("models"),
         _ => segments.extend([API_VERSION, "models"]),
     }
     segments.push(&target);
-    let mut url = join_url(&up.api_base, &segments);
+    let mut url = join_url(up.api_base(), &segments);
     if stream {
         url.query_pairs_mut().append_pair("alt", "sse");
     }
     url
 }
 
-fn headers(up: &Upstream) -> Result<Vec<(&'static str, HeaderValue)>, ProviderError> {
+fn headers(up: &ModelConfig) -> Result<Vec<(&'static str, HeaderValue)>, ProviderError> {
     Ok(up
         .key_header("")?
         .map(|key| ("x-goog-api-key", key))
@@ -96,7 +98,7 @@ fn headers(up: &Upstream) -> Result<Vec<(&'static str, HeaderValue)>, ProviderEr
 }
 
 pub(crate) fn prepare(
-    up: &Upstream,
+    up: &ModelConfig,
     op: Operation,
     body: &Map<String, Value>,
 ) -> Result<Prepared<'static>, ProviderError> {
@@ -418,7 +420,7 @@ fn convert_tools(req: &mut ChatRequest, out: &mut Map<String, Value>) -> Result<
 /// An OpenAI embeddings request as a batchEmbedContents request: one request per input text.
 /// `dimensions` → outputDimensionality; Gemini fields of an EmbedContentRequest (`taskType`,
 /// `title`) are copied into each request.
-fn embed_request(up: &Upstream, body: &Map<String, Value>) -> Result<Value, ProviderError> {
+fn embed_request(up: &ModelConfig, body: &Map<String, Value>) -> Result<Value, ProviderError> {
     let texts: Vec<&str> = match body.get("input") {
         Some(Value::String(s)) => vec![s.as_str()],
         Some(Value::Array(items)) if !items.is_empty() => items
@@ -575,7 +577,7 @@ fn check_error(value: &Value) -> Result<(), ProviderError> {
 }
 
 pub(crate) fn parse_response(
-    up: &Upstream,
+    up: &ModelConfig,
     op: Operation,
     request: Option<&Value>,
     value: Value,
@@ -593,7 +595,7 @@ pub(crate) fn parse_response(
     }
 }
 
-fn chat_response(up: &Upstream, value: &Value) -> Value {
+fn chat_response(up: &ModelConfig, value: &Value) -> Value {
     let created = now_secs();
     let candidates = value
         .get("candidates")
@@ -656,7 +658,7 @@ fn chat_response(up: &Upstream, value: &Value) -> Value {
 /// A batchEmbedContents response as an OpenAI embeddings list. Gemini reports no token usage:
 /// it is zeros.
 fn embeddings_response(
-    up: &Upstream,
+    up: &ModelConfig,
     request: Option<&Value>,
     value: &Value,
 ) -> Result<Value, ProviderError> {

@@ -1,0 +1,123 @@
+//! Which models one request tries, in order: one of the primary models, chosen at random in
+//! proportion to its weight (a traffic split), then the fallbacks in their listed order, at most
+//! `max_attempts` in all.
+//!
+//! MLflow composes this as providers wrapping providers (TrafficRouteProvider, FallbackProvider).
+//! Here it is a plan of attempts that the invocation (`invoke`) walks, because every attempt is
+//! traced and its failure classified there, and a stream commits to its model at its first
+//! bytes; a plan is an iterator, so routing costs no allocation or dynamic call per request.
+
+use super::config::{ModelConfig, RoutingConfig};
+
+/// The endpoint's routing, ready for requests.
+#[derive(Debug)]
+pub struct Routing {
+    /// The primary pool, each model with its weight (all above 0).
+    models: Vec<(ModelConfig, u64)>,
+    total_weight: u64,
+    fallbacks: Vec<ModelConfig>,
+    max_attempts: usize,
+}
+
+impl Routing {
+    pub fn new(config: RoutingConfig) -> Self {
+        let models: Vec<(ModelConfig, u64)> = config
+            .models
+            .into_iter()
+            .filter(|(_, w)| *w > 0)
+            .map(|(m, w)| (m, u64::from(w)))
+            .collect();
+        Routing {
+            total_weight: models.iter().map(|(_, w)| w).sum(),
+            models,
+            fallbacks: config.fallbacks,
+            max_attempts: config.max_attempts,
+        }
+    }
+
+    /// The attempts of one request: a weighted choice among the models, then the fallbacks in
+    /// order, at most `max_attempts`. The choice is made here, once: clones of the iterator
+    /// repeat it.
+    pub fn attempts(&self) -> impl Iterator<Item = &ModelConfig> + Clone {
+        self.pick()
+            .into_iter()
+            .chain(self.fallbacks.iter())
+            .take(self.max_attempts)
+    }
+
+    fn pick(&self) -> Option<&ModelConfig> {
+        if self.total_weight == 0 {
+            return None;
+        }
+        let mut pick = fastrand::u64(0..self.total_weight);
+        for (model, w) in &self.models {
+            if pick < *w {
+                return Some(model);
+            }
+            pick -= w;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::config::{ModelSettings, Provider};
+
+    fn model(name: &str) -> ModelConfig {
+        let settings = ModelSettings {
+            name: name.into(),
+            provider: Provider::Ollama,
+            model: "m".into(),
+            api_base: None,
+            api_version: None,
+            deployment: None,
+        };
+        ModelConfig::new(&settings, None).unwrap()
+    }
+
+    fn names<'a>(attempts: impl Iterator<Item = &'a ModelConfig>) -> Vec<&'a str> {
+        attempts.map(|m| m.name.as_str()).collect()
+    }
+
+    #[test]
+    fn one_primary_model_then_the_fallbacks_in_order_up_to_max_attempts() {
+        let routing = Routing::new(RoutingConfig {
+            models: vec![(model("a"), 1)],
+            fallbacks: vec![model("f1"), model("f2")],
+            max_attempts: 3,
+        });
+        assert_eq!(names(routing.attempts()), ["a", "f1", "f2"]);
+        let routing = Routing::new(RoutingConfig {
+            max_attempts: 2,
+            ..RoutingConfig {
+                models: vec![(model("a"), 1)],
+                fallbacks: vec![model("f1"), model("f2")],
+                max_attempts: 0,
+            }
+        });
+        assert_eq!(names(routing.attempts()), ["a", "f1"]);
+    }
+
+    #[test]
+    fn traffic_splits_by_weight_and_weight_zero_gets_none() {
+        let routing = Routing::new(RoutingConfig {
+            models: vec![(model("a"), 3), (model("b"), 1), (model("off"), 0)],
+            fallbacks: vec![],
+            max_attempts: 1,
+        });
+        let mut a = 0;
+        for _ in 0..4000 {
+            let attempts = routing.attempts();
+            let first = names(attempts.clone());
+            assert_eq!(first, names(attempts), "a clone repeats the choice");
+            match first[0] {
+                "a" => a += 1,
+                "b" => {}
+                other => panic!("{other} has weight 0"),
+            }
+        }
+        assert!((2700..3300).contains(&a), "{a} of 4000 to weight 3 of 4");
+    }
+}
