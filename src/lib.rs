@@ -6,11 +6,11 @@ pub mod controller;
 pub mod deploy;
 pub mod experiment;
 pub mod gateway;
+pub mod http_client;
 pub mod leader;
 pub mod metrics;
 pub mod mlflow;
 pub mod providers;
-pub mod telemetry;
 
 /// An error and its causes on one line, each cause once (libraries often repeat their source's
 /// text in their own message).

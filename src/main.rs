@@ -12,10 +12,10 @@ use mlflow_gateway_operator::api::GatewayEndpoint;
 use mlflow_gateway_operator::controller::{self, Context, Settings};
 use mlflow_gateway_operator::deploy::{self, GatewayDefaults};
 use mlflow_gateway_operator::gateway;
+use mlflow_gateway_operator::gateway::tracing::Telemetry;
 use mlflow_gateway_operator::leader;
 use mlflow_gateway_operator::metrics::{self, Metrics};
 use mlflow_gateway_operator::mlflow::{self, MlflowClient, MlflowConfig};
-use mlflow_gateway_operator::telemetry::Telemetry;
 
 // The gateway's hot path allocates many small JSON values: glibc's malloc was a fifth of its CPU.
 #[global_allocator]
@@ -200,7 +200,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let mlflow = MlflowConfig::from_env().context("MLflow tracking server configuration")?;
     let ui_url = args
         .mlflow_ui_url
-        .unwrap_or_else(|| mlflow.tracking_uri.clone());
+        .unwrap_or_else(|| mlflow.tracking_uri().clone());
     let metrics = Arc::new(Metrics::default());
     let tracking = MlflowClient::new(&mlflow)
         .context("MLflow client")?
@@ -229,19 +229,19 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     }
     let mut gateway_tracking_uri = args
         .gateway_tracking_uri
-        .unwrap_or_else(|| mlflow.tracking_uri.clone());
+        .unwrap_or_else(|| mlflow.tracking_uri().clone());
     // Credentials in the URI would land in every Deployment: never copy them.
     let _ = gateway_tracking_uri.set_username("");
     let _ = gateway_tracking_uri.set_password(None);
-    let gateway_ca_bundle = match &args.gateway_ca_bundle {
-        None => None,
-        Some(_) if args.gateway_insecure_tls => anyhow::bail!(
-            "GATEWAY_MLFLOW_TRACKING_INSECURE_TLS=true and GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH are exclusive: unset one of them"
-        ),
-        Some(path) => {
-            Some(mlflow::read_ca_bundle("GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH", path)?.0)
-        }
-    };
+    let gateway_tls = mlflow::TlsTrust::from_settings(
+        args.gateway_insecure_tls,
+        args.gateway_ca_bundle.as_deref(),
+        mlflow::TlsSettingNames {
+            insecure: "GATEWAY_MLFLOW_TRACKING_INSECURE_TLS",
+            cert_path: "GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH",
+        },
+    )?;
+    let gateway_ca_bundle = gateway_tls.ca_bundle().map(|bundle| bundle.pem.clone());
     let settings = Settings {
         gateway: GatewayDefaults {
             image: args.gateway_image,
@@ -265,7 +265,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     };
     let server = metrics::serve(args.metrics_addr, metrics.clone());
     tracing::info!(
-        tracking_uri = %mlflow.tracking_uri,
+        tracking_uri = %mlflow.tracking_uri(),
         namespace = settings.namespace.as_deref().unwrap_or("<all>"),
         "starting controller"
     );

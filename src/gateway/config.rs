@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use kube::ResourceExt;
 
+use super::tracing::TelemetryConfig;
 use crate::api::{EndpointType, GatewayEndpoint, Model, Provider};
 use crate::mlflow::MlflowConfig;
 use crate::providers::{ProviderError, Upstream};
-use crate::telemetry::TelemetryConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -1,10 +1,10 @@
 //! `mlflow-gateway-operator gateway`: an OpenAI-compatible LLM gateway for one `GatewayEndpoint`
 //! that traces every invocation into the endpoint's MLflow experiment.
 
-pub mod client;
 pub mod config;
 mod invoke;
 pub mod metrics;
+pub mod tracing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,9 +18,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use serde_json::{Value, json};
 
+use self::tracing::{RequestType, Telemetry};
 use crate::api::EndpointType;
 use crate::providers::Operation;
-use crate::telemetry::Telemetry;
 use config::Endpoint;
 use invoke::Call;
 use metrics::GatewayMetrics;
@@ -38,7 +38,7 @@ pub struct ServerSettings {
 
 pub struct Gateway {
     pub endpoint: Endpoint,
-    pub http: client::UpstreamClient,
+    pub http: crate::http_client::UpstreamClient,
     pub telemetry: Telemetry,
     pub metrics: GatewayMetrics,
     pub attempt_timeout: Duration,
@@ -56,8 +56,8 @@ pub fn operation(t: EndpointType) -> Operation {
 
 /// The HTTP client for providers: pooled keep-alive connections, no global timeout (each attempt
 /// has its own), the proxy environment honoured.
-pub fn http_client() -> Result<client::UpstreamClient, reqwest::Error> {
-    client::UpstreamClient::new()
+pub fn http_client() -> Result<crate::http_client::UpstreamClient, reqwest::Error> {
+    crate::http_client::UpstreamClient::new()
 }
 
 pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
@@ -84,7 +84,7 @@ pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
             named_route(
                 Operation::Chat,
                 "/gateway/mlflow/v1/chat/completions",
-                "unified/chat",
+                RequestType::UnifiedChat,
             ),
         )
         .route("/gateway/mlflow/v1/models", get(models))
@@ -93,7 +93,7 @@ pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
             named_route(
                 Operation::Chat,
                 "/gateway/openai/v1/chat/completions",
-                "passthrough/model/openai-chat",
+                RequestType::PassthroughOpenaiChat,
             ),
         )
         .route(
@@ -101,7 +101,7 @@ pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
             named_route(
                 Operation::Embeddings,
                 "/gateway/openai/v1/embeddings",
-                "passthrough/model/openai-embeddings",
+                RequestType::PassthroughOpenaiEmbeddings,
             ),
         )
         .route(
@@ -120,7 +120,7 @@ pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
 /// Serves until SIGTERM or Ctrl-C, then flushes traces.
 pub async fn serve(gateway: Shared, settings: &ServerSettings) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
-    tracing::info!(
+    ::tracing::info!(
         addr = %settings.listen,
         endpoint = %gateway.endpoint.name,
         "gateway listening"
@@ -239,7 +239,7 @@ fn unified_route(op: Operation, route: &'static str) -> MethodRouter<Shared> {
 fn named_route(
     op: Operation,
     route: &'static str,
-    request_type: &'static str,
+    request_type: RequestType,
 ) -> MethodRouter<Shared> {
     post(
         move |State(g): State<Shared>, headers: HeaderMap, body: JsonBody| async move {
