@@ -163,12 +163,12 @@ impl Transport {
         let call = async {
             match &self.client {
                 Client::Pooled(client) => {
-                    let response = client
+                    let mut response = client
                         .send(request)
                         .await
                         .map_err(|e| (e.timeout, e.message))?;
                     let status = response.status;
-                    let headers = response.headers.clone();
+                    let headers = std::mem::take(&mut response.headers);
                     let body = response.bytes().await.map_err(|e| (e.timeout, e.message))?;
                     Ok(Answer {
                         status,
