@@ -5,7 +5,8 @@ test:
 	hack/test.sh
 
 ## The tests that need no outside service (no Go, no MLflow, no cluster), with the format check and
-## clippy: the unit tests, the golden provider tests, the fake LLM's tests, and the integration
+## clippy: the unit tests, the golden provider tests, the fake LLM's tests, the benchmark's own
+## unit tests, and the integration
 ## tests listed in UNIT_TESTS (the CRD drift check; the gateway against fake providers, MLflow off).
 ## MGO_NO_SERVICES makes a listed test that asks for a cluster or MLflow fail instead of starting one.
 UNIT_TESTS := crd:: \
@@ -23,6 +24,7 @@ unit:
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	cargo test --workspace --locked --lib --bins --test fake_llm
 	MGO_NO_SERVICES=1 cargo test --locked --test integration -- $(UNIT_TESTS)
+	python3 -m unittest discover -s hack/bench_gateway -t .
 
 ## Bring up a local control plane, MLflow and the operator, and show an endpoint with its experiment.
 demo:

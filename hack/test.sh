@@ -12,6 +12,9 @@ log "checking formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+log "benchmark program unit tests"
+python3 -m unittest discover -s hack/bench_gateway -t . 2>&1 | tail -n 3
+
 # The heavy, cached prerequisites (cold: ~25 min for the Kubernetes binaries, ~2 min for MLflow).
 hack/build-tools.sh >/dev/null
 hack/mlflow.sh install >/dev/null

@@ -4,10 +4,12 @@
 pub mod api;
 pub mod controller;
 pub mod gateway;
+pub mod http_client;
 pub mod leader;
 pub mod metrics;
 pub mod mlflow;
-pub mod telemetry;
+pub mod shutdown;
+pub mod text;
 
 /// An error and its causes on one line, each cause once (libraries often repeat their source's
 /// text in their own message).

@@ -10,10 +10,10 @@ use kube::CustomResourceExt;
 use mlflow_gateway_operator::api::GatewayEndpoint;
 use mlflow_gateway_operator::controller::{self, Context, Settings};
 use mlflow_gateway_operator::gateway;
+use mlflow_gateway_operator::gateway::tracing::Telemetry;
 use mlflow_gateway_operator::leader;
 use mlflow_gateway_operator::metrics::{self, Metrics};
 use mlflow_gateway_operator::mlflow::{MlflowClient, MlflowConfig};
-use mlflow_gateway_operator::telemetry::Telemetry;
 
 // The gateway's hot path allocates many small JSON values: glibc's malloc was a fifth of its CPU.
 #[global_allocator]
@@ -145,7 +145,7 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
 
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let mlflow = MlflowConfig::from_env().context("MLflow tracking server configuration")?;
-    let settings = Settings::from_args(args.settings, &mlflow.tracking_uri)?;
+    let settings = Settings::from_args(args.settings, mlflow.tracking_uri())?;
     let metrics = Arc::new(Metrics::default());
     let tracking = MlflowClient::new(&mlflow)
         .context("MLflow client")?
@@ -169,7 +169,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         .build();
     let server = metrics::serve(args.metrics_addr, metrics.clone());
     tracing::info!(
-        tracking_uri = %mlflow.tracking_uri,
+        tracking_uri = %mlflow.tracking_uri(),
         namespace = settings.namespace().unwrap_or("<all>"),
         "starting controller"
     );
@@ -227,7 +227,7 @@ async fn lead(
     tracing::info!(%lease, identity = %elector.config().identity, "waiting to become the leader");
     tokio::select! {
         () = elector.acquire() => {}
-        () = shutdown_signal() => {
+        () = mlflow_gateway_operator::shutdown::signal() => {
             tracing::info!("shutting down; was not the leader");
             return Ok(());
         }
@@ -252,22 +252,6 @@ async fn lead(
         ),
     }
     Ok(())
-}
-
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
 }
 
 fn init_logging(format: LogFormat) {

@@ -141,18 +141,6 @@ impl Metrics {
     }
 }
 
-/// MLflow calls that change the tracking server.
-fn is_write(call: &str) -> bool {
-    matches!(
-        call,
-        "experiments/create"
-            | "experiments/update"
-            | "experiments/delete"
-            | "experiments/restore"
-            | "experiments/set-experiment-tag"
-    )
-}
-
 impl CallObserver for Metrics {
     fn observe(&self, call: &'static str, status: &str, seconds: f64) {
         self.mlflow_requests
@@ -166,7 +154,7 @@ impl CallObserver for Metrics {
                 call: call.to_string(),
             })
             .observe(seconds);
-        if is_write(call) {
+        if crate::mlflow::is_write_call(call) {
             self.mlflow_writes.inc();
         }
     }

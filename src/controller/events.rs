@@ -25,7 +25,7 @@ pub fn warn_on_entering(
     (!wanted.status && !wanted.same_failure_as(previous)).then(|| Event {
         type_: EventType::Warning,
         reason: wanted.reason.as_str().to_string(),
-        note: Some(truncate(&wanted.message, MAX_NOTE)),
+        note: Some(crate::text::truncate(&wanted.message, MAX_NOTE)),
         action: action.into(),
         secondary: None,
     })
@@ -69,7 +69,7 @@ pub fn cleanup_event(type_: EventType, reason: &str, note: &str) -> Event {
     Event {
         type_,
         reason: reason.into(),
-        note: Some(truncate(note, MAX_NOTE)),
+        note: Some(crate::text::truncate(note, MAX_NOTE)),
         action: "Reconcile".into(),
         secondary: None,
     }
@@ -82,17 +82,6 @@ pub async fn publish_all(ctx: &Context, ep: &GatewayEndpoint, events: &[Event]) 
             warn!(error = %e, reason = %event.reason, "could not publish event");
         }
     }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
 }
 
 #[cfg(test)]
@@ -126,10 +115,12 @@ mod tests {
     }
 
     #[test]
-    fn long_notes_are_cut_on_a_char_boundary() {
-        let s = "é".repeat(600);
-        let t = truncate(&s, 1000);
-        assert!(t.ends_with("..."));
-        assert_eq!(t.len(), 1003);
+    fn long_notes_fit_the_api_servers_limit() {
+        // The API server refuses an Event whose note is over 1024 bytes.
+        let note = cleanup_event(EventType::Warning, "R", &"é".repeat(600))
+            .note
+            .unwrap_or_default();
+        assert!(note.len() <= 1024, "{}", note.len());
+        assert!(note.ends_with('…'));
     }
 }

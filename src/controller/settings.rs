@@ -21,6 +21,7 @@ pub const DEFAULT_GATEWAY_IMAGE: &str = concat!(
 
 /// The variable naming the gateway pods' CA bundle, named in its errors.
 const ENV_GATEWAY_CA_BUNDLE: &str = "GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH";
+const ENV_GATEWAY_INSECURE_TLS: &str = "GATEWAY_MLFLOW_TRACKING_INSECURE_TLS";
 
 /// The controller's flags (each also an environment variable), as given.
 #[derive(clap::Args, Clone, Debug)]
@@ -82,12 +83,9 @@ pub enum SettingsError {
         "GATEWAY_MLFLOW_CREDENTIALS_SECRET is set, but not the namespace it is in: set POD_NAMESPACE"
     )]
     CredentialsWithoutNamespace,
-    #[error(
-        "GATEWAY_MLFLOW_TRACKING_INSECURE_TLS=true and GATEWAY_MLFLOW_TRACKING_SERVER_CERT_PATH are exclusive: unset one of them"
-    )]
-    InsecureTlsWithCaBundle,
+    /// The gateway pods' TLS settings break mlflow's TLS rule, or their CA bundle is unusable.
     #[error(transparent)]
-    CaBundle(#[from] ConfigError),
+    GatewayTls(#[from] ConfigError),
 }
 
 /// A Secret in the operator's namespace, mirrored into endpoints' namespaces.
@@ -196,15 +194,19 @@ fn without_credentials(mut uri: Url) -> String {
     uri.as_str().trim_end_matches('/').to_string()
 }
 
-// integrator: use mlflow's TLS rule
-/// The gateway pods' TLS settings: insecure TLS or a CA bundle, not both. The bundle (PEM) is read
-/// now, so a bad file stops the operator at start rather than every pod later.
+/// The gateway pods' TLS settings, under mlflow's one TLS rule (insecure TLS or a CA bundle, not
+/// both). The bundle (PEM) is read now, so a bad file stops the operator at start rather than
+/// every pod later.
 fn gateway_ca_bundle(insecure: bool, path: Option<&Path>) -> Result<Option<String>, SettingsError> {
-    match path {
-        None => Ok(None),
-        Some(_) if insecure => Err(SettingsError::InsecureTlsWithCaBundle),
-        Some(path) => Ok(Some(mlflow::read_ca_bundle(ENV_GATEWAY_CA_BUNDLE, path)?.0)),
-    }
+    let trust = mlflow::TlsTrust::from_settings(
+        insecure,
+        path,
+        mlflow::TlsSettingNames {
+            insecure: ENV_GATEWAY_INSECURE_TLS,
+            cert_path: ENV_GATEWAY_CA_BUNDLE,
+        },
+    )?;
+    Ok(trust.ca_bundle().map(|bundle| bundle.pem.clone()))
 }
 
 #[cfg(test)]
@@ -306,7 +308,10 @@ mod tests {
             &tracking(),
         )
         .unwrap_err();
-        assert!(matches!(err, SettingsError::InsecureTlsWithCaBundle));
+        assert!(matches!(
+            err,
+            SettingsError::GatewayTls(ConfigError::InsecureTlsWithCertPath { .. })
+        ));
         let insecure =
             Settings::from_args(args(&["--gateway-insecure-tls", "true"]), &tracking()).unwrap();
         assert!(insecure.gateway().insecure_tls);
@@ -323,7 +328,10 @@ mod tests {
             &tracking(),
         )
         .unwrap_err();
-        assert!(matches!(missing, SettingsError::CaBundle(_)));
+        assert!(matches!(
+            missing,
+            SettingsError::GatewayTls(ConfigError::CaBundle { .. })
+        ));
         assert!(
             missing.to_string().contains(ENV_GATEWAY_CA_BUNDLE),
             "{missing}"

@@ -11,11 +11,11 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::Value;
 
-use super::client::{ByteStream, TransportError};
+use super::tracing::{Attempt, Invocation, RequestType, TokenUsage};
 use super::{Gateway, JsonBody, Shared, openai_error};
 use crate::gateway::config::{ModelConfig, ProviderConfig};
 use crate::gateway::providers::{Operation, ProviderError, StreamConverter, usage_of};
-use crate::telemetry::{Attempt, Invocation, TokenUsage};
+use crate::http_client::{ByteStream, TransportError};
 
 /// What the client called.
 #[derive(Clone, Copy, Debug)]
@@ -24,11 +24,11 @@ pub struct Call {
     /// The route template, for metrics.
     pub route: &'static str,
     /// MLflow's `mlflow.gateway.requestType`.
-    pub request_type: &'static str,
+    pub request_type: RequestType,
 }
 
 impl Call {
-    pub fn new(op: Operation, route: &'static str, request_type: &'static str) -> Self {
+    pub fn new(op: Operation, route: &'static str, request_type: RequestType) -> Self {
         Call {
             op,
             route,
@@ -38,9 +38,9 @@ impl Call {
 
     pub fn unified(op: Operation, route: &'static str) -> Self {
         let request_type = match op {
-            Operation::Chat => "unified/chat",
-            Operation::Completions => "unified/completions",
-            Operation::Embeddings => "unified/embeddings",
+            Operation::Chat => RequestType::UnifiedChat,
+            Operation::Completions => RequestType::UnifiedCompletions,
+            Operation::Embeddings => RequestType::UnifiedEmbeddings,
         };
         Call::new(op, route, request_type)
     }
@@ -140,7 +140,7 @@ pub async fn run_anthropic_passthrough(
     let call = Call::new(
         Operation::Chat,
         route,
-        "passthrough/model/anthropic-messages",
+        RequestType::PassthroughAnthropicMessages,
     );
     execute(g, call, headers, body, Mode::AnthropicPassthrough).await
 }
@@ -177,7 +177,7 @@ async fn execute(
     let attempts = attempts.filter(|u| mode == Mode::Unified || anthropic(u));
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let caller = if g.telemetry.is_enabled() {
-        crate::telemetry::caller_from_headers(headers)
+        super::tracing::caller_from_headers(headers)
     } else {
         None
     };
@@ -414,7 +414,7 @@ impl Answer {
     }
 
     /// The spans' outputs (nothing is serialized for an invocation not traced).
-    fn outputs(&self, invocation: &Invocation) -> crate::telemetry::Outputs {
+    fn outputs(&self, invocation: &Invocation) -> super::tracing::Outputs {
         match self {
             Answer::Parsed { response, verbatim } => {
                 invocation.outputs_of(response, verbatim.as_deref())

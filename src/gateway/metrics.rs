@@ -7,7 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::telemetry::ExportStats;
+use super::tracing::ExportStats;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteStatus {
@@ -171,5 +171,28 @@ impl GatewayMetrics {
     pub fn tokens(&self, input: u64, output: u64) {
         self.tokens_in.inc_by(input);
         self.tokens_out.inc_by(output);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The trace exporter's drops show as counters (moved here from the tracing tests, which
+    /// import nothing from the gateway).
+    #[test]
+    fn export_drops_are_counted() {
+        let stats = ExportStats {
+            queued: 2,
+            dropped_traces: 11,
+            dropped_spans: 31,
+            ..ExportStats::default()
+        };
+        let metrics = GatewayMetrics::default().encode(stats);
+        assert!(
+            metrics.contains("mlflow_gateway_traces_dropped_total 11"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("mlflow_gateway_spans_dropped_total 31"));
     }
 }

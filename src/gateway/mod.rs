@@ -1,12 +1,12 @@
 //! `mlflow-gateway-operator gateway`: an OpenAI-compatible LLM gateway for one `GatewayEndpoint`
 //! that traces every invocation into the endpoint's MLflow experiment.
 
-pub mod client;
 pub mod config;
 mod invoke;
 pub mod metrics;
 pub mod providers;
 pub mod routing;
+pub mod tracing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use serde_json::{Value, json};
 
-use crate::telemetry::Telemetry;
+use self::tracing::{RequestType, Telemetry};
 use config::{EndpointConfig, Operation};
 use invoke::Call;
 use metrics::GatewayMetrics;
@@ -40,7 +40,7 @@ pub struct ServerSettings {
 pub struct Gateway {
     pub endpoint: EndpointConfig,
     pub routing: Routing,
-    pub http: client::UpstreamClient,
+    pub http: crate::http_client::UpstreamClient,
     pub telemetry: Telemetry,
     pub metrics: GatewayMetrics,
     pub attempt_timeout: Duration,
@@ -50,8 +50,8 @@ pub type Shared = Arc<Gateway>;
 
 /// The HTTP client for providers: pooled keep-alive connections, no global timeout (each attempt
 /// has its own), the proxy environment honoured.
-pub fn http_client() -> Result<client::UpstreamClient, reqwest::Error> {
-    client::UpstreamClient::new()
+pub fn http_client() -> Result<crate::http_client::UpstreamClient, reqwest::Error> {
+    crate::http_client::UpstreamClient::new()
 }
 
 pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
@@ -71,7 +71,7 @@ pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
             named_route(
                 Operation::Chat,
                 "/gateway/mlflow/v1/chat/completions",
-                "unified/chat",
+                RequestType::UnifiedChat,
             ),
         )
         .route("/gateway/mlflow/v1/models", get(models))
@@ -80,7 +80,7 @@ pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
             named_route(
                 Operation::Chat,
                 "/gateway/openai/v1/chat/completions",
-                "passthrough/model/openai-chat",
+                RequestType::PassthroughOpenaiChat,
             ),
         )
         .route(
@@ -88,7 +88,7 @@ pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
             named_route(
                 Operation::Embeddings,
                 "/gateway/openai/v1/embeddings",
-                "passthrough/model/openai-embeddings",
+                RequestType::PassthroughOpenaiEmbeddings,
             ),
         )
         .route(
@@ -107,38 +107,17 @@ pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
 /// Serves until SIGTERM or Ctrl-C, then flushes traces.
 pub async fn serve(gateway: Shared, settings: &ServerSettings) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
-    tracing::info!(
+    ::tracing::info!(
         addr = %settings.listen,
         endpoint = %gateway.endpoint.name,
         "gateway listening"
     );
     let app = router(gateway.clone(), settings.max_body_bytes);
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(crate::shutdown::signal())
         .await?;
     gateway.telemetry.shutdown(Duration::from_secs(5)).await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -226,7 +205,7 @@ fn unified_route(op: Operation, route: &'static str) -> MethodRouter<Shared> {
 fn named_route(
     op: Operation,
     route: &'static str,
-    request_type: &'static str,
+    request_type: RequestType,
 ) -> MethodRouter<Shared> {
     post(
         move |State(g): State<Shared>, headers: HeaderMap, body: JsonBody| async move {

@@ -12,13 +12,17 @@ use support::{Mlflow, Operator, apply, cluster, events, eventually, wait_conditi
 const QUICK: &[(&str, &str)] = &[("RESYNC_PERIOD_SECONDS", "2"), ("MAX_BACKOFF_SECONDS", "4")];
 
 fn tracking(ml: &Mlflow) -> MlflowClient {
-    let mut config = MlflowConfig::new(ml.uri.parse().unwrap());
-    if let Some((u, p)) = &ml.admin {
-        config.auth = Auth::Basic {
+    let auth = match &ml.admin {
+        Some((u, p)) => Auth::Basic {
             username: u.clone(),
             password: p.clone(),
-        };
-    }
+        },
+        None => Auth::None,
+    };
+    let config = MlflowConfig::builder(ml.uri.parse().unwrap())
+        .auth(auth)
+        .build()
+        .unwrap();
     MlflowClient::new(&config).unwrap()
 }
 

@@ -13,7 +13,7 @@ use support::{GatewayProcess, Mlflow};
 const KEY: &str = "sk-test-key-that-must-never-leak-42";
 
 fn tracking(ml: &Mlflow) -> MlflowClient {
-    MlflowClient::new(&MlflowConfig::new(ml.uri.parse().unwrap())).unwrap()
+    MlflowClient::new(&MlflowConfig::new(ml.uri.parse().unwrap()).unwrap()).unwrap()
 }
 
 async fn experiment(ml: &Mlflow, prefix: &str) -> String {

@@ -417,13 +417,17 @@ fn env_value(env: &[(String, String)], key: &str) -> Option<String> {
 }
 
 fn tracking(ml: &Mlflow) -> MlflowClient {
-    let mut config = MlflowConfig::new(ml.uri.parse().unwrap());
-    if let Some((u, p)) = &ml.admin {
-        config.auth = Auth::Basic {
+    let auth = match &ml.admin {
+        Some((u, p)) => Auth::Basic {
             username: u.clone(),
             password: p.clone(),
-        };
-    }
+        },
+        None => Auth::None,
+    };
+    let config = MlflowConfig::builder(ml.uri.parse().unwrap())
+        .auth(auth)
+        .build()
+        .unwrap();
     MlflowClient::new(&config).unwrap()
 }
 

@@ -71,7 +71,8 @@ async fn ready(api: &Api<GatewayEndpoint>, name: &str) {
 
 /// Experiments in MLflow that carry this endpoint's ownership tag, deleted ones included.
 async fn experiments(ns: &str, name: &str) -> usize {
-    let t = MlflowClient::new(&MlflowConfig::new(support::mlflow().uri.parse().unwrap())).unwrap();
+    let t = MlflowClient::new(&MlflowConfig::new(support::mlflow().uri.parse().unwrap()).unwrap())
+        .unwrap();
     t.search_all_experiments(
         &format!("tags.`mlflow-gateway.dev/endpoint` = '{ns}/{name}'"),
         ViewType::All,

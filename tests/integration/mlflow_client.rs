@@ -6,17 +6,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mlflow_gateway_operator::mlflow::{
-    Auth, CallObserver, ErrorCode, LifecycleStage, MlflowClient, MlflowConfig, MlflowError,
-    ViewType,
+    Auth, CallObserver, ErrorCode, LifecycleStage, MlflowClient, MlflowConfig, MlflowConfigBuilder,
+    MlflowError, ViewType,
 };
 use url::Url;
 
-fn config(uri: &str) -> MlflowConfig {
-    MlflowConfig::new(Url::parse(uri).expect("server URI"))
+fn config(uri: &str) -> MlflowConfigBuilder {
+    MlflowConfig::builder(Url::parse(uri).expect("server URI"))
 }
 
 fn client(uri: &str) -> MlflowClient {
-    MlflowClient::new(&config(uri)).expect("client")
+    MlflowClient::new(&config(uri).build().expect("config")).expect("client")
 }
 
 fn tags(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -397,8 +397,7 @@ async fn basic_auth_server_credentials_outage_and_recovery() {
     let (admin, password) = private.admin.clone().expect("admin credentials");
 
     let with_auth = |auth: Auth| {
-        let mut c = config(&private.uri);
-        c.auth = auth;
+        let c = config(&private.uri).auth(auth).build().expect("config");
         MlflowClient::new(&c).expect("client")
     };
 
@@ -470,13 +469,15 @@ async fn basic_auth_server_credentials_outage_and_recovery() {
     assert!(!e.is_transient());
 
     // Outage: quick failures with a short timeout and no retries.
-    let mut quick = config(&private.uri);
-    quick.auth = Auth::Basic {
-        username: admin.clone(),
-        password: password.clone(),
-    };
-    quick.max_retries = 0;
-    quick.request_timeout = Duration::from_secs(2);
+    let quick = config(&private.uri)
+        .auth(Auth::Basic {
+            username: admin.clone(),
+            password: password.clone(),
+        })
+        .max_retries(0)
+        .request_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
     let quick = MlflowClient::new(&quick).unwrap();
     private.stop();
     let started = std::time::Instant::now();

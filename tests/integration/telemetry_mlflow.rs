@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use mlflow_gateway_operator::mlflow::{Auth, MlflowClient, MlflowConfig};
-use mlflow_gateway_operator::telemetry::{
-    ExportStats, Telemetry, TelemetryConfig, TokenUsage, request_type,
+use mlflow_gateway_operator::gateway::tracing::{
+    ExportStats, RequestType, Telemetry, TelemetryConfig, TokenUsage,
 };
+use mlflow_gateway_operator::mlflow::{Auth, MlflowClient, MlflowConfig};
 use serde_json::{Value, json};
 use url::Url;
 
@@ -20,9 +20,10 @@ use url::Url;
 // Helpers
 
 fn mlflow_config(uri: &str, auth: Auth) -> MlflowConfig {
-    let mut c = MlflowConfig::new(Url::parse(uri).expect("server URI"));
-    c.auth = auth;
-    c
+    MlflowConfig::builder(Url::parse(uri).expect("server URI"))
+        .auth(auth)
+        .build()
+        .expect("MLflow configuration")
 }
 
 fn admin_auth(ml: &support::Mlflow) -> Auth {
@@ -266,7 +267,7 @@ async fn fallback_invocation_is_one_complete_trace() {
         "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
     });
     let invocation =
-        telemetry.start_invocation(request_type::UNIFIED_CHAT, Some("it-agent"), None, &request);
+        telemetry.start_invocation(RequestType::UnifiedChat, Some("it-agent"), None, &request);
     let trace_id = invocation.trace_id().expect("trace id");
     assert!(
         trace_id.starts_with("tr-") && trace_id.len() == 35,
@@ -419,7 +420,7 @@ async fn capture_off_leaves_no_content_in_the_trace() {
     let response =
         json!({"choices": [{"message": {"role": "assistant", "content": secret_answer}}]});
     let invocation =
-        telemetry.start_invocation(request_type::PASSTHROUGH_OPENAI_CHAT, None, None, &request);
+        telemetry.start_invocation(RequestType::PassthroughOpenaiChat, None, None, &request);
     let trace_id = invocation.trace_id().expect("trace id");
     invocation
         .start_attempt("openai", "gpt-4o", "chat_stream", true)
@@ -492,7 +493,7 @@ async fn traceparent_links_to_the_callers_trace() {
     let caller_span = "00f067aa0ba902b7";
     let traceparent = format!("00-{caller_trace}-{caller_span}-01");
     let invocation = telemetry.start_invocation(
-        request_type::UNIFIED_CHAT,
+        RequestType::UnifiedChat,
         Some("agent"),
         Some(&traceparent),
         &json!({"messages": [{"role": "user", "content": "hi"}]}),
@@ -530,7 +531,7 @@ async fn traceparent_links_to_the_callers_trace() {
 
     // A malformed traceparent is ignored: a plain trace.
     let invocation = telemetry.start_invocation(
-        request_type::UNIFIED_CHAT,
+        RequestType::UnifiedChat,
         None,
         Some("00-zzzz-0000-01"),
         &json!({}),
@@ -560,7 +561,7 @@ async fn deleted_experiment_keeps_spans_without_metadata() {
     let telemetry =
         Telemetry::new(telemetry_config(&ml.uri, Auth::None, &exp, "deleted")).expect("telemetry");
     let invocation =
-        telemetry.start_invocation(request_type::UNIFIED_EMBEDDINGS, None, None, &json!({}));
+        telemetry.start_invocation(RequestType::UnifiedEmbeddings, None, None, &json!({}));
     let trace_id = invocation.trace_id().expect("trace id");
     invocation
         .start_attempt("openai", "text-embedding-3-small", "embeddings", false)
@@ -612,7 +613,7 @@ async fn stopped_server_never_blocks_requests() {
     for i in 0..N {
         let t = Instant::now();
         let invocation =
-            telemetry.start_invocation(request_type::UNIFIED_CHAT, Some("load"), None, &request);
+            telemetry.start_invocation(RequestType::UnifiedChat, Some("load"), None, &request);
         start_total += t.elapsed();
         let attempt = invocation.start_attempt("openai", "gpt-4o", "chat", false);
         attempt.succeed(
@@ -656,8 +657,7 @@ async fn stopped_server_never_blocks_requests() {
     // Back up: the same pipeline exports again.
     private.resume();
     let trace_id = support::eventually(90, "export after the server is back", || async {
-        let invocation =
-            telemetry.start_invocation(request_type::UNIFIED_CHAT, None, None, &request);
+        let invocation = telemetry.start_invocation(RequestType::UnifiedChat, None, None, &request);
         let trace_id = invocation.trace_id().expect("trace id");
         invocation.finish(Some(&response), None);
         telemetry.flush().await;
@@ -684,7 +684,7 @@ async fn tiny_queue_drops_and_counts() {
     const N: u64 = 50;
     for _ in 0..N {
         let invocation =
-            telemetry.start_invocation(request_type::UNIFIED_CHAT, None, None, &json!({}));
+            telemetry.start_invocation(RequestType::UnifiedChat, None, None, &json!({}));
         invocation
             .start_attempt("openai", "gpt-4o", "chat", false)
             .fail("Timeout", "no answer", None);
@@ -751,7 +751,7 @@ async fn basic_auth_writer_and_no_secret_in_logs() {
     };
     let run = |telemetry: Telemetry| async move {
         let invocation = telemetry.start_invocation(
-            request_type::UNIFIED_CHAT,
+            RequestType::UnifiedChat,
             Some("auth-test"),
             None,
             &json!({"messages": [{"role": "user", "content": "hi"}]}),

@@ -15,8 +15,8 @@ use super::{
     EndpointConfig, GatewayConfig, ModelConfig, ModelSettings, Operation, Provider, RoutingConfig,
 };
 use crate::api::{self, EndpointType, GatewayEndpoint, Model};
+use crate::gateway::tracing::TelemetryConfig;
 use crate::mlflow::MlflowConfig;
-use crate::telemetry::TelemetryConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -16,7 +16,7 @@ use url::Url;
 
 pub use manifest::{ConfigError, load};
 
-use crate::telemetry::TelemetryConfig;
+use crate::gateway::tracing::TelemetryConfig;
 
 /// Everything the gateway process needs, read once at start.
 pub struct GatewayConfig {

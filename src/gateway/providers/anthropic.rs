@@ -656,7 +656,7 @@ impl StreamState {
         let v: Value = serde_json::from_str(data).map_err(|e| {
             bad_upstream(format!(
                 "anthropic stream sent an event that is not JSON ({e}): {}",
-                super::truncate(data, 200)
+                crate::text::truncate(data, 200)
             ))
         })?;
         let kind = v

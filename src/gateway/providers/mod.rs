@@ -240,7 +240,7 @@ impl ModelConfig {
             bad_upstream(format!(
                 "{} returned a response that is not JSON ({e}): {}",
                 self.provider_name(),
-                truncate(&String::from_utf8_lossy(body), 200)
+                crate::text::truncate(&String::from_utf8_lossy(body), 200)
             ))
         })?;
         match &self.provider {
@@ -300,7 +300,7 @@ impl ModelConfig {
                         .unwrap_or("");
                     format!("HTTP {status} {reason}").trim_end().to_string()
                 } else {
-                    truncate(text, 500)
+                    crate::text::truncate(text, 500)
                 }
             });
         self.redact(&message)
@@ -471,20 +471,12 @@ fn message_of_error_body(v: &Value) -> Option<String> {
                 }
             }
             Some(other @ (Value::Array(_) | Value::Object(_))) => {
-                return Some(truncate(&other.to_string(), 500));
+                return Some(crate::text::truncate(&other.to_string(), 500));
             }
             _ => {}
         }
     }
     None
-}
-
-/// At most `max` characters of `s`, with "…" when cut.
-pub(crate) fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
-    }
 }
 
 pub(crate) fn now_secs() -> u64 {

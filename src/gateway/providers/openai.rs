@@ -144,7 +144,7 @@ pub(crate) fn parse_response(
     };
     if !value.get(list).is_some_and(Value::is_array) {
         let detail = message_of_error_body(&value)
-            .unwrap_or_else(|| super::truncate(&value.to_string(), 200));
+            .unwrap_or_else(|| crate::text::truncate(&value.to_string(), 200));
         return Err(bad_upstream(format!(
             "{} returned a response without `{list}`: {detail}",
             up.provider_name()
@@ -234,13 +234,13 @@ impl StreamState {
         let chunk: Value = serde_json::from_str(data).map_err(|e| {
             bad_upstream(format!(
                 "upstream stream sent an event that is not JSON ({e}): {}",
-                super::truncate(data, 200)
+                crate::text::truncate(data, 200)
             ))
         })?;
         if !chunk.is_object() {
             return Err(bad_upstream(format!(
                 "upstream stream sent an event that is not a JSON object: {}",
-                super::truncate(data, 200)
+                crate::text::truncate(data, 200)
             )));
         }
         if event.event.as_deref() == Some("error")

@@ -495,7 +495,7 @@ fn error_message_never_contains_the_api_key() {
 fn error_message_of_a_long_text_body_is_truncated() {
     let up = upstream(Provider::Openai);
     let message = up.error_message(502, "x".repeat(2000).as_bytes());
-    assert_eq!(message.chars().count(), 501);
+    assert_eq!(message.len(), 500);
     assert!(message.ends_with('…'));
 }
 

@@ -1,4 +1,5 @@
-//! The HTTP client for providers.
+//! The neutral HTTP client: the gateway's providers and its trace export (through the MLflow
+//! transport) both send with it, so it lives below both and imports from neither.
 //!
 //! Requests go through hyper's pooled client (keep-alive connections, rustls with the webpki
 //! roots for `https`). It takes the request as built, an `http::Request` with its `Uri`, so
@@ -14,7 +15,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::http::{Request, StatusCode};
+use axum::http::{HeaderMap, Request, StatusCode};
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
 use http_body_util::{BodyDataStream, BodyExt as _, Full};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -23,12 +24,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-/// Idle keep-alive connections kept per provider host.
+/// Idle keep-alive connections kept per host.
 const MAX_IDLE_PER_HOST: usize = 1024;
 /// How long an idle connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// A provider could not be reached, or its answer could not be read.
+/// A server could not be reached, or its answer could not be read.
 #[derive(Debug)]
 pub struct TransportError {
     pub message: String,
@@ -60,9 +61,10 @@ enum Body {
     Reqwest(reqwest::Response),
 }
 
-/// A provider's answer: its status, then its body, whole or as a stream.
+/// A server's answer: its status, then its body, whole or as a stream.
 pub struct UpstreamResponse {
     pub status: StatusCode,
+    pub headers: HeaderMap,
     body: Body,
 }
 
@@ -96,7 +98,7 @@ impl UpstreamResponse {
     }
 }
 
-/// Pooled connections to the providers.
+/// Pooled connections (to the providers, or to the tracking server).
 pub struct UpstreamClient {
     direct: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     proxies: Matcher,
@@ -160,6 +162,7 @@ impl UpstreamClient {
                 .map_err(|e| TransportError::of_reqwest(&e))?;
             return Ok(UpstreamResponse {
                 status: resp.status(),
+                headers: resp.headers().clone(),
                 body: Body::Reqwest(resp),
             });
         }
@@ -171,6 +174,7 @@ impl UpstreamClient {
         let (parts, body) = resp.into_parts();
         Ok(UpstreamResponse {
             status: parts.status,
+            headers: parts.headers,
             body: Body::Hyper(body),
         })
     }

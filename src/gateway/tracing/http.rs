@@ -1,0 +1,66 @@
+//! The tracking server as the trace export reaches it: the MLflow transport (URLs, credentials,
+//! TLS, User-Agent, timeout) plus the experiment header every export request carries. It is the
+//! OTLP exporter's HTTP client, and the trace-info client sends through it too.
+
+use std::fmt;
+use std::sync::Arc;
+
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use opentelemetry_http::{Bytes, HttpError, Request, Response};
+
+use super::schema::EXPERIMENT_ID_HEADER;
+use crate::mlflow::Transport;
+
+/// The export's requests to one experiment. Cheap to clone.
+#[derive(Clone)]
+pub(super) struct ExportHttp {
+    pub(super) transport: Arc<Transport>,
+    experiment_id: HeaderValue,
+}
+
+impl fmt::Debug for ExportHttp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExportHttp")
+            .field("experiment_id", &self.experiment_id)
+            .field("transport", &self.transport)
+            .finish()
+    }
+}
+
+impl ExportHttp {
+    /// None when `experiment_id` is not usable in a header.
+    pub(super) fn new(transport: Arc<Transport>, experiment_id: &str) -> Option<Self> {
+        Some(ExportHttp {
+            transport,
+            experiment_id: HeaderValue::from_str(experiment_id).ok()?,
+        })
+    }
+
+    /// Sends `request` with the experiment header, and reads the answer, within the export
+    /// timeout. The error is a reason for a log line: it holds no header.
+    pub(super) async fn send(
+        &self,
+        mut request: Request<Bytes>,
+    ) -> Result<(StatusCode, Bytes), String> {
+        request.headers_mut().insert(
+            HeaderName::from_static(EXPERIMENT_ID_HEADER),
+            self.experiment_id.clone(),
+        );
+        let answer = self.transport.send(request).await.map_err(|e| e.reason)?;
+        Ok((answer.status, answer.body))
+    }
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for ExportHttp {
+    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        let (status, body) = self.send(request).await.map_err(HttpError::from)?;
+        // An error answer is only quoted in a log line: keep it short.
+        let body = if status.is_success() {
+            body
+        } else {
+            body.slice(..body.len().min(300))
+        };
+        Ok(Response::builder().status(status).body(body)?)
+    }
+}
