@@ -29,7 +29,7 @@ hack/mlflow.sh up "$run/mlflow" --owner-pid $$ >/dev/null
 set -a; source "$run/cluster/env"; source "$run/mlflow/env"; set +a
 export PATH=$KUBE_BIN_DIR:$PATH
 kubectl apply --server-side -f crds/ >/dev/null
-kubectl wait --for condition=Established crd/gatewayendpoints.mlflow-gateway.dev --timeout=60s >/dev/null
+wait_crd_established gatewayendpoints.mlflow-gateway.dev
 kubectl create namespace bench >/dev/null
 kubectl create secret generic keys -n bench --from-literal=openai=sk-bench >/dev/null
 

@@ -37,7 +37,7 @@ up() {
 
   log "installing the CRD and starting the operator"
   kubectl apply --server-side -f crds/ >/dev/null
-  kubectl wait --for condition=Established crd/gatewayendpoints.mlflow-gateway.dev --timeout=60s >/dev/null
+  wait_crd_established gatewayendpoints.mlflow-gateway.dev
   MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI KUBECONFIG=$KUBECONFIG \
     setsid target/debug/mlflow-gateway-operator controller >"$dir/operator.log" 2>&1 < /dev/null &
   echo $! > "$dir/operator.pid"

@@ -19,3 +19,14 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
+
+# Waits up to 60 s until the API server serves the CRD $1 (kubectl on PATH, KUBECONFIG set).
+# `kubectl wait --for condition=Established` fails at once while a new CRD has no conditions yet.
+wait_crd_established() {
+  local i
+  for i in $(seq 300); do
+    [ "$(kubectl get "crd/$1" -o 'jsonpath={.status.conditions[?(@.type=="Established")].status}' 2>/dev/null)" = True ] && return 0
+    sleep 0.2
+  done
+  die "CRD $1 not established within 60 s"
+}

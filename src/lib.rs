@@ -6,7 +6,6 @@ pub mod controller;
 pub mod gateway;
 pub mod http_client;
 pub mod leader;
-pub mod metrics;
 pub mod mlflow;
 pub mod shutdown;
 pub mod text;

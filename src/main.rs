@@ -8,11 +8,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kube::CustomResourceExt;
 
 use mlflow_gateway_operator::api::GatewayEndpoint;
+use mlflow_gateway_operator::controller::metrics::{self, Metrics};
 use mlflow_gateway_operator::controller::{self, Context, Settings};
 use mlflow_gateway_operator::gateway;
 use mlflow_gateway_operator::gateway::tracing::Telemetry;
 use mlflow_gateway_operator::leader;
-use mlflow_gateway_operator::metrics::{self, Metrics};
 use mlflow_gateway_operator::mlflow::{MlflowClient, MlflowConfig};
 
 // The gateway's hot path allocates many small JSON values: glibc's malloc was a fifth of its CPU.

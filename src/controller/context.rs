@@ -15,7 +15,7 @@ use super::backoff::Failures;
 use super::settings::Settings;
 use super::verified::VerifiedExperiments;
 use crate::api::GatewayEndpoint;
-use crate::metrics::Metrics;
+use crate::controller::metrics::Metrics;
 use crate::mlflow::MlflowClient;
 
 /// The field manager of every server-side apply the operator makes.

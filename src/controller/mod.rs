@@ -12,6 +12,7 @@ pub mod context;
 pub mod error;
 pub mod events;
 pub mod experiment;
+pub mod metrics;
 pub mod reconcile;
 pub mod settings;
 pub mod verified;
@@ -37,7 +38,7 @@ pub use reconcile::FINALIZER;
 pub use settings::{Args, Settings, SettingsError};
 
 use crate::api::GatewayEndpoint;
-use crate::metrics::Metrics;
+use crate::controller::metrics::Metrics;
 use conditions::ConditionType;
 use workload::render;
 
@@ -195,7 +196,7 @@ fn count_endpoints(endpoints: &[Arc<GatewayEndpoint>], metrics: &Metrics) {
     for (ready, n) in counts {
         metrics
             .endpoints
-            .get_or_create(&crate::metrics::ReadyLabels {
+            .get_or_create(&crate::controller::metrics::ReadyLabels {
                 ready: ready.to_string(),
             })
             .set(n);

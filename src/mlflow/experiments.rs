@@ -1,6 +1,7 @@
 //! The experiments API of MLflow's REST interface (`/api/2.0/mlflow/experiments/...`): the model
 //! ([`Experiment`]), its wire format, the calls ([`ApiCall`], which also says which of them write)
 //! and [`MlflowClient`], which sends them through the shared [`Transport`] and its retry policy.
+//! One cohesive thing, kept whole; most of its length past 800 lines is its unit tests.
 
 use std::collections::BTreeMap;
 use std::fmt;

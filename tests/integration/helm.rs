@@ -349,17 +349,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         None,
     );
     assert!(ok, "ServiceMonitor CRD fixture: {err}");
-    let (ok, _, err) = cluster().kubectl_run(
-        &[
-            "wait",
-            "--for",
-            "condition=Established",
-            "crd/servicemonitors.monitoring.coreos.com",
-            "--timeout=60s",
-        ],
-        None,
-    );
-    assert!(ok, "ServiceMonitor CRD not established: {err}");
+    support::wait_crd_established(cluster(), "servicemonitors.monitoring.coreos.com");
 
     for values in ["default-values.yaml", "full-values.yaml"] {
         let out = template(&ns, &["-f", &ci_values(values)]).unwrap();

@@ -72,7 +72,7 @@ where
         .await?;
     ctx.metrics
         .object_applies
-        .get_or_create(&crate::metrics::KindLabels {
+        .get_or_create(&crate::controller::metrics::KindLabels {
             kind: K::kind(&()).into_owned(),
         })
         .inc();

@@ -1,6 +1,8 @@
 //! The gateway's MLflow traces: one trace per LLM invocation, in the shape MLflow's own AI gateway
 //! writes, exported in the background so that a slow or dead tracking server never fails or slows
-//! a request.
+//! a request. This file is the trace API request handling calls (start an invocation, its
+//! attempts, record outputs and usage) and is longer than 800 lines as one cohesive thing: the
+//! pieces it drives live beside it (schema, capture, context, counters, export, trace_info).
 //!
 //! # Shape
 //!

@@ -462,18 +462,34 @@ pub fn install_crds() {
             None,
         );
         assert!(ok, "kubectl apply crds/: {err}");
-        let (ok, _, err) = c.kubectl_run(
+        wait_crd_established(c, "gatewayendpoints.mlflow-gateway.dev");
+    });
+}
+
+/// Waits, up to 60 s, until the API server serves the CRD `name`. (`kubectl wait --for
+/// condition=Established` fails at once, instead of waiting, while a new CRD has no
+/// status.conditions yet.)
+pub fn wait_crd_established(c: &Cluster, name: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, out, err) = c.kubectl_run(
             &[
-                "wait",
-                "--for",
-                "condition=Established",
-                "crd/gatewayendpoints.mlflow-gateway.dev",
-                "--timeout=60s",
+                "get",
+                &format!("crd/{name}"),
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#,
             ],
             None,
         );
-        assert!(ok, "CRD not established: {err}");
-    });
+        if out.trim() == "True" {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "CRD {name} not established within 60 s: {out} {err}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 pub fn free_port() -> u16 {

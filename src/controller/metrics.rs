@@ -1,4 +1,5 @@
-//! The operator's Prometheus metrics and its small HTTP server (`/metrics`, `/healthz`, `/readyz`).
+//! The controller's Prometheus metrics and its small HTTP server (`/metrics`, `/healthz`,
+//! `/readyz`). The gateway has its own (`gateway::metrics`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
