@@ -1,3 +1,7 @@
+//! The one binary: `crd` prints the CRD, `controller` runs the operator, `gateway` serves an
+//! endpoint. Only flag parsing and wiring live here; each half builds itself from its own
+//! validated settings (`controller::Settings`, `gateway::config`).
+
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;

@@ -306,13 +306,19 @@ fn process_cpu() -> Duration {
 
 /// A local tracking server that records, in order, what reaches it: `info <trace id>` for a
 /// StartTraceV3 request, `spans <status>` for an OTLP batch. It refuses the first
-/// `refuse_spans` batches with 503 and holds the first `slow_infos` info requests for 2 s.
+/// `refuse_spans` batches with 503, holds the first `slow_infos` info requests for 2 s, and
+/// answers the first `failing_infos` info requests with 500.
 async fn recording_server(
     refuse_spans: usize,
     slow_infos: usize,
+    failing_infos: usize,
 ) -> (Url, Arc<Mutex<Vec<String>>>) {
     let log = Arc::new(Mutex::new(Vec::new()));
-    let left = Arc::new((AtomicUsize::new(refuse_spans), AtomicUsize::new(slow_infos)));
+    let left = Arc::new((
+        AtomicUsize::new(refuse_spans),
+        AtomicUsize::new(slow_infos),
+        AtomicUsize::new(failing_infos),
+    ));
     let (info_log, info_left) = (Arc::clone(&log), Arc::clone(&left));
     let (span_log, span_left) = (Arc::clone(&log), Arc::clone(&left));
     let app = axum::Router::new()
@@ -331,7 +337,13 @@ async fn recording_server(
                 if slow.is_ok() {
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
-                "{}"
+                let fail = info_left
+                    .2
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                if fail.is_ok() {
+                    return (StatusCode::INTERNAL_SERVER_ERROR, "database is locked");
+                }
+                (StatusCode::OK, "{}")
             }),
         )
         .route(
@@ -374,7 +386,7 @@ async fn one_traced_invocation(uri: Url) -> (Telemetry, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_info_goes_before_its_spans() {
-    let (uri, log) = recording_server(0, 0).await;
+    let (uri, log) = recording_server(0, 0, 0).await;
     let (telemetry, trace_id) = one_traced_invocation(uri).await;
     assert_eq!(
         *log.lock().unwrap(),
@@ -392,7 +404,7 @@ async fn trace_info_goes_before_its_spans() {
 /// info and no spans.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_batch_after_its_infos_gets_a_second_try() {
-    let (uri, log) = recording_server(1, 0).await;
+    let (uri, log) = recording_server(1, 0, 0).await;
     let (telemetry, trace_id) = one_traced_invocation(uri).await;
     assert_eq!(
         *log.lock().unwrap(),
@@ -419,7 +431,7 @@ async fn a_refused_batch_after_its_infos_gets_a_second_try() {
 /// then the info is posted again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_info_is_posted_after_its_spans() {
-    let (uri, log) = recording_server(0, 1).await;
+    let (uri, log) = recording_server(0, 1, 0).await;
     let (telemetry, trace_id) = one_traced_invocation(uri).await;
     assert_eq!(
         *log.lock().unwrap(),
@@ -427,6 +439,29 @@ async fn a_slow_info_is_posted_after_its_spans() {
             format!("info {trace_id}"),
             "spans 200".to_string(),
             format!("info {trace_id}")
+        ]
+    );
+    let s = telemetry.stats();
+    assert_eq!(
+        (s.exported_spans, s.exported_traces, s.failed_traces),
+        (2, 1, 0),
+        "{s:?}"
+    );
+}
+
+/// StartTraceV3 answers 500 only when the server fails (a locked sqlite database under load: it
+/// has no business-rule 500 like the experiments API's INVALID_STATE), so the info is tried
+/// again rather than lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_info_answered_500_is_tried_again() {
+    let (uri, log) = recording_server(0, 0, 1).await;
+    let (telemetry, trace_id) = one_traced_invocation(uri).await;
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            format!("info {trace_id}"),
+            format!("info {trace_id}"),
+            "spans 200".to_string()
         ]
     );
     let s = telemetry.stats();

@@ -142,7 +142,10 @@ impl TraceInfoPoster {
                             status.as_u16(),
                             crate::text::clip(text.trim(), 300)
                         ),
-                        transient: is_transient_status(status.as_u16()),
+                        // StartTraceV3 has no business-rule 500 (unlike the experiments
+                        // API's INVALID_STATE): any 5xx is the server failing, for example a
+                        // sqlite database locked under load, and worth another try.
+                        transient: status.is_server_error() || is_transient_status(status.as_u16()),
                     })
                 }
                 Err(reason) => Err(InfoFailure {
