@@ -16,6 +16,7 @@ use mlflow_gateway_operator::controller::metrics::{self, Metrics};
 use mlflow_gateway_operator::controller::{self, Context, Settings};
 use mlflow_gateway_operator::gateway;
 use mlflow_gateway_operator::gateway::tracing::Telemetry;
+use mlflow_gateway_operator::http_client::UpstreamClient;
 use mlflow_gateway_operator::leader;
 use mlflow_gateway_operator::mlflow::{MlflowClient, MlflowConfig};
 
@@ -137,7 +138,7 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let gw = Arc::new(gateway::Gateway {
         endpoint: config.endpoint,
         routing: gateway::routing::Routing::new(config.routing),
-        http: gateway::http_client().context("HTTP client for providers")?,
+        http: UpstreamClient::new().context("HTTP client for providers")?,
         telemetry,
         metrics: Default::default(),
         attempt_timeout: settings.attempt_timeout,

@@ -48,12 +48,6 @@ pub struct Gateway {
 
 pub type Shared = Arc<Gateway>;
 
-/// The HTTP client for providers: pooled keep-alive connections, no global timeout (each attempt
-/// has its own), the proxy environment honoured.
-pub fn http_client() -> Result<crate::http_client::UpstreamClient, reqwest::Error> {
-    crate::http_client::UpstreamClient::new()
-}
-
 pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
     let mut router = Router::new();
     // OpenAI's routes, one per operation (an endpoint answers the others with a 400 naming its own).

@@ -20,4 +20,4 @@ pub use experiments::{
     ApiCall, CallObserver, Experiment, ExperimentPage, LifecycleStage, MlflowClient, ViewType,
     is_write_call,
 };
-pub use transport::{Answer, NoAnswer, RetryPolicy, Transport, is_transient_status};
+pub use transport::{Answer, NoAnswer, RetryPolicy, Transport};

@@ -370,6 +370,16 @@ async fn recording_server(
     (Url::parse(&format!("http://{addr}")).unwrap(), log)
 }
 
+/// Both spans of [`one_traced_invocation`]'s trace exported, and the trace counted as exported.
+fn assert_the_trace_was_exported(telemetry: &Telemetry) {
+    let s = telemetry.stats();
+    assert_eq!(
+        (s.exported_spans, s.exported_traces, s.failed_traces),
+        (2, 1, 0),
+        "{s:?}"
+    );
+}
+
 async fn one_traced_invocation(uri: Url) -> (Telemetry, String) {
     let mut config = TelemetryConfig::new(MlflowConfig::new(uri).unwrap(), "7", "chat", "uid-1");
     config.export_timeout = Duration::from_millis(500);
@@ -392,12 +402,7 @@ async fn trace_info_goes_before_its_spans() {
         *log.lock().unwrap(),
         [format!("info {trace_id}"), "spans 200".to_string()]
     );
-    let s = telemetry.stats();
-    assert_eq!(
-        (s.exported_spans, s.exported_traces, s.failed_traces),
-        (2, 1, 0),
-        "{s:?}"
-    );
+    assert_the_trace_was_exported(&telemetry);
 }
 
 /// A batch refused after its trace info was stored is sent again: no trace is left with an
@@ -441,12 +446,7 @@ async fn a_slow_info_is_posted_after_its_spans() {
             format!("info {trace_id}")
         ]
     );
-    let s = telemetry.stats();
-    assert_eq!(
-        (s.exported_spans, s.exported_traces, s.failed_traces),
-        (2, 1, 0),
-        "{s:?}"
-    );
+    assert_the_trace_was_exported(&telemetry);
 }
 
 /// StartTraceV3 answers 500 only when the server fails (a locked sqlite database under load: it
@@ -464,12 +464,7 @@ async fn an_info_answered_500_is_tried_again() {
             "spans 200".to_string()
         ]
     );
-    let s = telemetry.stats();
-    assert_eq!(
-        (s.exported_spans, s.exported_traces, s.failed_traces),
-        (2, 1, 0),
-        "{s:?}"
-    );
+    assert_the_trace_was_exported(&telemetry);
 }
 
 /// The hot path's cost, and the whole pipeline's CPU per invocation (span creation, OTLP

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderValue, Method};
+use axum::http::{HeaderValue, Method, StatusCode};
 use opentelemetry::trace::{Status, TraceId};
 use opentelemetry_http::{Bytes, Request};
 use opentelemetry_sdk::trace::SpanData;
@@ -22,7 +22,6 @@ use super::schema::{
     META_CALLER, META_ENDPOINT_ID, META_REQUEST_TYPE, META_SCHEMA_VERSION, TAG_TRACE_NAME,
     mlflow_trace_id,
 };
-use crate::mlflow::is_transient_status;
 
 /// Trace-info requests in flight at once.
 const TRACE_INFO_CONCURRENCY: usize = 4;
@@ -144,8 +143,9 @@ impl TraceInfoPoster {
                         ),
                         // StartTraceV3 has no business-rule 500 (unlike the experiments
                         // API's INVALID_STATE): any 5xx is the server failing, for example a
-                        // sqlite database locked under load, and worth another try.
-                        transient: status.is_server_error() || is_transient_status(status.as_u16()),
+                        // sqlite database locked under load, and worth another try; so is 429.
+                        transient: status.is_server_error()
+                            || status == StatusCode::TOO_MANY_REQUESTS,
                     })
                 }
                 Err(reason) => Err(InfoFailure {
