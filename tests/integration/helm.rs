@@ -5,7 +5,8 @@
 //! binary runs here instead, out of cluster, configured exactly as the installed Deployment
 //! configures its container (its env, secrets resolved) and impersonating the chart's
 //! ServiceAccount, so RBAC is evaluated for that identity: what it reconciles proves the
-//! ClusterRole and the Lease Role suffice, and what it is refused proves they stop there.
+//! one-namespace install's Roles (the watched namespace, its credential Secret, its Lease)
+//! suffice, and what it is refused proves they stop there.
 
 use crate::support;
 
@@ -15,7 +16,7 @@ use std::path::PathBuf;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::api::rbac::v1::Role;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use mlflow_gateway_operator::api::GatewayEndpoint;
@@ -70,6 +71,179 @@ fn container_env(deploy: &serde_yaml::Value) -> BTreeMap<String, serde_yaml::Val
         .iter()
         .map(|e| (e["name"].as_str().unwrap().to_string(), e.clone()))
         .collect()
+}
+
+fn named<'a>(docs: &'a [serde_yaml::Value], kind: &str, name: &str) -> &'a serde_yaml::Value {
+    find(docs, kind)
+        .into_iter()
+        .find(|d| d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+type Rule = (Vec<String>, Vec<String>, Vec<String>);
+
+/// A Role's or ClusterRole's rules as (apiGroups, resources, verbs).
+fn rules(role: &serde_yaml::Value) -> Vec<Rule> {
+    role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let list = |k: &str| -> Vec<String> {
+                r[k].as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect()
+            };
+            (list("apiGroups"), list("resources"), list("verbs"))
+        })
+        .collect()
+}
+
+fn strings(s: &[&str]) -> Vec<String> {
+    s.iter().map(|x| x.to_string()).collect()
+}
+
+/// Exactly the requests the operator makes in a namespace it watches.
+fn operator_rules() -> Vec<Rule> {
+    let v = strings;
+    let crud = ["get", "list", "watch", "create", "patch", "update"];
+    vec![
+        (
+            v(&["mlflow-gateway.dev"]),
+            v(&["gatewayendpoints"]),
+            v(&["get", "list", "watch", "patch", "update"]),
+        ),
+        (
+            v(&["mlflow-gateway.dev"]),
+            v(&["gatewayendpoints/status"]),
+            v(&["get", "patch", "update"]),
+        ),
+        (
+            v(&["mlflow-gateway.dev"]),
+            v(&["gatewayendpoints/finalizers"]),
+            v(&["update"]),
+        ),
+        (v(&[""]), v(&["configmaps", "services"]), v(&crud)),
+        (v(&[""]), v(&["secrets"]), v(&crud)),
+        (v(&["apps"]), v(&["deployments"]), v(&crud)),
+        (
+            v(&["events.k8s.io"]),
+            v(&["events"]),
+            v(&["create", "patch"]),
+        ),
+    ]
+}
+
+/// With one watched namespace: the operator's rules as a Role there, its one credential Secret
+/// in the release namespace, and no ClusterRole or ClusterRoleBinding for it (the chart's
+/// ClusterRoles are only the aggregated view/edit/admin ones, bound to nobody).
+#[test]
+fn a_one_namespace_install_renders_namespaced_roles_only() {
+    let out = template(
+        "ops",
+        &[
+            "-f",
+            &ci_values("default-values.yaml"),
+            "--set",
+            "controller.watchNamespace=team-a",
+            "--set",
+            "gateway.credentialsSecret=trace-writer",
+        ],
+    )
+    .unwrap();
+    let docs = documents(&out);
+    assert!(find(&docs, "ClusterRoleBinding").is_empty());
+    let cluster_roles: Vec<_> = find(&docs, "ClusterRole")
+        .iter()
+        .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        cluster_roles,
+        strings(&[
+            "rel-mlflow-gateway-operator-admin",
+            "rel-mlflow-gateway-operator-edit",
+            "rel-mlflow-gateway-operator-view",
+        ])
+    );
+    let role = named(&docs, "Role", "rel-mlflow-gateway-operator");
+    assert_eq!(role["metadata"]["namespace"].as_str(), Some("team-a"));
+    assert_eq!(rules(role), operator_rules());
+    let binding = named(&docs, "RoleBinding", "rel-mlflow-gateway-operator");
+    assert_eq!(binding["metadata"]["namespace"].as_str(), Some("team-a"));
+    assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("ops"));
+    let credential = named(
+        &docs,
+        "Role",
+        "rel-mlflow-gateway-operator-gateway-credentials",
+    );
+    assert_eq!(credential["metadata"]["namespace"].as_str(), Some("ops"));
+    assert_eq!(
+        serde_yaml::to_string(&credential["rules"]).unwrap(),
+        "- apiGroups:\n  - ''\n  resources:\n  - secrets\n  resourceNames:\n  - trace-writer\n  verbs:\n  - get\n  - list\n  - watch\n"
+    );
+    // The admission policy's binding is limited to the watched namespace.
+    let vapb = find(&docs, "ValidatingAdmissionPolicyBinding")[0];
+    assert_eq!(
+        vapb["spec"]["matchResources"]["namespaceSelector"]["matchLabels"]
+            ["kubernetes.io/metadata.name"]
+            .as_str(),
+        Some("team-a")
+    );
+    // Watching the release namespace itself: no separate credential Role.
+    let out = template(
+        "ops",
+        &[
+            "-f",
+            &ci_values("default-values.yaml"),
+            "--set",
+            "controller.watchNamespace=ops",
+            "--set",
+            "gateway.credentialsSecret=trace-writer",
+        ],
+    )
+    .unwrap();
+    let docs = documents(&out);
+    assert!(
+        find(&docs, "Role")
+            .iter()
+            .all(|r| r["metadata"]["name"].as_str()
+                != Some("rel-mlflow-gateway-operator-gateway-credentials"))
+    );
+}
+
+/// The policy renders for Kubernetes 1.30+ and refuses to render, saying why, for older ones.
+#[test]
+fn the_admission_policy_needs_kubernetes_1_30() {
+    let values = ci_values("default-values.yaml");
+    let out = template("ops", &["-f", &values]).unwrap();
+    let docs = documents(&out);
+    let policy = find(&docs, "ValidatingAdmissionPolicy")[0];
+    let validations = policy["spec"]["validations"].as_sequence().unwrap();
+    // The size guard, one per possible Secret reference (16 models, 16 fallbacks, 1 credential),
+    // the image rule.
+    assert_eq!(validations.len(), 1 + 33 + 1);
+    assert!(find(&docs, "ValidatingAdmissionPolicyBinding")[0]["spec"]["matchResources"].is_null());
+    let chart = chart();
+    let (ok, _, err) = cluster().helm(&[
+        "template",
+        "rel",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "ops",
+        "--kube-version",
+        "v1.29.0",
+        "-f",
+        &values,
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("the ValidatingAdmissionPolicy needs Kubernetes 1.30 or later"),
+        "{err}"
+    );
+    let out = template("ops", &["-f", &values, "--set", "admission.enabled=false"]).unwrap();
+    assert!(find(&documents(&out), "ValidatingAdmissionPolicy").is_empty());
 }
 
 #[test]
@@ -221,57 +395,18 @@ fn the_rendered_rbac_and_pod_are_least_privilege_and_hardened() {
     let out = template("ops", &["-f", &ci_values("default-values.yaml")]).unwrap();
     let docs = documents(&out);
 
-    let role = find(&docs, "ClusterRole")[0];
-    let rules: Vec<(Vec<String>, Vec<String>, Vec<String>)> = role["rules"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let list = |k: &str| -> Vec<String> {
-                r[k].as_sequence()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_str().unwrap().to_string())
-                    .collect()
-            };
-            (list("apiGroups"), list("resources"), list("verbs"))
-        })
-        .collect();
-    let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let crud = ["get", "list", "watch", "create", "patch", "update"];
+    let role = named(&docs, "ClusterRole", "rel-mlflow-gateway-operator");
     assert_eq!(
-        rules,
-        vec![
-            (
-                v(&["mlflow-gateway.dev"]),
-                v(&["gatewayendpoints"]),
-                v(&["get", "list", "watch", "patch", "update"])
-            ),
-            (
-                v(&["mlflow-gateway.dev"]),
-                v(&["gatewayendpoints/status"]),
-                v(&["get", "patch", "update"])
-            ),
-            (
-                v(&["mlflow-gateway.dev"]),
-                v(&["gatewayendpoints/finalizers"]),
-                v(&["update"])
-            ),
-            (
-                v(&[""]),
-                v(&["configmaps", "services", "secrets"]),
-                v(&crud)
-            ),
-            (v(&["apps"]), v(&["deployments"]), v(&crud)),
-            (
-                v(&["events.k8s.io"]),
-                v(&["events"]),
-                v(&["create", "patch"])
-            ),
-        ],
+        rules(role),
+        operator_rules(),
         "the ClusterRole must grant exactly the requests the operator makes"
     );
     assert!(!out.contains("'*'") && !out.contains("\"*\"") && !out.contains("[*]"));
+    let binding = named(&docs, "ClusterRoleBinding", "rel-mlflow-gateway-operator");
+    assert_eq!(
+        binding["roleRef"]["name"].as_str(),
+        Some("rel-mlflow-gateway-operator")
+    );
 
     let lease_role = find(&docs, "Role")[0];
     assert_eq!(lease_role["metadata"]["namespace"].as_str(), Some("ops"));
@@ -351,19 +486,28 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     assert!(ok, "ServiceMonitor CRD fixture: {err}");
     support::wait_crd_established(cluster(), "servicemonitors.monitoring.coreos.com");
 
+    // full-values.yaml watches one namespace: its Role goes there, so it must exist.
+    let watched = support::namespace(&client, "helm-dry-team").await;
+    let watch = format!("controller.watchNamespace={watched}");
     for values in ["default-values.yaml", "full-values.yaml"] {
-        let out = template(&ns, &["-f", &ci_values(values)]).unwrap();
+        let mut args = vec!["-f".to_string(), ci_values(values)];
+        if values == "full-values.yaml" {
+            args.extend(["--set".to_string(), watch.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = template(&ns, &args).unwrap();
         let docs = documents(&out);
         let kinds: Vec<_> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
         for kind in [
             "ServiceAccount",
             "ClusterRole",
-            "ClusterRoleBinding",
             "Role",
             "RoleBinding",
             "Service",
             "Deployment",
             "PodDisruptionBudget",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ] {
             assert!(kinds.contains(&kind), "{values}: no {kind} in {kinds:?}");
         }
@@ -709,7 +853,7 @@ spec:
     ]);
     assert!(ok, "helm uninstall failed:\n{out}\n{err}");
     assert!(
-        Api::<ClusterRole>::all(admin.clone())
+        Api::<Role>::namespaced(admin.clone(), &team)
             .get_opt(&fullname)
             .await
             .unwrap()

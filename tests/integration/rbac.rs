@@ -1,0 +1,210 @@
+//! The operator's RBAC in both install modes, as the API server grants it to the chart's
+//! ServiceAccount (`kubectl auth can-i --as=system:serviceaccount:<ns>:<sa>`): with one watched
+//! namespace, Roles there and nothing cluster-wide; with all namespaces, the same requests in
+//! every namespace. That these grants suffice to run the operator is shown by the helm module's
+//! install test, which runs it as that ServiceAccount.
+
+use crate::admission_policy::{Release, can_i, install};
+use crate::support;
+
+use support::{cluster, eventually};
+
+/// The requests the operator makes in a namespace whose endpoints it reconciles.
+const GRANTED: &[(&str, &str)] = &[
+    ("get", "gatewayendpoints.mlflow-gateway.dev"),
+    ("list", "gatewayendpoints.mlflow-gateway.dev"),
+    ("watch", "gatewayendpoints.mlflow-gateway.dev"),
+    ("patch", "gatewayendpoints.mlflow-gateway.dev"),
+    ("update", "gatewayendpoints.mlflow-gateway.dev"),
+    ("patch", "gatewayendpoints.mlflow-gateway.dev/status"),
+    ("update", "gatewayendpoints.mlflow-gateway.dev/finalizers"),
+    ("get", "secrets"),
+    ("list", "secrets"),
+    ("watch", "secrets"),
+    ("create", "secrets"),
+    ("patch", "secrets"),
+    ("get", "configmaps"),
+    ("create", "configmaps"),
+    ("patch", "services"),
+    ("watch", "services"),
+    ("create", "deployments.apps"),
+    ("update", "deployments.apps"),
+    ("create", "events.events.k8s.io"),
+];
+
+/// Requests it never makes, anywhere.
+const REFUSED: &[(&str, &str)] = &[
+    ("delete", "secrets"),
+    ("deletecollection", "secrets"),
+    ("create", "gatewayendpoints.mlflow-gateway.dev"),
+    ("delete", "gatewayendpoints.mlflow-gateway.dev"),
+    ("delete", "deployments.apps"),
+    ("list", "pods"),
+    ("create", "pods"),
+    ("create", "rolebindings.rbac.authorization.k8s.io"),
+    ("create", "leases.coordination.k8s.io"),
+    ("use-custom-image", "gatewayendpoints.mlflow-gateway.dev"),
+];
+
+fn service_account(release: &Release) -> String {
+    format!(
+        "system:serviceaccount:{}:{}",
+        release.namespace, release.fullname
+    )
+}
+
+/// The ServiceAccount's Lease rights: create in the release namespace, get/update its own Lease.
+fn assert_lease_rights(sa: &str, release: &Release) {
+    let rel_ns = Some(release.namespace.as_str());
+    let lease = format!("leases.coordination.k8s.io/{}", release.fullname);
+    assert!(can_i(sa, rel_ns, "create", "leases.coordination.k8s.io"));
+    assert!(can_i(sa, rel_ns, "get", &lease));
+    assert!(can_i(sa, rel_ns, "update", &lease));
+    assert!(!can_i(
+        sa,
+        rel_ns,
+        "get",
+        "leases.coordination.k8s.io/another"
+    ));
+    assert!(!can_i(sa, rel_ns, "delete", &lease));
+}
+
+/// Waits until RBAC grants `sa` its first request in `ns` (the bindings were just created).
+async fn rbac_ready(sa: &str, ns: &str) {
+    eventually(30, "the chart's RBAC", || async {
+        can_i(sa, Some(ns), "watch", "gatewayendpoints.mlflow-gateway.dev").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_one_namespace_install_grants_roles_there_and_nothing_cluster_wide() {
+    let client = cluster().client().await;
+    let team = support::namespace(&client, "rbac-team").await;
+    let other = support::namespace(&client, "rbac-other").await;
+    let rel_ns = support::namespace(&client, "rbac-op").await;
+    let release = install(
+        &rel_ns,
+        &[
+            &format!("controller.watchNamespace={team}"),
+            "gateway.credentialsSecret=trace-writer",
+            "admission.enabled=false",
+        ],
+    );
+    let sa = service_account(&release);
+    rbac_ready(&sa, &team).await;
+
+    for (verb, resource) in GRANTED {
+        assert!(
+            can_i(&sa, Some(&team), verb, resource),
+            "{verb} {resource} in the watched namespace"
+        );
+        assert!(
+            !can_i(&sa, Some(&other), verb, resource),
+            "{verb} {resource} in another namespace"
+        );
+        assert!(
+            !can_i(&sa, None, verb, resource),
+            "{verb} {resource} in all namespaces"
+        );
+    }
+    for (verb, resource) in REFUSED {
+        assert!(
+            !can_i(&sa, Some(&team), verb, resource),
+            "{verb} {resource} in the watched namespace"
+        );
+    }
+    // Cluster-scoped objects: none.
+    for (verb, resource) in [
+        ("get", "namespaces"),
+        ("list", "nodes"),
+        ("get", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("list", "clusterroles.rbac.authorization.k8s.io"),
+        ("create", "tokenreviews.authentication.k8s.io"),
+    ] {
+        assert!(
+            !can_i(&sa, None, verb, resource),
+            "cluster-wide {verb} {resource}"
+        );
+    }
+    // No ClusterRoleBinding names the ServiceAccount.
+    let (ok, out, err) = cluster().kubectl_run(
+        &[
+            "get",
+            "clusterrolebindings",
+            "-o",
+            r#"jsonpath={range .items[*]}{range .subjects[*]}{.kind}:{.namespace}:{.name}{"\n"}{end}{end}"#,
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let subject = format!("ServiceAccount:{rel_ns}:{}", release.fullname);
+    assert!(
+        !out.lines().any(|l| l == subject),
+        "a ClusterRoleBinding names {subject}"
+    );
+
+    // In its own namespace: its Lease, and the one Secret it mirrors (get, and list/watch by
+    // name); no other Secret.
+    let rel = Some(rel_ns.as_str());
+    assert_lease_rights(&sa, &release);
+    for verb in ["get", "list", "watch"] {
+        assert!(
+            can_i(&sa, rel, verb, "secrets/trace-writer"),
+            "{verb} its trace credential"
+        );
+        assert!(
+            !can_i(&sa, rel, verb, "secrets/mlflow-operator"),
+            "{verb} another Secret"
+        );
+    }
+    assert!(!can_i(&sa, rel, "list", "secrets"));
+    assert!(!can_i(&sa, rel, "update", "secrets/trace-writer"));
+    assert!(!can_i(&sa, rel, "get", "configmaps"));
+    release.uninstall();
+}
+
+#[tokio::test]
+async fn an_all_namespaces_install_grants_the_operators_requests_in_every_namespace() {
+    let client = cluster().client().await;
+    let team = support::namespace(&client, "rbac-all").await;
+    let rel_ns = support::namespace(&client, "rbac-all-op").await;
+    let release = install(&rel_ns, &["admission.enabled=false"]);
+    let sa = service_account(&release);
+    rbac_ready(&sa, &team).await;
+    for (verb, resource) in GRANTED {
+        assert!(
+            can_i(&sa, Some(&team), verb, resource),
+            "{verb} {resource} in a namespace"
+        );
+        assert!(
+            can_i(&sa, None, verb, resource),
+            "{verb} {resource} in all namespaces"
+        );
+    }
+    for (verb, resource) in REFUSED {
+        assert!(
+            !can_i(&sa, Some(&team), verb, resource),
+            "{verb} {resource}"
+        );
+        assert!(
+            !can_i(&sa, None, verb, resource),
+            "{verb} {resource} in all namespaces"
+        );
+    }
+    assert!(!can_i(&sa, None, "get", "namespaces"));
+    assert!(!can_i(&sa, None, "list", "nodes"));
+    assert_lease_rights(&sa, &release);
+    assert!(!can_i(
+        &sa,
+        Some(&team),
+        "get",
+        "leases.coordination.k8s.io"
+    ));
+    release.uninstall();
+    // Uninstalled: nothing is left granted.
+    eventually(30, "the grants gone with the release", || async {
+        (!can_i(&sa, Some(&team), "get", "secrets")).then_some(())
+    })
+    .await;
+}
