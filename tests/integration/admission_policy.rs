@@ -61,9 +61,17 @@ pub(crate) fn admin(args: &[&str]) {
     assert!(ok, "kubectl {args:?} failed:\n{out}\n{err}");
 }
 
-/// `kubectl auth can-i VERB RESOURCE -n NS --as=USER`: true for "yes".
+/// `kubectl auth can-i VERB RESOURCE -n NS --as=USER`: true for "yes". RESOURCE may be
+/// `resource/name`, or end in `/status` or `/finalizers` for that subresource.
 pub(crate) fn can_i(user: &str, ns: Option<&str>, verb: &str, resource: &str) -> bool {
+    let (resource, subresource) = match resource.rsplit_once('/') {
+        Some((r, sub @ ("status" | "finalizers"))) => (r, Some(sub)),
+        _ => (resource, None),
+    };
     let mut args = vec!["auth", "can-i", verb, resource, "--as", user];
+    if let Some(sub) = subresource {
+        args.extend(["--subresource", sub]);
+    }
     match ns {
         Some(ns) => args.extend(["-n", ns]),
         None => args.push("--all-namespaces"),
