@@ -69,10 +69,18 @@ fn assert_lease_rights(sa: &str, release: &Release) {
     assert!(!can_i(sa, rel_ns, "delete", &lease));
 }
 
-/// Waits until RBAC grants `sa` its first request in `ns` (the bindings were just created).
-async fn rbac_ready(sa: &str, ns: &str) {
+/// Waits until RBAC grants `sa` a request of each of the release's bindings (they were just
+/// created, and the authorizer's cache follows them).
+async fn rbac_ready(sa: &str, ns: &str, release: &Release) {
     eventually(30, "the chart's RBAC", || async {
-        can_i(sa, Some(ns), "watch", "gatewayendpoints.mlflow-gateway.dev").then_some(())
+        (can_i(sa, Some(ns), "watch", "gatewayendpoints.mlflow-gateway.dev")
+            && can_i(
+                sa,
+                Some(&release.namespace),
+                "create",
+                "leases.coordination.k8s.io",
+            ))
+        .then_some(())
     })
     .await;
 }
@@ -92,7 +100,7 @@ async fn a_one_namespace_install_grants_roles_there_and_nothing_cluster_wide() {
         ],
     );
     let sa = service_account(&release);
-    rbac_ready(&sa, &team).await;
+    rbac_ready(&sa, &team, &release).await;
 
     for (verb, resource) in GRANTED {
         assert!(
@@ -148,6 +156,10 @@ async fn a_one_namespace_install_grants_roles_there_and_nothing_cluster_wide() {
     // name); no other Secret.
     let rel = Some(rel_ns.as_str());
     assert_lease_rights(&sa, &release);
+    eventually(30, "the credential Secret's Role", || async {
+        can_i(&sa, rel, "get", "secrets/trace-writer").then_some(())
+    })
+    .await;
     for verb in ["get", "list", "watch"] {
         assert!(
             can_i(&sa, rel, verb, "secrets/trace-writer"),
@@ -171,7 +183,7 @@ async fn an_all_namespaces_install_grants_the_operators_requests_in_every_namesp
     let rel_ns = support::namespace(&client, "rbac-all-op").await;
     let release = install(&rel_ns, &["admission.enabled=false"]);
     let sa = service_account(&release);
-    rbac_ready(&sa, &team).await;
+    rbac_ready(&sa, &team, &release).await;
     for (verb, resource) in GRANTED {
         assert!(
             can_i(&sa, Some(&team), verb, resource),
