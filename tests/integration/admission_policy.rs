@@ -5,11 +5,13 @@
 //!
 //! Each test installs the chart (a release of its own, its binding limited to the test's
 //! namespace by `controller.watchNamespace`), so tests running at once never judge each other's
-//! requests. The operator itself does not run: admission happens before it.
+//! requests. The operator itself does not run: admission happens before it. One more test checks
+//! the rendered policy and its Kubernetes floor.
 
 use crate::support;
 
-use support::{cluster, eventually, repo_root};
+use crate::helm::{chart, ci_values, documents, find, template};
+use support::{cluster, eventually};
 
 /// A release of the chart, installed without waiting for its (kwok-scheduled) pods.
 pub(crate) struct Release {
@@ -22,7 +24,7 @@ pub(crate) struct Release {
 pub(crate) fn install(rel_ns: &str, sets: &[&str]) -> Release {
     support::install_crds();
     let name = format!("mgo-{}", support::suffix());
-    let chart = repo_root().join("charts/mlflow-gateway-operator");
+    let chart = chart();
     let mut args = vec![
         "install",
         name.as_str(),
@@ -562,4 +564,37 @@ async fn the_aggregated_roles_grant_what_they_say() {
     let other = support::namespace(&client, "roles-other").await;
     assert!(!can_i("admin-user", Some(&other), "get", ep));
     release.uninstall();
+}
+
+/// The policy renders for Kubernetes 1.30+ and refuses to render, saying why, for older ones.
+#[test]
+fn the_admission_policy_needs_kubernetes_1_30() {
+    let values = ci_values("default-values.yaml");
+    let out = template("ops", &["-f", &values]).unwrap();
+    let docs = documents(&out);
+    let policy = find(&docs, "ValidatingAdmissionPolicy")[0];
+    let validations = policy["spec"]["validations"].as_sequence().unwrap();
+    // The size guard, one per possible Secret reference (16 models, 16 fallbacks, 1 credential),
+    // the image rule.
+    assert_eq!(validations.len(), 1 + 33 + 1);
+    assert!(find(&docs, "ValidatingAdmissionPolicyBinding")[0]["spec"]["matchResources"].is_null());
+    let chart = chart();
+    let (ok, _, err) = cluster().helm(&[
+        "template",
+        "rel",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "ops",
+        "--kube-version",
+        "v1.29.0",
+        "-f",
+        &values,
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("the ValidatingAdmissionPolicy needs Kubernetes 1.30 or later"),
+        "{err}"
+    );
+    let out = template("ops", &["-f", &values, "--set", "admission.enabled=false"]).unwrap();
+    assert!(find(&documents(&out), "ValidatingAdmissionPolicy").is_empty());
 }

@@ -13,6 +13,7 @@ use crate::support;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::rbac::{named, operator_rules, rules};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
@@ -23,18 +24,18 @@ use mlflow_gateway_operator::api::GatewayEndpoint;
 use mlflow_gateway_operator::mlflow::{Auth, MlflowClient, MlflowConfig};
 use support::{Mlflow, Operator, cluster, eventually, repo_root};
 
-const KUBE_VERSION: &str = "v1.34.4";
+pub(crate) const KUBE_VERSION: &str = "v1.34.4";
 
-fn chart() -> PathBuf {
+pub(crate) fn chart() -> PathBuf {
     repo_root().join("charts/mlflow-gateway-operator")
 }
 
-fn ci_values(name: &str) -> String {
+pub(crate) fn ci_values(name: &str) -> String {
     chart().join("ci").join(name).to_str().unwrap().to_string()
 }
 
 /// `helm template` of the chart: Ok(manifests) or Err(stderr).
-fn template(namespace: &str, args: &[&str]) -> Result<String, String> {
+pub(crate) fn template(namespace: &str, args: &[&str]) -> Result<String, String> {
     let chart = chart();
     let mut all = vec![
         "template",
@@ -50,7 +51,7 @@ fn template(namespace: &str, args: &[&str]) -> Result<String, String> {
     if ok { Ok(out) } else { Err(err) }
 }
 
-fn documents(manifests: &str) -> Vec<serde_yaml::Value> {
+pub(crate) fn documents(manifests: &str) -> Vec<serde_yaml::Value> {
     use serde::Deserialize;
     serde_yaml::Deserializer::from_str(manifests)
         .map(|d| serde_yaml::Value::deserialize(d).expect("rendered YAML"))
@@ -58,7 +59,7 @@ fn documents(manifests: &str) -> Vec<serde_yaml::Value> {
         .collect()
 }
 
-fn find<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Value> {
+pub(crate) fn find<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Value> {
     docs.iter()
         .filter(|d| d["kind"].as_str() == Some(kind))
         .collect()
@@ -71,180 +72,6 @@ fn container_env(deploy: &serde_yaml::Value) -> BTreeMap<String, serde_yaml::Val
         .iter()
         .map(|e| (e["name"].as_str().unwrap().to_string(), e.clone()))
         .collect()
-}
-
-fn named<'a>(docs: &'a [serde_yaml::Value], kind: &str, name: &str) -> &'a serde_yaml::Value {
-    find(docs, kind)
-        .into_iter()
-        .find(|d| d["metadata"]["name"].as_str() == Some(name))
-        .unwrap_or_else(|| panic!("no {kind} {name}"))
-}
-
-type Rule = (Vec<String>, Vec<String>, Vec<String>);
-
-/// A Role's or ClusterRole's rules as (apiGroups, resources, verbs).
-fn rules(role: &serde_yaml::Value) -> Vec<Rule> {
-    role["rules"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let list = |k: &str| -> Vec<String> {
-                r[k].as_sequence()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_str().unwrap().to_string())
-                    .collect()
-            };
-            (list("apiGroups"), list("resources"), list("verbs"))
-        })
-        .collect()
-}
-
-fn strings(s: &[&str]) -> Vec<String> {
-    s.iter().map(|x| x.to_string()).collect()
-}
-
-/// Exactly the requests the operator makes in a namespace it watches.
-fn operator_rules() -> Vec<Rule> {
-    let v = strings;
-    let crud = ["get", "list", "watch", "create", "patch", "update"];
-    vec![
-        (
-            v(&["mlflow-gateway.dev"]),
-            v(&["gatewayendpoints"]),
-            v(&["get", "list", "watch", "patch", "update"]),
-        ),
-        (
-            v(&["mlflow-gateway.dev"]),
-            v(&["gatewayendpoints/status"]),
-            v(&["get", "patch", "update"]),
-        ),
-        (
-            v(&["mlflow-gateway.dev"]),
-            v(&["gatewayendpoints/finalizers"]),
-            v(&["update"]),
-        ),
-        (v(&[""]), v(&["configmaps", "services"]), v(&crud)),
-        (v(&[""]), v(&["secrets"]), v(&crud)),
-        (v(&["apps"]), v(&["deployments"]), v(&crud)),
-        (
-            v(&["events.k8s.io"]),
-            v(&["events"]),
-            v(&["create", "patch"]),
-        ),
-    ]
-}
-
-/// With one watched namespace: the operator's rules as a Role there, its one credential Secret
-/// in the release namespace, and no ClusterRole or ClusterRoleBinding for it (the chart's
-/// ClusterRoles are only the aggregated view/edit/admin ones, bound to nobody).
-#[test]
-fn a_one_namespace_install_renders_namespaced_roles_only() {
-    let out = template(
-        "ops",
-        &[
-            "-f",
-            &ci_values("default-values.yaml"),
-            "--set",
-            "controller.watchNamespace=team-a",
-            "--set",
-            "gateway.credentialsSecret=trace-writer",
-        ],
-    )
-    .unwrap();
-    let docs = documents(&out);
-    assert!(find(&docs, "ClusterRoleBinding").is_empty());
-    let mut cluster_roles: Vec<_> = find(&docs, "ClusterRole")
-        .iter()
-        .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
-        .collect();
-    cluster_roles.sort();
-    assert_eq!(
-        cluster_roles,
-        strings(&[
-            "rel-mlflow-gateway-operator-admin",
-            "rel-mlflow-gateway-operator-edit",
-            "rel-mlflow-gateway-operator-view",
-        ])
-    );
-    let role = named(&docs, "Role", "rel-mlflow-gateway-operator");
-    assert_eq!(role["metadata"]["namespace"].as_str(), Some("team-a"));
-    assert_eq!(rules(role), operator_rules());
-    let binding = named(&docs, "RoleBinding", "rel-mlflow-gateway-operator");
-    assert_eq!(binding["metadata"]["namespace"].as_str(), Some("team-a"));
-    assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("ops"));
-    let credential = named(
-        &docs,
-        "Role",
-        "rel-mlflow-gateway-operator-gateway-credentials",
-    );
-    assert_eq!(credential["metadata"]["namespace"].as_str(), Some("ops"));
-    assert_eq!(
-        serde_yaml::to_string(&credential["rules"]).unwrap(),
-        "- apiGroups:\n  - ''\n  resources:\n  - secrets\n  resourceNames:\n  - trace-writer\n  verbs:\n  - get\n  - list\n  - watch\n"
-    );
-    // The admission policy's binding is limited to the watched namespace.
-    let vapb = find(&docs, "ValidatingAdmissionPolicyBinding")[0];
-    assert_eq!(
-        vapb["spec"]["matchResources"]["namespaceSelector"]["matchLabels"]
-            ["kubernetes.io/metadata.name"]
-            .as_str(),
-        Some("team-a")
-    );
-    // Watching the release namespace itself: no separate credential Role.
-    let out = template(
-        "ops",
-        &[
-            "-f",
-            &ci_values("default-values.yaml"),
-            "--set",
-            "controller.watchNamespace=ops",
-            "--set",
-            "gateway.credentialsSecret=trace-writer",
-        ],
-    )
-    .unwrap();
-    let docs = documents(&out);
-    assert!(
-        find(&docs, "Role")
-            .iter()
-            .all(|r| r["metadata"]["name"].as_str()
-                != Some("rel-mlflow-gateway-operator-gateway-credentials"))
-    );
-}
-
-/// The policy renders for Kubernetes 1.30+ and refuses to render, saying why, for older ones.
-#[test]
-fn the_admission_policy_needs_kubernetes_1_30() {
-    let values = ci_values("default-values.yaml");
-    let out = template("ops", &["-f", &values]).unwrap();
-    let docs = documents(&out);
-    let policy = find(&docs, "ValidatingAdmissionPolicy")[0];
-    let validations = policy["spec"]["validations"].as_sequence().unwrap();
-    // The size guard, one per possible Secret reference (16 models, 16 fallbacks, 1 credential),
-    // the image rule.
-    assert_eq!(validations.len(), 1 + 33 + 1);
-    assert!(find(&docs, "ValidatingAdmissionPolicyBinding")[0]["spec"]["matchResources"].is_null());
-    let chart = chart();
-    let (ok, _, err) = cluster().helm(&[
-        "template",
-        "rel",
-        chart.to_str().unwrap(),
-        "--namespace",
-        "ops",
-        "--kube-version",
-        "v1.29.0",
-        "-f",
-        &values,
-    ]);
-    assert!(!ok);
-    assert!(
-        err.contains("the ValidatingAdmissionPolicy needs Kubernetes 1.30 or later"),
-        "{err}"
-    );
-    let out = template("ops", &["-f", &values, "--set", "admission.enabled=false"]).unwrap();
-    assert!(find(&documents(&out), "ValidatingAdmissionPolicy").is_empty());
 }
 
 #[test]

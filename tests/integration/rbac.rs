@@ -2,9 +2,11 @@
 //! ServiceAccount (`kubectl auth can-i --as=system:serviceaccount:<ns>:<sa>`): with one watched
 //! namespace, Roles there and nothing cluster-wide; with all namespaces, the same requests in
 //! every namespace. That these grants suffice to run the operator is shown by the helm module's
-//! install test, which runs it as that ServiceAccount.
+//! install test, which runs it as that ServiceAccount. The rendered rules are checked here too
+//! (and, for the all-namespaces ClusterRole, by the helm module).
 
 use crate::admission_policy::{Release, can_i, install};
+use crate::helm::{ci_values, documents, find, template};
 use crate::support;
 
 use support::{cluster, eventually};
@@ -219,4 +221,152 @@ async fn an_all_namespaces_install_grants_the_operators_requests_in_every_namesp
         (!can_i(&sa, Some(&team), "get", "secrets")).then_some(())
     })
     .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The rendered RBAC
+
+pub(crate) fn named<'a>(
+    docs: &'a [serde_yaml::Value],
+    kind: &str,
+    name: &str,
+) -> &'a serde_yaml::Value {
+    find(docs, kind)
+        .into_iter()
+        .find(|d| d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+pub(crate) type Rule = (Vec<String>, Vec<String>, Vec<String>);
+
+/// A Role's or ClusterRole's rules as (apiGroups, resources, verbs).
+pub(crate) fn rules(role: &serde_yaml::Value) -> Vec<Rule> {
+    role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let list = |k: &str| -> Vec<String> {
+                r[k].as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect()
+            };
+            (list("apiGroups"), list("resources"), list("verbs"))
+        })
+        .collect()
+}
+
+pub(crate) fn strings(s: &[&str]) -> Vec<String> {
+    s.iter().map(|x| x.to_string()).collect()
+}
+
+/// Exactly the requests the operator makes in a namespace it watches.
+pub(crate) fn operator_rules() -> Vec<Rule> {
+    let v = strings;
+    let crud = ["get", "list", "watch", "create", "patch", "update"];
+    vec![
+        (
+            v(&["mlflow-gateway.dev"]),
+            v(&["gatewayendpoints"]),
+            v(&["get", "list", "watch", "patch", "update"]),
+        ),
+        (
+            v(&["mlflow-gateway.dev"]),
+            v(&["gatewayendpoints/status"]),
+            v(&["get", "patch", "update"]),
+        ),
+        (
+            v(&["mlflow-gateway.dev"]),
+            v(&["gatewayendpoints/finalizers"]),
+            v(&["update"]),
+        ),
+        (v(&[""]), v(&["configmaps", "services"]), v(&crud)),
+        (v(&[""]), v(&["secrets"]), v(&crud)),
+        (v(&["apps"]), v(&["deployments"]), v(&crud)),
+        (
+            v(&["events.k8s.io"]),
+            v(&["events"]),
+            v(&["create", "patch"]),
+        ),
+    ]
+}
+
+/// With one watched namespace: the operator's rules as a Role there, its one credential Secret
+/// in the release namespace, and no ClusterRole or ClusterRoleBinding for it (the chart's
+/// ClusterRoles are only the aggregated view/edit/admin ones, bound to nobody).
+#[test]
+fn a_one_namespace_install_renders_namespaced_roles_only() {
+    let out = template(
+        "ops",
+        &[
+            "-f",
+            &ci_values("default-values.yaml"),
+            "--set",
+            "controller.watchNamespace=team-a",
+            "--set",
+            "gateway.credentialsSecret=trace-writer",
+        ],
+    )
+    .unwrap();
+    let docs = documents(&out);
+    assert!(find(&docs, "ClusterRoleBinding").is_empty());
+    let mut cluster_roles: Vec<_> = find(&docs, "ClusterRole")
+        .iter()
+        .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    cluster_roles.sort();
+    assert_eq!(
+        cluster_roles,
+        strings(&[
+            "rel-mlflow-gateway-operator-admin",
+            "rel-mlflow-gateway-operator-edit",
+            "rel-mlflow-gateway-operator-view",
+        ])
+    );
+    let role = named(&docs, "Role", "rel-mlflow-gateway-operator");
+    assert_eq!(role["metadata"]["namespace"].as_str(), Some("team-a"));
+    assert_eq!(rules(role), operator_rules());
+    let binding = named(&docs, "RoleBinding", "rel-mlflow-gateway-operator");
+    assert_eq!(binding["metadata"]["namespace"].as_str(), Some("team-a"));
+    assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("ops"));
+    let credential = named(
+        &docs,
+        "Role",
+        "rel-mlflow-gateway-operator-gateway-credentials",
+    );
+    assert_eq!(credential["metadata"]["namespace"].as_str(), Some("ops"));
+    assert_eq!(
+        serde_yaml::to_string(&credential["rules"]).unwrap(),
+        "- apiGroups:\n  - ''\n  resources:\n  - secrets\n  resourceNames:\n  - trace-writer\n  verbs:\n  - get\n  - list\n  - watch\n"
+    );
+    // The admission policy's binding is limited to the watched namespace.
+    let vapb = find(&docs, "ValidatingAdmissionPolicyBinding")[0];
+    assert_eq!(
+        vapb["spec"]["matchResources"]["namespaceSelector"]["matchLabels"]
+            ["kubernetes.io/metadata.name"]
+            .as_str(),
+        Some("team-a")
+    );
+    // Watching the release namespace itself: no separate credential Role.
+    let out = template(
+        "ops",
+        &[
+            "-f",
+            &ci_values("default-values.yaml"),
+            "--set",
+            "controller.watchNamespace=ops",
+            "--set",
+            "gateway.credentialsSecret=trace-writer",
+        ],
+    )
+    .unwrap();
+    let docs = documents(&out);
+    assert!(
+        find(&docs, "Role")
+            .iter()
+            .all(|r| r["metadata"]["name"].as_str()
+                != Some("rel-mlflow-gateway-operator-gateway-credentials"))
+    );
 }
