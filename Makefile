@@ -42,8 +42,8 @@ crd:
 
 ## Lint the Helm chart with the helm the tests use.
 helm-lint:
-	PATH="$$(hack/build-tools.sh):$$PATH" helm lint charts/mlflow-gateway-operator -f charts/mlflow-gateway-operator/ci/default-values.yaml
-	PATH="$$(hack/build-tools.sh):$$PATH" helm lint charts/mlflow-gateway-operator -f charts/mlflow-gateway-operator/ci/full-values.yaml
+	PATH="$$(hack/build-tools.sh):$$PATH" helm lint --strict --kube-version 1.34.4 charts/mlflow-gateway-operator -f charts/mlflow-gateway-operator/ci/default-values.yaml
+	PATH="$$(hack/build-tools.sh):$$PATH" helm lint --strict --kube-version 1.34.4 charts/mlflow-gateway-operator -f charts/mlflow-gateway-operator/ci/full-values.yaml
 
 build:
 	cargo build --release

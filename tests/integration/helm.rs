@@ -5,35 +5,37 @@
 //! binary runs here instead, out of cluster, configured exactly as the installed Deployment
 //! configures its container (its env, secrets resolved) and impersonating the chart's
 //! ServiceAccount, so RBAC is evaluated for that identity: what it reconciles proves the
-//! ClusterRole and the Lease Role suffice, and what it is refused proves they stop there.
+//! one-namespace install's Roles (the watched namespace, its credential Secret, its Lease)
+//! suffice, and what it is refused proves they stop there.
 
 use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::rbac::{named, operator_rules, rules};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::api::rbac::v1::Role;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use mlflow_gateway_operator::api::GatewayEndpoint;
 use mlflow_gateway_operator::mlflow::{Auth, MlflowClient, MlflowConfig};
 use support::{Mlflow, Operator, cluster, eventually, repo_root};
 
-const KUBE_VERSION: &str = "v1.34.4";
+pub(crate) const KUBE_VERSION: &str = "v1.34.4";
 
-fn chart() -> PathBuf {
+pub(crate) fn chart() -> PathBuf {
     repo_root().join("charts/mlflow-gateway-operator")
 }
 
-fn ci_values(name: &str) -> String {
+pub(crate) fn ci_values(name: &str) -> String {
     chart().join("ci").join(name).to_str().unwrap().to_string()
 }
 
 /// `helm template` of the chart: Ok(manifests) or Err(stderr).
-fn template(namespace: &str, args: &[&str]) -> Result<String, String> {
+pub(crate) fn template(namespace: &str, args: &[&str]) -> Result<String, String> {
     let chart = chart();
     let mut all = vec![
         "template",
@@ -49,7 +51,7 @@ fn template(namespace: &str, args: &[&str]) -> Result<String, String> {
     if ok { Ok(out) } else { Err(err) }
 }
 
-fn documents(manifests: &str) -> Vec<serde_yaml::Value> {
+pub(crate) fn documents(manifests: &str) -> Vec<serde_yaml::Value> {
     use serde::Deserialize;
     serde_yaml::Deserializer::from_str(manifests)
         .map(|d| serde_yaml::Value::deserialize(d).expect("rendered YAML"))
@@ -57,7 +59,7 @@ fn documents(manifests: &str) -> Vec<serde_yaml::Value> {
         .collect()
 }
 
-fn find<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Value> {
+pub(crate) fn find<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Value> {
     docs.iter()
         .filter(|d| d["kind"].as_str() == Some(kind))
         .collect()
@@ -79,6 +81,9 @@ fn helm_lint_passes_with_the_required_values_and_with_every_option() {
         let (ok, out, err) = cluster().helm(&[
             "lint",
             "--strict",
+            // Helm lints for Kubernetes 1.20 by default, where the admission policy is not rendered.
+            "--kube-version",
+            KUBE_VERSION,
             chart.to_str().unwrap(),
             "-f",
             &ci_values(values),
@@ -221,57 +226,24 @@ fn the_rendered_rbac_and_pod_are_least_privilege_and_hardened() {
     let out = template("ops", &["-f", &ci_values("default-values.yaml")]).unwrap();
     let docs = documents(&out);
 
-    let role = find(&docs, "ClusterRole")[0];
-    let rules: Vec<(Vec<String>, Vec<String>, Vec<String>)> = role["rules"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let list = |k: &str| -> Vec<String> {
-                r[k].as_sequence()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_str().unwrap().to_string())
-                    .collect()
-            };
-            (list("apiGroups"), list("resources"), list("verbs"))
-        })
-        .collect();
-    let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let crud = ["get", "list", "watch", "create", "patch", "update"];
+    let role = named(&docs, "ClusterRole", "rel-mlflow-gateway-operator");
     assert_eq!(
-        rules,
-        vec![
-            (
-                v(&["mlflow-gateway.dev"]),
-                v(&["gatewayendpoints"]),
-                v(&["get", "list", "watch", "patch", "update"])
-            ),
-            (
-                v(&["mlflow-gateway.dev"]),
-                v(&["gatewayendpoints/status"]),
-                v(&["get", "patch", "update"])
-            ),
-            (
-                v(&["mlflow-gateway.dev"]),
-                v(&["gatewayendpoints/finalizers"]),
-                v(&["update"])
-            ),
-            (
-                v(&[""]),
-                v(&["configmaps", "services", "secrets"]),
-                v(&crud)
-            ),
-            (v(&["apps"]), v(&["deployments"]), v(&crud)),
-            (
-                v(&["events.k8s.io"]),
-                v(&["events"]),
-                v(&["create", "patch"])
-            ),
-        ],
+        rules(role),
+        operator_rules(),
         "the ClusterRole must grant exactly the requests the operator makes"
     );
-    assert!(!out.contains("'*'") && !out.contains("\"*\"") && !out.contains("[*]"));
+    // No wildcard in any role (the admission policy matches all versions of its own group).
+    for kind in ["ClusterRole", "Role"] {
+        for r in find(&docs, kind) {
+            let text = serde_yaml::to_string(&r["rules"]).unwrap();
+            assert!(!text.contains('*'), "a wildcard in {kind}:\n{text}");
+        }
+    }
+    let binding = named(&docs, "ClusterRoleBinding", "rel-mlflow-gateway-operator");
+    assert_eq!(
+        binding["roleRef"]["name"].as_str(),
+        Some("rel-mlflow-gateway-operator")
+    );
 
     let lease_role = find(&docs, "Role")[0];
     assert_eq!(lease_role["metadata"]["namespace"].as_str(), Some("ops"));
@@ -351,19 +323,28 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     assert!(ok, "ServiceMonitor CRD fixture: {err}");
     support::wait_crd_established(cluster(), "servicemonitors.monitoring.coreos.com");
 
+    // full-values.yaml watches one namespace: its Role goes there, so it must exist.
+    let watched = support::namespace(&client, "helm-dry-team").await;
+    let watch = format!("controller.watchNamespace={watched}");
     for values in ["default-values.yaml", "full-values.yaml"] {
-        let out = template(&ns, &["-f", &ci_values(values)]).unwrap();
+        let mut args = vec!["-f".to_string(), ci_values(values)];
+        if values == "full-values.yaml" {
+            args.extend(["--set".to_string(), watch.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = template(&ns, &args).unwrap();
         let docs = documents(&out);
         let kinds: Vec<_> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
         for kind in [
             "ServiceAccount",
             "ClusterRole",
-            "ClusterRoleBinding",
             "Role",
             "RoleBinding",
             "Service",
             "Deployment",
             "PodDisruptionBudget",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ] {
             assert!(kinds.contains(&kind), "{values}: no {kind} in {kinds:?}");
         }
@@ -709,7 +690,7 @@ spec:
     ]);
     assert!(ok, "helm uninstall failed:\n{out}\n{err}");
     assert!(
-        Api::<ClusterRole>::all(admin.clone())
+        Api::<Role>::namespaced(admin.clone(), &team)
             .get_opt(&fullname)
             .await
             .unwrap()

@@ -13,6 +13,7 @@
 
 mod support;
 
+mod admission_policy;
 mod crd;
 mod e2e_admission;
 mod e2e_experiment;
@@ -22,5 +23,6 @@ mod gitops;
 mod helm;
 mod leader_election;
 mod mlflow_client;
+mod rbac;
 mod smoke;
 mod telemetry_mlflow;

@@ -1,0 +1,372 @@
+//! The operator's RBAC in both install modes, as the API server grants it to the chart's
+//! ServiceAccount (`kubectl auth can-i --as=system:serviceaccount:<ns>:<sa>`): with one watched
+//! namespace, Roles there and nothing cluster-wide; with all namespaces, the same requests in
+//! every namespace. That these grants suffice to run the operator is shown by the helm module's
+//! install test, which runs it as that ServiceAccount. The rendered rules are checked here too
+//! (and, for the all-namespaces ClusterRole, by the helm module).
+
+use crate::admission_policy::{Release, can_i, install};
+use crate::helm::{ci_values, documents, find, template};
+use crate::support;
+
+use support::{cluster, eventually};
+
+/// The requests the operator makes in a namespace whose endpoints it reconciles.
+const GRANTED: &[(&str, &str)] = &[
+    ("get", "gatewayendpoints.mlflow-gateway.dev"),
+    ("list", "gatewayendpoints.mlflow-gateway.dev"),
+    ("watch", "gatewayendpoints.mlflow-gateway.dev"),
+    ("patch", "gatewayendpoints.mlflow-gateway.dev"),
+    ("update", "gatewayendpoints.mlflow-gateway.dev"),
+    ("patch", "gatewayendpoints.mlflow-gateway.dev/status"),
+    ("update", "gatewayendpoints.mlflow-gateway.dev/finalizers"),
+    ("get", "secrets"),
+    ("list", "secrets"),
+    ("watch", "secrets"),
+    ("create", "secrets"),
+    ("patch", "secrets"),
+    ("get", "configmaps"),
+    ("create", "configmaps"),
+    ("patch", "services"),
+    ("watch", "services"),
+    ("create", "deployments.apps"),
+    ("update", "deployments.apps"),
+    ("create", "events.events.k8s.io"),
+];
+
+/// Requests it never makes, anywhere.
+const REFUSED: &[(&str, &str)] = &[
+    ("delete", "secrets"),
+    ("deletecollection", "secrets"),
+    ("create", "gatewayendpoints.mlflow-gateway.dev"),
+    ("delete", "gatewayendpoints.mlflow-gateway.dev"),
+    ("delete", "deployments.apps"),
+    ("list", "pods"),
+    ("create", "pods"),
+    ("create", "rolebindings.rbac.authorization.k8s.io"),
+    ("create", "leases.coordination.k8s.io"),
+    ("use-custom-image", "gatewayendpoints.mlflow-gateway.dev"),
+];
+
+fn service_account(release: &Release) -> String {
+    format!(
+        "system:serviceaccount:{}:{}",
+        release.namespace, release.fullname
+    )
+}
+
+/// The ServiceAccount's Lease rights: create in the release namespace, get/update its own Lease.
+fn assert_lease_rights(sa: &str, release: &Release) {
+    let rel_ns = Some(release.namespace.as_str());
+    let lease = format!("leases.coordination.k8s.io/{}", release.fullname);
+    assert!(can_i(sa, rel_ns, "create", "leases.coordination.k8s.io"));
+    assert!(can_i(sa, rel_ns, "get", &lease));
+    assert!(can_i(sa, rel_ns, "update", &lease));
+    assert!(!can_i(
+        sa,
+        rel_ns,
+        "get",
+        "leases.coordination.k8s.io/another"
+    ));
+    assert!(!can_i(sa, rel_ns, "delete", &lease));
+}
+
+/// Waits until RBAC grants `sa` a request of each of the release's bindings (they were just
+/// created, and the authorizer's cache follows them).
+async fn rbac_ready(sa: &str, ns: &str, release: &Release) {
+    eventually(30, "the chart's RBAC", || async {
+        (can_i(sa, Some(ns), "watch", "gatewayendpoints.mlflow-gateway.dev")
+            && can_i(
+                sa,
+                Some(&release.namespace),
+                "create",
+                "leases.coordination.k8s.io",
+            ))
+        .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_one_namespace_install_grants_roles_there_and_nothing_cluster_wide() {
+    let client = cluster().client().await;
+    let team = support::namespace(&client, "rbac-team").await;
+    let other = support::namespace(&client, "rbac-other").await;
+    let rel_ns = support::namespace(&client, "rbac-op").await;
+    let release = install(
+        &rel_ns,
+        &[
+            &format!("controller.watchNamespace={team}"),
+            "gateway.credentialsSecret=trace-writer",
+            "admission.enabled=false",
+        ],
+    );
+    let sa = service_account(&release);
+    rbac_ready(&sa, &team, &release).await;
+
+    for (verb, resource) in GRANTED {
+        assert!(
+            can_i(&sa, Some(&team), verb, resource),
+            "{verb} {resource} in the watched namespace"
+        );
+        assert!(
+            !can_i(&sa, Some(&other), verb, resource),
+            "{verb} {resource} in another namespace"
+        );
+        assert!(
+            !can_i(&sa, None, verb, resource),
+            "{verb} {resource} in all namespaces"
+        );
+    }
+    for (verb, resource) in REFUSED {
+        assert!(
+            !can_i(&sa, Some(&team), verb, resource),
+            "{verb} {resource} in the watched namespace"
+        );
+    }
+    // Cluster-scoped objects: none.
+    for (verb, resource) in [
+        ("get", "namespaces"),
+        ("list", "nodes"),
+        ("get", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("list", "clusterroles.rbac.authorization.k8s.io"),
+        ("create", "tokenreviews.authentication.k8s.io"),
+    ] {
+        assert!(
+            !can_i(&sa, None, verb, resource),
+            "cluster-wide {verb} {resource}"
+        );
+    }
+    // No ClusterRoleBinding names the ServiceAccount.
+    let (ok, out, err) = cluster().kubectl_run(
+        &[
+            "get",
+            "clusterrolebindings",
+            "-o",
+            r#"jsonpath={range .items[*]}{range .subjects[*]}{.kind}:{.namespace}:{.name}{"\n"}{end}{end}"#,
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let subject = format!("ServiceAccount:{rel_ns}:{}", release.fullname);
+    assert!(
+        !out.lines().any(|l| l == subject),
+        "a ClusterRoleBinding names {subject}"
+    );
+
+    // In its own namespace: its Lease, and the one Secret it mirrors (get, and list/watch by
+    // name); no other Secret.
+    let rel = Some(rel_ns.as_str());
+    assert_lease_rights(&sa, &release);
+    eventually(30, "the credential Secret's Role", || async {
+        can_i(&sa, rel, "get", "secrets/trace-writer").then_some(())
+    })
+    .await;
+    for verb in ["get", "list", "watch"] {
+        assert!(
+            can_i(&sa, rel, verb, "secrets/trace-writer"),
+            "{verb} its trace credential"
+        );
+        assert!(
+            !can_i(&sa, rel, verb, "secrets/mlflow-operator"),
+            "{verb} another Secret"
+        );
+    }
+    assert!(!can_i(&sa, rel, "list", "secrets"));
+    assert!(!can_i(&sa, rel, "update", "secrets/trace-writer"));
+    assert!(!can_i(&sa, rel, "get", "configmaps"));
+    release.uninstall();
+}
+
+#[tokio::test]
+async fn an_all_namespaces_install_grants_the_operators_requests_in_every_namespace() {
+    let client = cluster().client().await;
+    let team = support::namespace(&client, "rbac-all").await;
+    let rel_ns = support::namespace(&client, "rbac-all-op").await;
+    let release = install(&rel_ns, &["admission.enabled=false"]);
+    let sa = service_account(&release);
+    rbac_ready(&sa, &team, &release).await;
+    for (verb, resource) in GRANTED {
+        assert!(
+            can_i(&sa, Some(&team), verb, resource),
+            "{verb} {resource} in a namespace"
+        );
+        assert!(
+            can_i(&sa, None, verb, resource),
+            "{verb} {resource} in all namespaces"
+        );
+    }
+    for (verb, resource) in REFUSED {
+        assert!(
+            !can_i(&sa, Some(&team), verb, resource),
+            "{verb} {resource}"
+        );
+        assert!(
+            !can_i(&sa, None, verb, resource),
+            "{verb} {resource} in all namespaces"
+        );
+    }
+    assert!(!can_i(&sa, None, "get", "namespaces"));
+    assert!(!can_i(&sa, None, "list", "nodes"));
+    assert_lease_rights(&sa, &release);
+    assert!(!can_i(
+        &sa,
+        Some(&team),
+        "get",
+        "leases.coordination.k8s.io"
+    ));
+    release.uninstall();
+    // Uninstalled: nothing is left granted.
+    eventually(30, "the grants gone with the release", || async {
+        (!can_i(&sa, Some(&team), "get", "secrets")).then_some(())
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The rendered RBAC
+
+pub(crate) fn named<'a>(
+    docs: &'a [serde_yaml::Value],
+    kind: &str,
+    name: &str,
+) -> &'a serde_yaml::Value {
+    find(docs, kind)
+        .into_iter()
+        .find(|d| d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+pub(crate) type Rule = (Vec<String>, Vec<String>, Vec<String>);
+
+/// A Role's or ClusterRole's rules as (apiGroups, resources, verbs).
+pub(crate) fn rules(role: &serde_yaml::Value) -> Vec<Rule> {
+    role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let list = |k: &str| -> Vec<String> {
+                r[k].as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect()
+            };
+            (list("apiGroups"), list("resources"), list("verbs"))
+        })
+        .collect()
+}
+
+pub(crate) fn strings(s: &[&str]) -> Vec<String> {
+    s.iter().map(|x| x.to_string()).collect()
+}
+
+/// Exactly the requests the operator makes in a namespace it watches.
+pub(crate) fn operator_rules() -> Vec<Rule> {
+    let v = strings;
+    let crud = ["get", "list", "watch", "create", "patch", "update"];
+    vec![
+        (
+            v(&["mlflow-gateway.dev"]),
+            v(&["gatewayendpoints"]),
+            v(&["get", "list", "watch", "patch", "update"]),
+        ),
+        (
+            v(&["mlflow-gateway.dev"]),
+            v(&["gatewayendpoints/status"]),
+            v(&["get", "patch", "update"]),
+        ),
+        (
+            v(&["mlflow-gateway.dev"]),
+            v(&["gatewayendpoints/finalizers"]),
+            v(&["update"]),
+        ),
+        (v(&[""]), v(&["configmaps", "services"]), v(&crud)),
+        (v(&[""]), v(&["secrets"]), v(&crud)),
+        (v(&["apps"]), v(&["deployments"]), v(&crud)),
+        (
+            v(&["events.k8s.io"]),
+            v(&["events"]),
+            v(&["create", "patch"]),
+        ),
+    ]
+}
+
+/// With one watched namespace: the operator's rules as a Role there, its one credential Secret
+/// in the release namespace, and no ClusterRole or ClusterRoleBinding for it (the chart's
+/// ClusterRoles are only the aggregated view/edit/admin ones, bound to nobody).
+#[test]
+fn a_one_namespace_install_renders_namespaced_roles_only() {
+    let out = template(
+        "ops",
+        &[
+            "-f",
+            &ci_values("default-values.yaml"),
+            "--set",
+            "controller.watchNamespace=team-a",
+            "--set",
+            "gateway.credentialsSecret=trace-writer",
+        ],
+    )
+    .unwrap();
+    let docs = documents(&out);
+    assert!(find(&docs, "ClusterRoleBinding").is_empty());
+    let mut cluster_roles: Vec<_> = find(&docs, "ClusterRole")
+        .iter()
+        .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    cluster_roles.sort();
+    assert_eq!(
+        cluster_roles,
+        strings(&[
+            "rel-mlflow-gateway-operator-admin",
+            "rel-mlflow-gateway-operator-edit",
+            "rel-mlflow-gateway-operator-view",
+        ])
+    );
+    let role = named(&docs, "Role", "rel-mlflow-gateway-operator");
+    assert_eq!(role["metadata"]["namespace"].as_str(), Some("team-a"));
+    assert_eq!(rules(role), operator_rules());
+    let binding = named(&docs, "RoleBinding", "rel-mlflow-gateway-operator");
+    assert_eq!(binding["metadata"]["namespace"].as_str(), Some("team-a"));
+    assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("ops"));
+    let credential = named(
+        &docs,
+        "Role",
+        "rel-mlflow-gateway-operator-gateway-credentials",
+    );
+    assert_eq!(credential["metadata"]["namespace"].as_str(), Some("ops"));
+    assert_eq!(
+        serde_yaml::to_string(&credential["rules"]).unwrap(),
+        "- apiGroups:\n  - ''\n  resources:\n  - secrets\n  resourceNames:\n  - trace-writer\n  verbs:\n  - get\n  - list\n  - watch\n"
+    );
+    // The admission policy's binding is limited to the watched namespace.
+    let vapb = find(&docs, "ValidatingAdmissionPolicyBinding")[0];
+    assert_eq!(
+        vapb["spec"]["matchResources"]["namespaceSelector"]["matchLabels"]
+            ["kubernetes.io/metadata.name"]
+            .as_str(),
+        Some("team-a")
+    );
+    // Watching the release namespace itself: no separate credential Role.
+    let out = template(
+        "ops",
+        &[
+            "-f",
+            &ci_values("default-values.yaml"),
+            "--set",
+            "controller.watchNamespace=ops",
+            "--set",
+            "gateway.credentialsSecret=trace-writer",
+        ],
+    )
+    .unwrap();
+    let docs = documents(&out);
+    assert!(
+        find(&docs, "Role")
+            .iter()
+            .all(|r| r["metadata"]["name"].as_str()
+                != Some("rel-mlflow-gateway-operator-gateway-credentials"))
+    );
+}
