@@ -59,6 +59,8 @@ pub enum Reason {
     CredentialsInvalid,
     // Available / Progressing
     NameConflict,
+    /// The API server refused an owned object (its message says why).
+    ApplyFailed,
     WaitingForExperiment,
     DeploymentPending,
     MinimumReplicasAvailable,
@@ -89,6 +91,7 @@ impl Reason {
             Reason::SecretKeyNotFound => "SecretKeyNotFound",
             Reason::CredentialsInvalid => "CredentialsInvalid",
             Reason::NameConflict => "NameConflict",
+            Reason::ApplyFailed => "ApplyFailed",
             Reason::WaitingForExperiment => "WaitingForExperiment",
             Reason::DeploymentPending => "DeploymentPending",
             Reason::MinimumReplicasAvailable => "MinimumReplicasAvailable",

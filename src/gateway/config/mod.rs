@@ -282,6 +282,13 @@ impl ModelConfig {
                 ));
             }
         };
+        // The CRD's grammar first (a base from the CRD passed it already), so the gateway starts
+        // with exactly what `kubectl apply` accepts; a provider's default base is a constant.
+        if settings.api_base.is_some()
+            && let Some(problem) = crate::api_base::problem(base)
+        {
+            return Err(format!("model {name}: apiBase {base:?}: {problem}"));
+        }
         let api_base = Url::parse(base)
             .map_err(|e| format!("model {name}: apiBase {base:?} is not a valid URL: {e}"))?;
         if !matches!(api_base.scheme(), "http" | "https") || api_base.cannot_be_a_base() {
