@@ -62,7 +62,7 @@ impl Health {
             let Phase::Watching(map) = p else { return };
             let watch = map.entry(name).or_default();
             match event {
-                Err(e) => watch.error = Some(crate::error_chain(e)),
+                Err(e) => watch.error = Some(describe(e)),
                 Ok(watcher::Event::Init) => {}
                 Ok(watcher::Event::InitDone) => {
                     watch.synced = true;
@@ -95,6 +95,17 @@ impl Health {
                 }
             }
         })
+    }
+}
+
+/// The API server's message when it gave one (what RBAC refused), else the error's chain.
+fn describe(e: &watcher::Error) -> String {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.message.clone(),
+        watcher::Error::WatchError(s) => s.message.clone(),
+        e => crate::error_chain(e),
     }
 }
 
@@ -134,7 +145,10 @@ mod tests {
         h.observe::<Service>("services", &Err(forbidden()));
         let err = h.readiness().unwrap_err();
         assert!(err.contains("watch of services failing"), "{err}");
-        assert!(err.contains("forbidden"), "{err}");
+        assert_eq!(
+            err,
+            "watch of services failing: services is forbidden: User \"op\" cannot list resource \"services\""
+        );
         h.observe::<Service>("services", &Ok(watcher::Event::Init));
         assert!(h.readiness().is_err());
         h.observe::<Service>("services", &Ok(watcher::Event::InitDone));
