@@ -61,6 +61,8 @@ pub enum Reason {
     NameConflict,
     /// The API server refused an owned object (its message says why).
     ApplyFailed,
+    /// A gateway container exits (its termination message says why).
+    CrashLoopBackOff,
     WaitingForExperiment,
     DeploymentPending,
     MinimumReplicasAvailable,
@@ -92,6 +94,7 @@ impl Reason {
             Reason::CredentialsInvalid => "CredentialsInvalid",
             Reason::NameConflict => "NameConflict",
             Reason::ApplyFailed => "ApplyFailed",
+            Reason::CrashLoopBackOff => "CrashLoopBackOff",
             Reason::WaitingForExperiment => "WaitingForExperiment",
             Reason::DeploymentPending => "DeploymentPending",
             Reason::MinimumReplicasAvailable => "MinimumReplicasAvailable",

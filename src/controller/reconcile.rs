@@ -261,6 +261,9 @@ pub fn decide(
             "ApplyGateway",
         ));
     }
+    if gateway.available.reason == Reason::CrashLoopBackOff {
+        events.extend(warn_on_entering(current, &gateway.available, "RollOut"));
+    }
     if gateway.progressing.reason == Reason::ProgressDeadlineExceeded {
         events.extend(warn_on_entering(current, &gateway.progressing, "RollOut"));
     }
@@ -344,9 +347,32 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
     match decision.failure {
         Some(e) => Err(e),
         None => Ok(Action::requeue(jitter(
-            ctx.settings.resync(),
+            recheck_after(&decision.status, ctx.settings.resync()),
             ep.uid().as_deref(),
         ))),
+    }
+}
+
+/// Pods that exist but do not serve change nothing the operator watches when they crash: look at
+/// them again soon (at most every 15 s), not only at the next resync.
+fn recheck_after(
+    status: &GatewayEndpointStatus,
+    resync: std::time::Duration,
+) -> std::time::Duration {
+    let unavailable = status
+        .condition(ConditionType::Available.as_str())
+        .is_some_and(|c| {
+            c.status == "False"
+                && [
+                    Reason::CrashLoopBackOff.as_str(),
+                    Reason::MinimumReplicasUnavailable.as_str(),
+                ]
+                .contains(&c.reason.as_str())
+        });
+    if unavailable {
+        resync.min(std::time::Duration::from_secs(15))
+    } else {
+        resync
     }
 }
 

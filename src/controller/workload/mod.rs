@@ -5,6 +5,7 @@
 //! module runs those steps in order and returns what they found as one [`GatewayState`].
 
 pub mod apply;
+pub mod crashes;
 pub mod drift;
 pub mod render;
 pub mod rollout;
@@ -55,8 +56,22 @@ pub async fn ensure_gateway(
             }
             Err(e) => return Err(e),
         };
-    let (available, progressing) =
+    let unblocked = blocked.is_none();
+    let (mut available, progressing) =
         rollout::deployment_conditions(applied.deployment.as_deref(), blocked);
+    // Pods that exist but do not serve: the pods may say why (a gateway that exits at start).
+    if !available.status
+        && unblocked
+        && applied.deployment.is_some()
+        && let Some(crash) = crashes::find_crash(ctx, ep).await
+    {
+        available = ConditionState::new(
+            ConditionType::Available,
+            false,
+            Reason::CrashLoopBackOff,
+            crash,
+        );
+    }
     let status = applied
         .deployment
         .as_ref()
