@@ -308,3 +308,59 @@ async fn readyz_is_not_ready_while_a_watch_is_forbidden() {
     })
     .await;
 }
+
+/// A gateway that exits at start (here: its pod's status says so, as the kubelet would write it;
+/// kwok's pods run no process) makes `Available` False with the container's termination message,
+/// not only "unavailable".
+#[tokio::test]
+async fn a_crash_looping_gateway_is_a_condition_quoting_its_termination_message() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{ListParams, Patch, PatchParams};
+    let ml = support::mlflow();
+    let (client, ns) = test_namespace("crash").await;
+    support::secret(&client, &ns, "llm-keys", &[("openai", "sk-test")]).await;
+    let _op = Operator::start(&ns, &ml.uri, QUICK);
+    apply(
+        &ns,
+        "apiVersion: mlflow-gateway.dev/v1alpha1\nkind: GatewayEndpoint\nmetadata: {name: chat}\nspec:\n  usageTracking: false\n  models: [{name: m, provider: openai, model: x, apiKeySecretRef: {name: llm-keys, key: openai}}]\n",
+    );
+    let api = Api::<GatewayEndpoint>::namespaced(client.clone(), &ns);
+    wait_condition(&api, "chat", "Ready", "True", None, 60).await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let pod = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/instance=chat"))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    let name = pod.metadata.name.clone().unwrap();
+    let refusal = "error: model m: GATEWAY_API_KEY_M holds an invalid API key value";
+    let status = serde_json::json!({"status": {
+        "conditions": [{"type": "Ready", "status": "False"}, {"type": "ContainersReady", "status": "False"}],
+        "containerStatuses": [{
+            "name": "gateway", "ready": false, "restartCount": 3,
+            "image": "gateway", "imageID": "",
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+            "lastState": {"terminated": {"exitCode": 2, "reason": "Error", "message": format!("{refusal}\n")}}
+        }]
+    }});
+    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let ep = wait_condition(
+        &api,
+        "chat",
+        "Available",
+        "False",
+        Some("CrashLoopBackOff"),
+        60,
+    )
+    .await;
+    let available = ep.status.unwrap().condition("Available").unwrap().clone();
+    assert_eq!(
+        available.message,
+        format!("pod {name}: the gateway exits with code 2: {refusal}")
+    );
+    let events = wait_events(&client, &ns, "chat", "CrashLoopBackOff", 1, 30).await;
+    assert_eq!(events[0].type_.as_deref(), Some("Warning"));
+}
