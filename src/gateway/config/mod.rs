@@ -381,6 +381,22 @@ mod tests {
         }
     }
 
+    /// The gateway starts with exactly the apiBase values the CRD accepts (the same table the
+    /// API-server test applies), and says what is wrong as the CRD does.
+    #[test]
+    fn api_bases_are_accepted_exactly_as_the_crd_accepts_them() {
+        for (base, valid) in crate::api_base::CASES {
+            let mut m = settings(Provider::Openai);
+            m.api_base = Some(base.to_string());
+            let result = ModelConfig::new(&m, None);
+            assert_eq!(result.is_ok(), *valid, "{base:?}: {:?}", result.err());
+            if let Some(problem) = crate::api_base::problem(base) {
+                let err = result.err().unwrap_or_default();
+                assert!(err.contains(problem), "{base:?}: {err}");
+            }
+        }
+    }
+
     #[test]
     fn bad_api_bases_and_a_missing_deployment_are_config_errors() {
         let mut m = settings(Provider::Openai);
