@@ -10,6 +10,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+/// An endpoint's name names its Service: a DNS-1035 label (also what every derived name needs).
+pub const NAME_PATTERN: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
+pub const MAX_NAME: usize = 63;
+
 pub const GROUP: &str = "mlflow-gateway.dev";
 pub const VERSION: &str = "v1alpha1";
 
@@ -25,6 +29,8 @@ pub const VERSION: &str = "v1alpha1";
     category = "mlflow",
     doc = "A traced LLM gateway endpoint: its models and routing, and the MLflow experiment every invocation is traced into.",
     namespaced,
+    validation = Rule::new(format!("self.metadata.name.matches(r'{NAME_PATTERN}') && size(self.metadata.name) <= {MAX_NAME}"))
+        .message("metadata.name must be at most 63 characters of lower-case letters, digits and '-', starting with a letter and not ending with '-' (a DNS-1035 label): it names the endpoint's Service, ConfigMap and Deployment"),
     status = "GatewayEndpointStatus",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","priority":1}"#,
@@ -84,7 +90,7 @@ pub struct GatewayEndpointSpec {
     /// Name of the experiment the operator creates or adopts (default `gateway/<namespace>/<name>`).
     /// Changing it renames the experiment; its traces stay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 500))]
+    #[schemars(length(min = 1, max = 256))]
     pub experiment_name: Option<String>,
 
     /// What happens to the operator's experiment when this resource is deleted: Retain (default)
@@ -211,9 +217,17 @@ pub struct Model {
     pub api_key_secret_ref: Option<SecretKeyRef>,
 
     /// Base URL of the provider's API, for a proxy, a self-hosted server or Azure
-    /// (default: the provider's public API).
+    /// (default: the provider's public API): http(s)://HOST[:PORT][/PATH][?QUERY], without
+    /// credentials or fragment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(
+        validation = api_base_rule(0),
+        validation = api_base_rule(1),
+        validation = api_base_rule(2),
+        validation = api_base_rule(3),
+        validation = api_base_rule(4)
+    )]
     pub api_base: Option<String>,
 
     /// Azure OpenAI: the API version (default 2024-10-21).
@@ -225,6 +239,15 @@ pub struct Model {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub deployment: Option<String>,
+}
+
+/// The `i`th CEL rule of [`crate::api_base::cel_rules`] (the grammar the gateway checks too).
+fn api_base_rule(i: usize) -> kube::core::Rule {
+    let rules = crate::api_base::cel_rules();
+    match rules.get(i) {
+        Some((rule, message)) => kube::core::Rule::new(rule.clone()).message(*message),
+        None => kube::core::Rule::new("true"),
+    }
 }
 
 impl Model {

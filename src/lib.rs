@@ -2,6 +2,7 @@
 //! experiment in an MLflow tracking server.
 
 pub mod api;
+pub mod api_base;
 pub mod controller;
 pub mod gateway;
 pub mod http_client;

@@ -229,6 +229,8 @@ async fn lead(
         return Ok(());
     };
     let lease = format!("{}/{}", elector.config().namespace, elector.config().name);
+    // A follower is ready: it stands by (its watches start, and count, once it leads).
+    metrics.health.standby();
     tracing::info!(%lease, identity = %elector.config().identity, "waiting to become the leader");
     tokio::select! {
         () = elector.acquire() => {}

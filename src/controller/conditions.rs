@@ -59,6 +59,10 @@ pub enum Reason {
     CredentialsInvalid,
     // Available / Progressing
     NameConflict,
+    /// The API server refused an owned object (its message says why).
+    ApplyFailed,
+    /// A gateway container exits (its termination message says why).
+    CrashLoopBackOff,
     WaitingForExperiment,
     DeploymentPending,
     MinimumReplicasAvailable,
@@ -89,6 +93,8 @@ impl Reason {
             Reason::SecretKeyNotFound => "SecretKeyNotFound",
             Reason::CredentialsInvalid => "CredentialsInvalid",
             Reason::NameConflict => "NameConflict",
+            Reason::ApplyFailed => "ApplyFailed",
+            Reason::CrashLoopBackOff => "CrashLoopBackOff",
             Reason::WaitingForExperiment => "WaitingForExperiment",
             Reason::DeploymentPending => "DeploymentPending",
             Reason::MinimumReplicasAvailable => "MinimumReplicasAvailable",

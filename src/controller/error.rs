@@ -17,6 +17,14 @@ pub enum Error {
         "a {kind} named {name} already exists and is not this endpoint's: rename or delete it, or rename the endpoint"
     )]
     NameConflict { kind: String, name: String },
+    /// The API server refused to read or write an owned object; its message as it gave it.
+    #[error("could not {verb} {kind} {name}: {message}")]
+    ApplyFailed {
+        verb: &'static str,
+        kind: String,
+        name: String,
+        message: String,
+    },
 }
 
 impl Error {
@@ -32,6 +40,7 @@ impl Error {
             },
             Error::InvalidResource(_) => "invalid_resource",
             Error::NameConflict { .. } => "name_conflict",
+            Error::ApplyFailed { .. } => "apply_failed",
         }
     }
 }

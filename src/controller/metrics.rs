@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -54,6 +55,8 @@ pub struct Metrics {
     pub object_applies: Family<KindLabels, Counter>,
     /// 1 while this instance runs the controller (leads), 0 while it waits for the lease.
     pub leader: Gauge,
+    /// What `/readyz` answers from: the watches' state.
+    pub health: super::health::Health,
     registry: Registry,
 }
 
@@ -76,6 +79,7 @@ impl Default for Metrics {
             endpoints: Family::default(),
             object_applies: Family::default(),
             leader: Gauge::default(),
+            health: Default::default(),
             registry: Registry::default(),
         };
         registry.register("reconciles", "Reconciles run", m.reconciles.clone());
@@ -185,12 +189,24 @@ async fn render_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     )
 }
 
+/// 200 while every watch is synced and working (or this instance stands by), else 503 saying which
+/// watch is not.
+async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match m.health.readiness() {
+        Ok(note) => (StatusCode::OK, note),
+        Err(problem) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {problem}"),
+        ),
+    }
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .with_state(metrics);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");

@@ -12,6 +12,7 @@ pub mod context;
 pub mod error;
 pub mod events;
 pub mod experiment;
+pub mod health;
 pub mod metrics;
 pub mod reconcile;
 pub mod settings;
@@ -27,7 +28,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, warn};
@@ -70,17 +71,32 @@ pub async fn run(ctx: Arc<Context>) {
         ))
         .any_semantic();
     // Cached without managedFields: they are most of an object's size and never read.
+    let health = &ctx.metrics.health;
+    let mut watches = vec![
+        "gatewayendpoints",
+        "deployments",
+        "configmaps",
+        "services",
+        "secrets",
+    ];
+    if operator_secret_watched(&ctx) {
+        watches.push("operator secret");
+    }
+    health.watching(&watches);
     let deployments = watcher(scoped::<Deployment>(client, ns), owned.clone())
+        .inspect(observe(&ctx, "deployments"))
         .modify(|o| o.managed_fields_mut().clear())
         .default_backoff()
         .reflect(writers.deployments)
         .touched_objects();
     let config_maps = watcher(scoped::<ConfigMap>(client, ns), owned.clone())
+        .inspect(observe(&ctx, "configmaps"))
         .modify(|o| o.managed_fields_mut().clear())
         .default_backoff()
         .reflect(writers.config_maps)
         .touched_objects();
     let services = watcher(scoped::<Service>(client, ns), owned.clone())
+        .inspect(observe(&ctx, "services"))
         .modify(|o| o.managed_fields_mut().clear())
         .default_backoff()
         .reflect(writers.services)
@@ -90,16 +106,18 @@ pub async fn run(ctx: Arc<Context>) {
         scoped::<PartialObjectMeta<Secret>>(client, ns),
         watcher::Config::default().any_semantic(),
     )
+    .inspect(observe(&ctx, "secrets"))
     .default_backoff()
     .touched_objects();
     let operator_secret = match ctx.settings.gateway_credentials() {
-        Some(secret) if ns.is_some_and(|w| w != secret.namespace) => Some(
+        Some(secret) if operator_secret_watched(&ctx) => Some(
             watcher(
                 Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), &secret.namespace),
                 watcher::Config::default()
                     .fields(&format!("metadata.name={}", secret.name))
                     .any_semantic(),
             )
+            .inspect(observe(&ctx, "operator secret"))
             .default_backoff()
             .touched_objects(),
         ),
@@ -107,11 +125,20 @@ pub async fn run(ctx: Arc<Context>) {
     };
 
     let config = ControllerConfig::default().concurrency(ctx.settings.concurrency());
-    let controller = Controller::new(
-        scoped::<GatewayEndpoint>(client, ns),
-        watcher::Config::default().any_semantic(),
+    // Controller::new's own watch and cache, built here so that the watch reports to `health`.
+    let (endpoints, writer) = reflector::store();
+    let controller = Controller::for_stream(
+        reflector::reflector(
+            writer,
+            watcher(
+                scoped::<GatewayEndpoint>(client, ns),
+                watcher::Config::default().any_semantic(),
+            )
+            .inspect(observe(&ctx, "gatewayendpoints")),
+        )
+        .applied_objects(),
+        endpoints.clone(),
     );
-    let endpoints = controller.store();
     let credential = ctx.settings.gateway_credentials().cloned();
     let map_secret = move |s: PartialObjectMeta<Secret>| {
         let owner = s
@@ -158,6 +185,24 @@ pub async fn run(ctx: Arc<Context>) {
         () = running => {}
         () = tended => {}
     }
+}
+
+/// Whether the operator's own credential Secret needs a watch of its own (outside the watched
+/// namespace).
+fn operator_secret_watched(ctx: &Context) -> bool {
+    let ns = ctx.settings.namespace();
+    ctx.settings
+        .gateway_credentials()
+        .is_some_and(|secret| ns.is_some_and(|w| w != secret.namespace))
+}
+
+/// Reports a watch's events to the readiness state.
+fn observe<K>(
+    ctx: &Arc<Context>,
+    name: &'static str,
+) -> impl Fn(&Result<watcher::Event<K>, watcher::Error>) + use<K> {
+    let ctx = ctx.clone();
+    move |event| ctx.metrics.health.observe(name, event)
 }
 
 /// Keeps the `endpoints{ready}` gauge in step with the watched endpoints, and forgets the

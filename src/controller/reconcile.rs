@@ -250,13 +250,19 @@ pub fn decide(
         "ResolveSecrets",
     ));
     // Pods on their way (DeploymentPending, WaitingForExperiment, a rollout) are no Warning; a name
-    // held by someone else's object and a stuck rollout are.
-    if gateway.available.reason == Reason::NameConflict {
+    // held by someone else's object, an object the API server refused and a stuck rollout are.
+    if matches!(
+        gateway.available.reason,
+        Reason::NameConflict | Reason::ApplyFailed
+    ) {
         events.extend(warn_on_entering(
             current,
             &gateway.available,
             "ApplyGateway",
         ));
+    }
+    if gateway.available.reason == Reason::CrashLoopBackOff {
+        events.extend(warn_on_entering(current, &gateway.available, "RollOut"));
     }
     if gateway.progressing.reason == Reason::ProgressDeadlineExceeded {
         events.extend(warn_on_entering(current, &gateway.progressing, "RollOut"));
@@ -289,12 +295,7 @@ pub fn decide(
         ),
     };
     // The experiment's failure first: it is why the pods may be waiting.
-    let failure = experiment.failure.map(Error::from).or_else(|| {
-        gateway.conflict.map(|c| Error::NameConflict {
-            kind: c.kind,
-            name: c.name,
-        })
-    });
+    let failure = experiment.failure.map(Error::from).or(gateway.refused);
     Decision {
         status,
         events,
@@ -346,9 +347,32 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
     match decision.failure {
         Some(e) => Err(e),
         None => Ok(Action::requeue(jitter(
-            ctx.settings.resync(),
+            recheck_after(&decision.status, ctx.settings.resync()),
             ep.uid().as_deref(),
         ))),
+    }
+}
+
+/// Pods that exist but do not serve change nothing the operator watches when they crash: look at
+/// them again soon (at most every 15 s), not only at the next resync.
+fn recheck_after(
+    status: &GatewayEndpointStatus,
+    resync: std::time::Duration,
+) -> std::time::Duration {
+    let unavailable = status
+        .condition(ConditionType::Available.as_str())
+        .is_some_and(|c| {
+            c.status == "False"
+                && [
+                    Reason::CrashLoopBackOff.as_str(),
+                    Reason::MinimumReplicasUnavailable.as_str(),
+                ]
+                .contains(&c.reason.as_str())
+        });
+    if unavailable {
+        resync.min(std::time::Duration::from_secs(15))
+    } else {
+        resync
     }
 }
 
@@ -448,7 +472,6 @@ async fn patch_status(
 mod tests {
     use super::*;
     use crate::controller::experiment::{BlockedReason, Change};
-    use crate::controller::workload::NameConflict;
     use crate::mlflow::{ErrorCode, Experiment, LifecycleStage};
 
     fn ui() -> url::Url {
@@ -499,7 +522,7 @@ mod tests {
             replicas: Some(1),
             ready_replicas: Some(1),
             events: Vec::new(),
-            conflict: None,
+            refused: None,
         }
     }
 
@@ -624,7 +647,7 @@ mod tests {
             let mut g = serving();
             g.available = condition(ConditionType::Available, false, Reason::NameConflict);
             g.progressing = condition(ConditionType::Progressing, false, Reason::NameConflict);
-            g.conflict = Some(NameConflict {
+            g.refused = Some(Error::NameConflict {
                 kind: "Service".into(),
                 name: "team-a/chat".into(),
             });
@@ -649,10 +672,36 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_apply_is_a_condition_a_warning_and_a_retry() {
+        let step = experiment_step(
+            Ok(Outcome::Disabled),
+            &Declared::Disabled,
+            &Default::default(),
+            &ui(),
+        );
+        let mut g = serving();
+        g.available = condition(ConditionType::Available, false, Reason::ApplyFailed);
+        g.progressing = condition(ConditionType::Progressing, false, Reason::ApplyFailed);
+        g.refused = Some(Error::ApplyFailed {
+            verb: "apply",
+            kind: "Service".into(),
+            name: "team-a/chat".into(),
+            message: "denied".into(),
+        });
+        let d = decide(None, &Default::default(), step, g);
+        assert!(matches!(d.failure, Some(Error::ApplyFailed { .. })));
+        assert_eq!(d.events.len(), 1);
+        assert_eq!(d.events[0].type_, EventType::Warning);
+        assert_eq!(d.events[0].reason, "ApplyFailed");
+        assert_eq!(d.events[0].action, "ApplyGateway");
+        assert_eq!(d.status.condition("Ready").unwrap().reason, "ApplyFailed");
+    }
+
+    #[test]
     fn the_experiment_failure_comes_before_the_gateway_one() {
         let step = experiment_step(Err(unavailable()), &managed(), &recorded("3"), &ui());
         let mut g = serving();
-        g.conflict = Some(NameConflict {
+        g.refused = Some(Error::NameConflict {
             kind: "Service".into(),
             name: "team-a/chat".into(),
         });

@@ -618,11 +618,12 @@ spec:
     );
     assert!(
         is_forbidden(
+            // It may list them (why gateway pods do not serve), nothing else.
             Api::<Pod>::namespaced(as_sa.clone(), &team)
-                .list(&ListParams::default())
+                .delete_collection(&DeleteParams::default(), &ListParams::default())
                 .await
         ),
-        "the ServiceAccount may read pods"
+        "the ServiceAccount may delete pods"
     );
     assert!(
         is_forbidden(

@@ -18,6 +18,7 @@ mod crd;
 mod e2e_admission;
 mod e2e_experiment;
 mod e2e_pods;
+mod e2e_validation;
 mod gateway;
 mod gitops;
 mod helm;

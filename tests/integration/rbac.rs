@@ -32,6 +32,7 @@ const GRANTED: &[(&str, &str)] = &[
     ("create", "deployments.apps"),
     ("update", "deployments.apps"),
     ("create", "events.events.k8s.io"),
+    ("list", "pods"),
 ];
 
 /// Requests it never makes, anywhere.
@@ -41,7 +42,7 @@ const REFUSED: &[(&str, &str)] = &[
     ("create", "gatewayendpoints.mlflow-gateway.dev"),
     ("delete", "gatewayendpoints.mlflow-gateway.dev"),
     ("delete", "deployments.apps"),
-    ("list", "pods"),
+    ("delete", "pods"),
     ("create", "pods"),
     ("create", "rolebindings.rbac.authorization.k8s.io"),
     ("create", "leases.coordination.k8s.io"),
@@ -290,6 +291,7 @@ pub(crate) fn operator_rules() -> Vec<Rule> {
             v(&["events"]),
             v(&["create", "patch"]),
         ),
+        (v(&[""]), v(&["pods"]), v(&["list"])),
     ]
 }
 

@@ -48,7 +48,11 @@ where
         Some(obj) if render::is_owned_by(obj.meta(), ep) => Some(obj),
         // Not in the cache (which sees only objects with the operator's label): it may not exist,
         // be someone else's, or be ours with its label removed.
-        _ => api.get_opt(&name).await?.map(Arc::new),
+        _ => api
+            .get_opt(&name)
+            .await
+            .map_err(|e| refused("read", K::kind(&()).as_ref(), &ns, &name, e))?
+            .map(Arc::new),
     };
     if let Some(obj) = &existing {
         if !render::is_owned_by(obj.meta(), ep) {
@@ -69,7 +73,8 @@ where
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&desired),
         )
-        .await?;
+        .await
+        .map_err(|e| refused("apply", K::kind(&()).as_ref(), &ns, &name, e))?;
     ctx.metrics
         .object_applies
         .get_or_create(&crate::controller::metrics::KindLabels {
@@ -83,6 +88,20 @@ where
         "applied"
     );
     Ok((Some(Arc::new(applied)), true))
+}
+
+/// The API server's refusal as [`Error::ApplyFailed`] with its message (status shows it); other
+/// failures (the API server unreachable) stay Kubernetes errors, retried.
+fn refused(verb: &'static str, kind: &str, ns: &str, name: &str, e: kube::Error) -> Error {
+    match e {
+        kube::Error::Api(status) => Error::ApplyFailed {
+            verb,
+            kind: kind.to_string(),
+            name: format!("{ns}/{name}"),
+            message: status.message,
+        },
+        e => Error::Kube(e),
+    }
 }
 
 fn invalid(e: serde_json::Error) -> Error {

@@ -5,6 +5,7 @@
 //! module runs those steps in order and returns what they found as one [`GatewayState`].
 
 pub mod apply;
+pub mod crashes;
 pub mod drift;
 pub mod render;
 pub mod rollout;
@@ -28,16 +29,10 @@ pub struct GatewayState {
     pub replicas: Option<i32>,
     pub ready_replicas: Option<i32>,
     pub events: Vec<Event>,
-    /// An object of one of the endpoint's names that is someone else's (then `available` says so).
-    pub conflict: Option<NameConflict>,
-}
-
-/// An object the endpoint needs a name of, held by someone else's object.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NameConflict {
-    pub kind: String,
-    /// `<namespace>/<name>`.
-    pub name: String,
+    /// An owned object the endpoint could not have (then `available` says why): one of its names
+    /// held by someone else's object ([`Error::NameConflict`]), or the API server refused to read
+    /// or write it ([`Error::ApplyFailed`]). The reconcile fails with it, so it is retried.
+    pub refused: Option<Error>,
 }
 
 /// Makes the endpoint's gateway objects match its spec, and reports what the Deployment says.
@@ -56,13 +51,27 @@ pub async fn ensure_gateway(
     let applied =
         match apply::apply_objects(ep, ctx, &resolved, traced_into, blocked.is_some()).await {
             Ok(applied) => applied,
-            Err(Error::NameConflict { kind, name }) => {
-                return Ok(conflicted(ep, secrets, NameConflict { kind, name }));
+            Err(e @ (Error::NameConflict { .. } | Error::ApplyFailed { .. })) => {
+                return Ok(refused(ep, secrets, e));
             }
             Err(e) => return Err(e),
         };
-    let (available, progressing) =
+    let unblocked = blocked.is_none();
+    let (mut available, progressing) =
         rollout::deployment_conditions(applied.deployment.as_deref(), blocked);
+    // Pods that exist but do not serve: the pods may say why (a gateway that exits at start).
+    if !available.status
+        && unblocked
+        && applied.deployment.is_some()
+        && let Some(crash) = crashes::find_crash(ctx, ep).await
+    {
+        available = ConditionState::new(
+            ConditionType::Available,
+            false,
+            Reason::CrashLoopBackOff,
+            crash,
+        );
+    }
     let status = applied
         .deployment
         .as_ref()
@@ -77,7 +86,7 @@ pub async fn ensure_gateway(
             .as_ref()
             .map(|s| s.ready_replicas.unwrap_or_default()),
         events: applied.event.into_iter().collect(),
-        conflict: None,
+        refused: None,
     })
 }
 
@@ -103,20 +112,16 @@ fn blocked(
     }
 }
 
-/// The state when one of the endpoint's names is held by someone else's object: not available,
-/// not progressing, saying whose name it is.
-fn conflicted(
-    ep: &GatewayEndpoint,
-    secrets: ConditionState,
-    conflict: NameConflict,
-) -> GatewayState {
-    let message = Error::NameConflict {
-        kind: conflict.kind.clone(),
-        name: conflict.name.clone(),
-    }
-    .to_string();
-    let condition =
-        |type_| ConditionState::new(type_, false, Reason::NameConflict, message.clone());
+/// The state when an owned object is refused (one of the endpoint's names is held by someone
+/// else's object, or the API server refused the object): not available, not progressing, saying
+/// whose name it is or what the API server said.
+fn refused(ep: &GatewayEndpoint, secrets: ConditionState, error: Error) -> GatewayState {
+    let reason = match error {
+        Error::NameConflict { .. } => Reason::NameConflict,
+        _ => Reason::ApplyFailed,
+    };
+    let message = crate::text::truncate(&error.to_string(), MAX_MESSAGE);
+    let condition = |type_| ConditionState::new(type_, false, reason.clone(), message.clone());
     GatewayState {
         secrets,
         available: condition(ConditionType::Available),
@@ -125,9 +130,12 @@ fn conflicted(
         replicas: None,
         ready_replicas: None,
         events: Vec::new(),
-        conflict: Some(conflict),
+        refused: Some(error),
     }
 }
+
+/// A condition message's bound: the API server's messages can be long (a webhook's, say).
+const MAX_MESSAGE: usize = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -170,11 +178,11 @@ mod tests {
             Reason::SecretsFound,
             "m".into(),
         );
-        let conflict = NameConflict {
+        let conflict = Error::NameConflict {
             kind: "Service".into(),
             name: "team-a/chat".into(),
         };
-        let g = conflicted(&ep, secrets, conflict.clone());
+        let g = refused(&ep, secrets.clone(), conflict);
         assert_eq!(g.available.reason, Reason::NameConflict);
         assert_eq!(g.progressing.reason, Reason::NameConflict);
         assert!(
@@ -183,6 +191,23 @@ mod tests {
                 .starts_with("a Service named team-a/chat already exists")
         );
         assert_eq!(g.url, "http://chat.team-a.svc:8080");
-        assert_eq!(g.conflict, Some(conflict));
+        assert!(matches!(g.refused, Some(Error::NameConflict { .. })));
+        let g = refused(
+            &ep,
+            secrets,
+            Error::ApplyFailed {
+                verb: "apply",
+                kind: "ConfigMap".into(),
+                name: "team-a/chat".into(),
+                message: "exceeded quota: q, requested: count/configmaps=1".into(),
+            },
+        );
+        assert_eq!(g.available.reason, Reason::ApplyFailed);
+        assert_eq!(g.progressing.reason, Reason::ApplyFailed);
+        assert_eq!(
+            g.available.message,
+            "could not apply ConfigMap team-a/chat: exceeded quota: q, requested: count/configmaps=1"
+        );
+        assert!(matches!(g.refused, Some(Error::ApplyFailed { .. })));
     }
 }

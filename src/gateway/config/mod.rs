@@ -282,6 +282,13 @@ impl ModelConfig {
                 ));
             }
         };
+        // The CRD's grammar first (a base from the CRD passed it already), so the gateway starts
+        // with exactly what `kubectl apply` accepts; a provider's default base is a constant.
+        if settings.api_base.is_some()
+            && let Some(problem) = crate::api_base::problem(base)
+        {
+            return Err(format!("model {name}: apiBase {base:?}: {problem}"));
+        }
         let api_base = Url::parse(base)
             .map_err(|e| format!("model {name}: apiBase {base:?} is not a valid URL: {e}"))?;
         if !matches!(api_base.scheme(), "http" | "https") || api_base.cannot_be_a_base() {
@@ -371,6 +378,22 @@ mod tests {
                 provider != Provider::Azure,
                 "{provider:?}"
             );
+        }
+    }
+
+    /// The gateway starts with exactly the apiBase values the CRD accepts (the same table the
+    /// API-server test applies), and says what is wrong as the CRD does.
+    #[test]
+    fn api_bases_are_accepted_exactly_as_the_crd_accepts_them() {
+        for (base, valid) in crate::api_base::CASES {
+            let mut m = settings(Provider::Openai);
+            m.api_base = Some(base.to_string());
+            let result = ModelConfig::new(&m, None);
+            assert_eq!(result.is_ok(), *valid, "{base:?}: {:?}", result.err());
+            if let Some(problem) = crate::api_base::problem(base) {
+                let err = result.err().unwrap_or_default();
+                assert!(err.contains(problem), "{base:?}: {err}");
+            }
         }
     }
 
