@@ -173,9 +173,22 @@ pub fn from_resource(
                 "MLFLOW_EXPERIMENT_ID {experiment_id:?} is not an experiment id"
             )));
         }
+        let workspace = match env(crate::mlflow::ENV_WORKSPACE).filter(|v| !v.is_empty()) {
+            None => None,
+            Some(w) => match crate::mlflow::invalid_workspace_name(&w) {
+                None => Some(w),
+                Some(why) => {
+                    return Err(ConfigError::Env(format!(
+                        "{}: {why}",
+                        crate::mlflow::ENV_WORKSPACE
+                    )));
+                }
+            },
+        };
         Some(TelemetryConfig {
             mlflow,
             experiment_id,
+            workspace,
             endpoint_name: endpoint.name.clone(),
             endpoint_id: endpoint.id.clone(),
             capture_content: spec.tracing.capture_content,
