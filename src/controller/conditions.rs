@@ -48,6 +48,9 @@ pub enum Reason {
     ExperimentNameConflict,
     ExperimentNotFound,
     ExperimentDeleted,
+    ExperimentNameReserved,
+    ExperimentNotShared,
+    WorkspaceInvalid,
     TrackingServerUnavailable,
     TrackingServerUnauthorized,
     TrackingServerForbidden,
@@ -80,6 +83,9 @@ impl Reason {
             Reason::ExperimentNameConflict => "ExperimentNameConflict",
             Reason::ExperimentNotFound => "ExperimentNotFound",
             Reason::ExperimentDeleted => "ExperimentDeleted",
+            Reason::ExperimentNameReserved => "ExperimentNameReserved",
+            Reason::ExperimentNotShared => "ExperimentNotShared",
+            Reason::WorkspaceInvalid => "WorkspaceInvalid",
             Reason::TrackingServerUnavailable => "TrackingServerUnavailable",
             Reason::TrackingServerUnauthorized => "TrackingServerUnauthorized",
             Reason::TrackingServerForbidden => "TrackingServerForbidden",
@@ -130,6 +136,9 @@ impl From<BlockedReason> for Reason {
             BlockedReason::ExperimentNameConflict => Reason::ExperimentNameConflict,
             BlockedReason::ExperimentNotFound => Reason::ExperimentNotFound,
             BlockedReason::ExperimentDeleted => Reason::ExperimentDeleted,
+            BlockedReason::ExperimentNameReserved => Reason::ExperimentNameReserved,
+            BlockedReason::ExperimentNotShared => Reason::ExperimentNotShared,
+            BlockedReason::WorkspaceInvalid => Reason::WorkspaceInvalid,
         }
     }
 }

@@ -41,11 +41,13 @@ pub struct NameConflict {
 }
 
 /// Makes the endpoint's gateway objects match its spec, and reports what the Deployment says.
-/// `experiment_id`: where the pods trace (None with tracking on: not known yet, so no pods yet).
+/// `experiment_id`: where the pods trace (None with tracking on: not known yet, so no pods yet);
+/// `workspace`: the MLflow workspace it is in (None for a server without workspaces).
 pub async fn ensure_gateway(
     ep: &GatewayEndpoint,
     ctx: &Context,
     experiment_id: Option<&str>,
+    workspace: Option<&str>,
     tracking: bool,
 ) -> Result<GatewayState, Error> {
     let ns = ep.namespace().unwrap_or_default();
@@ -54,7 +56,15 @@ pub async fn ensure_gateway(
     let blocked = blocked(&resolved, tracking, experiment_id);
     let traced_into = experiment_id.filter(|_| tracking);
     let applied =
-        match apply::apply_objects(ep, ctx, &resolved, traced_into, blocked.is_some()).await {
+        match apply::apply_objects(
+        ep,
+        ctx,
+        &resolved,
+        traced_into,
+        workspace.filter(|_| traced_into.is_some()),
+        blocked.is_some(),
+    )
+    .await {
             Ok(applied) => applied,
             Err(Error::NameConflict { kind, name }) => {
                 return Ok(conflicted(ep, secrets, NameConflict { kind, name }));
