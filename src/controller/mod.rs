@@ -93,11 +93,14 @@ pub async fn run(ctx: Arc<Context>) {
         Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
         None => watcher::Config::default(),
     };
-    let namespaces = watcher(Api::<Namespace>::all(client.clone()), namespace_config.any_semantic())
-        .modify(|o| o.managed_fields_mut().clear())
-        .default_backoff()
-        .reflect(writers.namespaces)
-        .touched_objects();
+    let namespaces = watcher(
+        Api::<Namespace>::all(client.clone()),
+        namespace_config.any_semantic(),
+    )
+    .modify(|o| o.managed_fields_mut().clear())
+    .default_backoff()
+    .reflect(writers.namespaces)
+    .touched_objects();
     // Secrets in the watched namespaces, plus the operator's own namespace for its credential.
     let secrets = watcher(
         scoped::<PartialObjectMeta<Secret>>(client, ns),

@@ -352,7 +352,8 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
                             1,
                         );
                     }
-                    ctx.verified.record(&id.uid, step.verified(generation, scope));
+                    ctx.verified
+                        .record(&id.uid, step.verified(generation, scope));
                     (step, workspace)
                 }
             }

@@ -254,6 +254,9 @@ mod tests {
         let e = NamespacePolicy::from_annotations(Some(&bad))
             .workspace("team-a")
             .unwrap_err();
-        assert!(e.contains("Team_A") && e.contains(ANNOTATION_WORKSPACE), "{e}");
+        assert!(
+            e.contains("Team_A") && e.contains(ANNOTATION_WORKSPACE),
+            "{e}"
+        );
     }
 }

@@ -503,13 +503,15 @@ impl MlflowClient {
         })?;
         let workspace = match self.workspace.as_deref() {
             None => None,
-            Some(w) => Some(header::HeaderValue::from_str(w).map_err(|_| {
-                MlflowError::Protocol {
-                    call: name,
-                    status: 0,
-                    message: format!("the workspace name {w:?} is not usable in a header"),
-                }
-            })?),
+            Some(w) => {
+                Some(
+                    header::HeaderValue::from_str(w).map_err(|_| MlflowError::Protocol {
+                        call: name,
+                        status: 0,
+                        message: format!("the workspace name {w:?} is not usable in a header"),
+                    })?,
+                )
+            }
         };
         let (method, body) = match &request {
             Request::Get(_) => (Method::GET, Bytes::new()),
@@ -773,6 +775,27 @@ mod tests {
 
     const GET_OK: &str =
         r#"{"experiment":{"experiment_id":"1","name":"e","lifecycle_stage":"active"}}"#;
+
+    #[tokio::test]
+    async fn a_workspace_clone_sends_the_header_and_the_original_does_not() {
+        let server = scripted("", vec![Some((200, GET_OK))]).await;
+        let client = MlflowClient::new(&MlflowConfig::new(server.uri.clone()).unwrap()).unwrap();
+        let team = client.in_workspace(Some("team-a".into()));
+        team.get_experiment("1").await.unwrap();
+        client.get_experiment("1").await.unwrap();
+        team.in_workspace(None).get_experiment("1").await.unwrap();
+        let heads = server.requests.lock().unwrap().clone();
+        let with = |h: &String| {
+            h.to_ascii_lowercase()
+                .contains("x-mlflow-workspace: team-a")
+        };
+        assert_eq!(
+            heads.iter().map(with).collect::<Vec<_>>(),
+            [true, false, false]
+        );
+        assert_eq!(team.workspace(), Some("team-a"));
+        assert_eq!(client.workspace(), None);
+    }
 
     #[tokio::test]
     async fn retries_transient_answers_then_succeeds() {

@@ -24,5 +24,6 @@ pub use experiments::{
 };
 pub use transport::{Answer, NoAnswer, RetryPolicy, Transport};
 pub use workspaces::{
-    DEFAULT_WORKSPACE, ENV_WORKSPACE, ServerInfo, WORKSPACE_HEADER, Workspace, invalid_workspace_name,
+    DEFAULT_WORKSPACE, ENV_WORKSPACE, ServerInfo, WORKSPACE_HEADER, Workspace,
+    invalid_workspace_name,
 };

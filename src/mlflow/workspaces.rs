@@ -129,7 +129,11 @@ impl MlflowClient {
 
     /// Makes the workspace `name` exist: true when this call created it. The server's own
     /// `default` always exists.
-    pub async fn ensure_workspace(&self, name: &str, description: &str) -> Result<bool, MlflowError> {
+    pub async fn ensure_workspace(
+        &self,
+        name: &str,
+        description: &str,
+    ) -> Result<bool, MlflowError> {
         if name == DEFAULT_WORKSPACE {
             return Ok(false);
         }

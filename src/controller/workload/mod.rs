@@ -55,8 +55,7 @@ pub async fn ensure_gateway(
     let secrets = secrets::secrets_condition(&resolved);
     let blocked = blocked(&resolved, tracking, experiment_id);
     let traced_into = experiment_id.filter(|_| tracking);
-    let applied =
-        match apply::apply_objects(
+    let applied = match apply::apply_objects(
         ep,
         ctx,
         &resolved,
@@ -64,13 +63,14 @@ pub async fn ensure_gateway(
         workspace.filter(|_| traced_into.is_some()),
         blocked.is_some(),
     )
-    .await {
-            Ok(applied) => applied,
-            Err(Error::NameConflict { kind, name }) => {
-                return Ok(conflicted(ep, secrets, NameConflict { kind, name }));
-            }
-            Err(e) => return Err(e),
-        };
+    .await
+    {
+        Ok(applied) => applied,
+        Err(Error::NameConflict { kind, name }) => {
+            return Ok(conflicted(ep, secrets, NameConflict { kind, name }));
+        }
+        Err(e) => return Err(e),
+    };
     let (available, progressing) =
         rollout::deployment_conditions(applied.deployment.as_deref(), blocked);
     let status = applied

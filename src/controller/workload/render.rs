@@ -650,7 +650,11 @@ spec:
     #[test]
     fn the_workspace_reaches_the_pods_only_when_there_is_one() {
         let ep = endpoint("");
-        let env = env_map(&deployment(&ep, &defaults(), &inputs(TraceCredential::None)));
+        let env = env_map(&deployment(
+            &ep,
+            &defaults(),
+            &inputs(TraceCredential::None),
+        ));
         assert!(!env.contains_key("MLFLOW_WORKSPACE"));
         let mut i = inputs(TraceCredential::None);
         i.workspace = Some("team-a".into());
