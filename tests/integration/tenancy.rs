@@ -25,8 +25,13 @@ const QUICK: &[(&str, &str)] = &[
 ];
 const API_KEY: &str = "sk-tenancy-0123456789";
 
+/// A client with room for a loaded machine (the assertions are about answers, not speed).
 fn client(uri: &str) -> MlflowClient {
-    MlflowClient::new(&MlflowConfig::new(uri.parse().unwrap()).unwrap()).unwrap()
+    let config = MlflowConfig::builder(uri.parse().unwrap())
+        .request_timeout(std::time::Duration::from_secs(60))
+        .build()
+        .unwrap();
+    MlflowClient::new(&config).unwrap()
 }
 
 fn endpoint_yaml(name: &str, base: &str, extra_spec: &str) -> String {
