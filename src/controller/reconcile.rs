@@ -342,15 +342,16 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
                         ensure_in_workspace(ctx, workspace.as_deref(), &id, &declared, known).await;
                     let mut step =
                         experiment_step(outcome, &declared, &current, ctx.settings.ui_url());
-                    if let Some(w) = &workspace
+                    // Say which workspace: `traces go to experiment 3 (name) in MLflow workspace w, ...`.
+                    if let (Some(w), Some(eid), Some(name)) =
+                        (&workspace, &step.fields.id, &step.fields.name)
                         && step.condition.status
-                        && step.fields.id.is_some()
                     {
-                        step.condition.message = step.condition.message.replacen(
-                            ") ",
-                            &format!(") in MLflow workspace {w}, "),
-                            1,
-                        );
+                        let head = format!("traces go to experiment {eid} ({name})");
+                        if let Some(rest) = step.condition.message.strip_prefix(&head) {
+                            step.condition.message =
+                                format!("{head} in MLflow workspace {w}{rest}");
+                        }
                     }
                     ctx.verified
                         .record(&id.uid, step.verified(generation, scope));

@@ -304,7 +304,8 @@ async fn with_workspaces_an_endpoint_and_its_traces_live_in_its_namespaces_works
     let fake = FakeLlm::start("openai-fake", API_KEY).await;
     let _op = Operator::start(&ns, &ml.uri, QUICK);
     apply(&ns, &endpoint_yaml("chat", &format!("{}/v1", fake.url), ""));
-    let ep = support::wait_condition(&eps, "chat", "Ready", "True", None, 120).await;
+    // Generous: a private MLflow on a loaded machine may take minutes to answer its first writes.
+    let ep = support::wait_condition(&eps, "chat", "Ready", "True", None, 300).await;
     let status = ep.status.clone().unwrap();
     let experiment_id = status.experiment_id.clone().unwrap();
     let (_, message) = condition(&ep, "ExperimentReady");
