@@ -268,6 +268,7 @@ fn the_rendered_rbac_and_pod_are_least_privilege_and_hardened() {
                 v(&["events"]),
                 v(&["create", "patch"])
             ),
+            (v(&[""]), v(&["namespaces"]), v(&["get", "list", "watch"])),
         ],
         "the ClusterRole must grant exactly the requests the operator makes"
     );
