@@ -22,6 +22,7 @@ use super::experiment::{self, Declared, EndpointIdentity, Outcome};
 use super::tenancy::{self, NamespacePolicy};
 use super::verified::{ExperimentFields, Verified};
 use super::workload::{self, GatewayState};
+use super::workspaces::{deployed_workspace, ensure_in_workspace, namespace_policy, workspace_of};
 use crate::api::{ExperimentDeletionPolicy, GatewayEndpoint, GatewayEndpointStatus};
 use crate::mlflow::MlflowError;
 
@@ -389,84 +390,6 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
             ep.uid().as_deref(),
         ))),
     }
-}
-
-/// The Namespace's policy, from the cache of watched Namespaces (the defaults if it is not
-/// there).
-fn namespace_policy(ctx: &Context, namespace: &str) -> NamespacePolicy {
-    let ns = ctx.stores.namespaces.get(&ObjectRef::new(namespace));
-    NamespacePolicy::from_annotations(ns.as_ref().and_then(|n| n.metadata.annotations.as_ref()))
-}
-
-/// The MLflow workspace of the namespace's endpoints: None without tracking or when the server
-/// has no workspaces (it must never get the header). Otherwise, what the experiment step shows
-/// instead: the probe's failure, or a namespace that names no valid workspace.
-async fn workspace_of(
-    ctx: &Context,
-    namespace: &str,
-    policy: &NamespacePolicy,
-    tracking: bool,
-) -> Result<Option<String>, Result<Outcome, MlflowError>> {
-    if !tracking {
-        return Ok(None);
-    }
-    match ctx.workspaces.enabled(&ctx.tracking).await {
-        Err(e) => Err(Err(e)),
-        Ok(false) => Ok(None),
-        Ok(true) => match policy.workspace(namespace) {
-            Ok(w) => Ok(Some(w)),
-            Err(message) => Err(Ok(Outcome::Blocked {
-                reason: experiment::BlockedReason::WorkspaceInvalid,
-                message,
-                experiment_id: None,
-            })),
-        },
-    }
-}
-
-/// [`experiment::ensure`] in `workspace`: made to exist first when the operator is to create an
-/// experiment there (not for a refused name, nor for a user's experiment, which must already be
-/// there).
-async fn ensure_in_workspace(
-    ctx: &Context,
-    workspace: Option<&str>,
-    id: &EndpointIdentity,
-    declared: &Declared,
-    known: Option<&str>,
-) -> Result<Outcome, MlflowError> {
-    let tracking = ctx.tracking.in_workspace(workspace.map(str::to_string));
-    if let (Some(w), Declared::Managed { .. }) = (workspace, declared)
-        && tenancy::refuse_declared(id, declared).is_none()
-    {
-        ctx.workspaces.ensure(&ctx.tracking, w).await?;
-    }
-    let outcome = experiment::ensure(&tracking, id, declared, known).await;
-    // "Workspace 'x' not found": deleted behind the operator's back; made sure of again next time.
-    if let (Some(w), Err(e)) = (workspace, &outcome)
-        && e.is_not_found()
-        && e.to_string().contains("Workspace")
-    {
-        ctx.workspaces.forget(w);
-    }
-    outcome
-}
-
-/// The workspace the endpoint's Deployment gives its pods now, if any.
-fn deployed_workspace(ctx: &Context, ep: &GatewayEndpoint) -> Option<String> {
-    let key = ObjectRef::new(&workload::render::object_name(ep))
-        .within(&ep.namespace().unwrap_or_default());
-    let deployment = ctx.stores.deployments.get(&key)?;
-    deployment
-        .spec
-        .as_ref()?
-        .template
-        .spec
-        .as_ref()?
-        .containers
-        .iter()
-        .flat_map(|c| c.env.iter().flatten())
-        .find(|e| e.name == crate::mlflow::ENV_WORKSPACE)
-        .and_then(|e| e.value.clone())
 }
 
 /// The experiment the cleanup may delete: the name of the operator's own, under

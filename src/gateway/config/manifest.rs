@@ -334,6 +334,23 @@ spec:
     }
 
     #[test]
+    fn the_workspace_comes_from_mlflow_workspace_and_must_be_a_workspace_name() {
+        let loaded = from_resource(&resource(CHAT), "f", &env_of(KEYS)).unwrap();
+        assert_eq!(loaded.tracing.unwrap().workspace, None);
+        let mut with: Vec<_> = KEYS.to_vec();
+        with.push(("MLFLOW_WORKSPACE", "team-a"));
+        let loaded = from_resource(&resource(CHAT), "f", &env_of(&with)).unwrap();
+        assert_eq!(loaded.tracing.unwrap().workspace.as_deref(), Some("team-a"));
+        with.pop();
+        with.push(("MLFLOW_WORKSPACE", "Team A"));
+        let err = from_resource(&resource(CHAT), "f", &env_of(&with))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("MLFLOW_WORKSPACE"), "{err}");
+    }
+
+    #[test]
     fn usage_tracking_off_needs_no_mlflow() {
         let yaml = format!("{CHAT}  usageTracking: false\n");
         let loaded = from_resource(&resource(&yaml), "f", &env_of(&KEYS[..3])).unwrap();
