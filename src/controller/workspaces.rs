@@ -1,7 +1,8 @@
 //! Whether the tracking server has MLflow workspaces, and which workspaces the operator has made
 //! sure of: both remembered between reconciles, so a steady state costs no MLflow call. The probe
 //! is repeated after a while (a server may be restarted with workspaces turned on or off); if a
-//! repeat fails, the last answer stands, so a short outage does not change what the pods send.
+//! repeat fails, the last answer stands for another while, so an outage neither changes what the
+//! pods send nor costs a probe per reconcile.
 //! Also the reconcile's steps that resolve an endpoint's workspace (from its Namespace) and ensure
 //! its experiment there.
 
@@ -71,7 +72,12 @@ impl Workspaces {
                 Ok(enabled)
             }
             Err(e) => match cached {
-                Some((_, enabled)) => Ok(enabled),
+                // Kept for another period: an outage is not probed again on every reconcile.
+                Some((_, enabled)) => {
+                    *self.probed.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((Instant::now(), enabled));
+                    Ok(enabled)
+                }
                 None => Err(e),
             },
         }
