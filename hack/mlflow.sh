@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # A real MLflow tracking server for tests and the demo.
 #   hack/mlflow.sh install              create/reuse the cached venv, print its bin directory
-#   hack/mlflow.sh up RUN_DIR [--auth] [--owner-pid PID]
+#   hack/mlflow.sh up RUN_DIR [--auth] [--workspaces] [--owner-pid PID]
 #       start `mlflow server` on a free 127.0.0.1 port with a fresh sqlite database in RUN_DIR,
 #       wait for /health, write RUN_DIR/env (MLFLOW_TRACKING_URI=..., MLFLOW_PID=...) and print it.
 #       --auth: MLflow's basic-auth app, admin user `admin` with password $MLFLOW_ADMIN_PASSWORD
-#       (default: a random one, written to RUN_DIR/env as MLFLOW_ADMIN_PASSWORD). --owner-pid: stop the server when that process ends.
+#       (default: a random one, written to RUN_DIR/env as MLFLOW_ADMIN_PASSWORD). --workspaces: MLflow workspaces
+#       (MLFLOW_ENABLE_WORKSPACES=true). --owner-pid: stop the server when that process ends.
 #   hack/mlflow.sh stop RUN_DIR         stop the server but keep its port and database
 #   hack/mlflow.sh resume RUN_DIR       start it again on the same port with the same database
 #   hack/mlflow.sh down RUN_DIR         stop exactly the server started in RUN_DIR, remove its state
@@ -38,10 +39,11 @@ install() {
 
 up() {
   local dir=$1; shift
-  local auth="" owner=""
+  local auth="" owner="" workspaces=""
   while [ $# -gt 0 ]; do
     case $1 in
       --auth) auth=1 ;;
+      --workspaces) workspaces=1 ;;
       --owner-pid) owner=$2; shift ;;
       *) die "unknown option $1" ;;
     esac; shift
@@ -54,6 +56,7 @@ up() {
   if [ -n "$auth" ]; then
     (umask 077; echo "${MLFLOW_ADMIN_PASSWORD:-$(openssl rand -hex 12)}" > "$dir/auth")
   else rm -f "$dir/auth"; fi
+  if [ -n "$workspaces" ]; then touch "$dir/workspaces"; else rm -f "$dir/workspaces"; fi
   [ -n "$owner" ] && watch_owner "$owner" "$dir"
   launch "$dir"
 }
@@ -77,6 +80,7 @@ INI
     export MLFLOW_FLASK_SERVER_SECRET_KEY=${MLFLOW_FLASK_SERVER_SECRET_KEY:-test-only-secret}
     export MLFLOW_AUTH_ADMIN_PASSWORD=$auth
   fi
+  if [ -f "$dir/workspaces" ]; then export MLFLOW_ENABLE_WORKSPACES=true; else unset MLFLOW_ENABLE_WORKSPACES; fi
   # setsid: the server and its workers form one process group that `down` can end as a whole.
   setsid "$bin/mlflow" "${args[@]}" >>"$dir/mlflow.log" 2>&1 < /dev/null &
   local pid=$!

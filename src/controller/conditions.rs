@@ -48,6 +48,9 @@ pub enum Reason {
     ExperimentNameConflict,
     ExperimentNotFound,
     ExperimentDeleted,
+    ExperimentNameReserved,
+    ExperimentNotShared,
+    WorkspaceInvalid,
     TrackingServerUnavailable,
     TrackingServerUnauthorized,
     TrackingServerForbidden,
@@ -84,6 +87,9 @@ impl Reason {
             Reason::ExperimentNameConflict => "ExperimentNameConflict",
             Reason::ExperimentNotFound => "ExperimentNotFound",
             Reason::ExperimentDeleted => "ExperimentDeleted",
+            Reason::ExperimentNameReserved => "ExperimentNameReserved",
+            Reason::ExperimentNotShared => "ExperimentNotShared",
+            Reason::WorkspaceInvalid => "WorkspaceInvalid",
             Reason::TrackingServerUnavailable => "TrackingServerUnavailable",
             Reason::TrackingServerUnauthorized => "TrackingServerUnauthorized",
             Reason::TrackingServerForbidden => "TrackingServerForbidden",
@@ -136,6 +142,9 @@ impl From<BlockedReason> for Reason {
             BlockedReason::ExperimentNameConflict => Reason::ExperimentNameConflict,
             BlockedReason::ExperimentNotFound => Reason::ExperimentNotFound,
             BlockedReason::ExperimentDeleted => Reason::ExperimentDeleted,
+            BlockedReason::ExperimentNameReserved => Reason::ExperimentNameReserved,
+            BlockedReason::ExperimentNotShared => Reason::ExperimentNotShared,
+            BlockedReason::WorkspaceInvalid => Reason::WorkspaceInvalid,
         }
     }
 }

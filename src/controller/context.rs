@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
@@ -14,6 +14,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use super::backoff::Failures;
 use super::settings::Settings;
 use super::verified::VerifiedExperiments;
+use super::workspaces::Workspaces;
 use crate::api::GatewayEndpoint;
 use crate::controller::metrics::Metrics;
 use crate::mlflow::MlflowClient;
@@ -27,6 +28,8 @@ pub struct Stores {
     pub deployments: Store<Deployment>,
     pub config_maps: Store<ConfigMap>,
     pub services: Store<Service>,
+    /// The watched Namespaces (their annotations: workspace, shared experiments).
+    pub namespaces: Store<Namespace>,
 }
 
 impl Stores {
@@ -36,7 +39,8 @@ impl Stores {
         let _ = tokio::join!(
             self.deployments.wait_until_ready(),
             self.config_maps.wait_until_ready(),
-            self.services.wait_until_ready()
+            self.services.wait_until_ready(),
+            self.namespaces.wait_until_ready()
         );
     }
 }
@@ -46,6 +50,7 @@ pub(super) struct Writers {
     pub deployments: Writer<Deployment>,
     pub config_maps: Writer<ConfigMap>,
     pub services: Writer<Service>,
+    pub namespaces: Writer<Namespace>,
 }
 
 /// What every reconcile shares.
@@ -63,6 +68,8 @@ pub struct Context {
     pub(super) failures: Failures<ObjectRef<GatewayEndpoint>>,
     /// Experiments lately found as declared, by endpoint uid.
     pub(super) verified: VerifiedExperiments,
+    /// Whether the tracking server has workspaces, and those made sure of.
+    pub(super) workspaces: Workspaces,
 }
 
 impl Context {
@@ -79,22 +86,26 @@ impl Context {
         let (deployments, deployments_writer) = reflector::store();
         let (config_maps, config_maps_writer) = reflector::store();
         let (services, services_writer) = reflector::store();
+        let (namespaces, namespaces_writer) = reflector::store();
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             tracking,
             verified: VerifiedExperiments::new(settings.resync() / 2),
+            workspaces: Workspaces::new(settings.resync()),
             settings,
             metrics,
             stores: Stores {
                 deployments,
                 config_maps,
                 services,
+                namespaces,
             },
             writers: Mutex::new(Some(Writers {
                 deployments: deployments_writer,
                 config_maps: config_maps_writer,
                 services: services_writer,
+                namespaces: namespaces_writer,
             })),
             stores_ready: tokio::sync::watch::Sender::new(false),
             failures: Failures::default(),

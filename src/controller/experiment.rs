@@ -28,6 +28,10 @@ pub trait Tracking {
     async fn restore_experiment(&self, id: &str) -> Result<(), MlflowError>;
     async fn set_experiment_tag(&self, id: &str, key: &str, value: &str)
     -> Result<(), MlflowError>;
+    /// The MLflow workspace the calls are made in, if any (for messages).
+    fn workspace(&self) -> Option<&str> {
+        None
+    }
 }
 
 impl Tracking for MlflowClient {
@@ -60,6 +64,9 @@ impl Tracking for MlflowClient {
         value: &str,
     ) -> Result<(), MlflowError> {
         MlflowClient::set_experiment_tag(self, id, key, value).await
+    }
+    fn workspace(&self) -> Option<&str> {
+        MlflowClient::workspace(self)
     }
 }
 
@@ -105,8 +112,9 @@ impl EndpointIdentity {
 pub enum Declared {
     /// `usageTracking: false`: no experiment.
     Disabled,
-    /// `experimentId`: the user's experiment, used as is.
-    UserExperiment { id: String },
+    /// `experimentId`: the user's experiment, used as is. `shared`: the endpoint's Namespace
+    /// lists it as shared with it (it may then belong to another namespace).
+    UserExperiment { id: String, shared: bool },
     /// The operator's experiment, with this name.
     Managed { name: String },
 }
@@ -149,6 +157,12 @@ pub enum BlockedReason {
     ExperimentNotFound,
     /// The user's `experimentId` is deleted.
     ExperimentDeleted,
+    /// `experimentName` is under another namespace's prefix `gateway/<namespace>/`.
+    ExperimentNameReserved,
+    /// The user's `experimentId` belongs to another namespace and is not shared with this one.
+    ExperimentNotShared,
+    /// The tracking server has workspaces and the endpoint's namespace maps to no valid one.
+    WorkspaceInvalid,
 }
 
 /// Makes the declared experiment exist, and reports which one it is.
@@ -163,18 +177,45 @@ pub async fn ensure<T: Tracking>(
     declared: &Declared,
     known_id: Option<&str>,
 ) -> Result<Outcome, MlflowError> {
+    // Refused before any call: nothing is written to MLflow.
+    if let Some(message) = super::tenancy::refuse_declared(endpoint, declared) {
+        return Ok(Outcome::Blocked {
+            reason: BlockedReason::ExperimentNameReserved,
+            message,
+            experiment_id: None,
+        });
+    }
     match declared {
         Declared::Disabled => Ok(Outcome::Disabled),
-        Declared::UserExperiment { id } => check_user_experiment(tracking, id).await,
+        Declared::UserExperiment { id, shared } => {
+            check_user_experiment(tracking, endpoint, id, *shared).await
+        }
         Declared::Managed { name } => ensure_managed(tracking, endpoint, name, known_id).await,
     }
 }
 
 async fn check_user_experiment<T: Tracking>(
     tracking: &T,
+    endpoint: &EndpointIdentity,
     id: &str,
+    shared: bool,
 ) -> Result<Outcome, MlflowError> {
-    match tracking.get_experiment(id).await {
+    let found = tracking.get_experiment(id).await;
+    // Another namespace's experiment is refused whatever its state: nothing about it is shown.
+    if let Ok(experiment) = &found
+        && let Some(message) = super::tenancy::refuse_experiment(endpoint, experiment, shared)
+    {
+        return Ok(Outcome::Blocked {
+            reason: BlockedReason::ExperimentNotShared,
+            message,
+            experiment_id: None,
+        });
+    }
+    let in_workspace = tracking
+        .workspace()
+        .map(|w| format!(" workspace {w}"))
+        .unwrap_or_default();
+    match found {
         Ok(experiment) if experiment.is_active() => Ok(Outcome::Ready {
             experiment,
             changes: vec![],
@@ -191,8 +232,8 @@ async fn check_user_experiment<T: Tracking>(
         Err(e) if e.is_not_found() || is_invalid_id(&e) => Ok(Outcome::Blocked {
             reason: BlockedReason::ExperimentNotFound,
             message: format!(
-                "experiment {id} given by experimentId does not exist in MLflow: create it, or \
-                 change experimentId (or remove it to let the operator manage one)"
+                "experiment {id} given by experimentId does not exist in MLflow{in_workspace}: \
+                 create it, or change experimentId (or remove it to let the operator manage one)"
             ),
             experiment_id: None,
         }),
@@ -685,7 +726,10 @@ mod tests {
     #[tokio::test]
     async fn user_experiment_is_verified_and_never_written() {
         let t = FakeTracking::with(vec![experiment("5", "mine", BTreeMap::new())]);
-        let user = |id: &str| Declared::UserExperiment { id: id.into() };
+        let user = |id: &str| Declared::UserExperiment {
+            id: id.into(),
+            shared: false,
+        };
         let (e, changes) = ready(ensure(&t, &endpoint(), &user("5"), None).await.unwrap());
         assert_eq!((e.experiment_id.as_str(), changes.len()), ("5", 0));
         let missing = ensure(&t, &endpoint(), &user("99"), None).await.unwrap();
@@ -706,6 +750,40 @@ mod tests {
             }
         ));
         assert!(t.writes.borrow().is_empty());
+    }
+
+    #[tokio::test]
+    async fn another_namespaces_prefix_or_experiment_is_refused_without_a_write() {
+        let theirs = experiment("7", "gateway/team-b/chat", {
+            let mut tags = endpoint().tags();
+            tags.insert(TAG_ENDPOINT.into(), "team-b/chat".into());
+            tags
+        });
+        let t = FakeTracking::with(vec![theirs]);
+        let squat = Declared::Managed {
+            name: "gateway/team-b/other".into(),
+        };
+        let outcome = ensure(&t, &endpoint(), &squat, None).await.unwrap();
+        assert!(
+            matches!(&outcome, Outcome::Blocked { reason: BlockedReason::ExperimentNameReserved, message, .. }
+                if message.contains("spec.experimentName")),
+            "{outcome:?}"
+        );
+        let user = |shared| Declared::UserExperiment {
+            id: "7".into(),
+            shared,
+        };
+        let outcome = ensure(&t, &endpoint(), &user(false), None).await.unwrap();
+        assert!(
+            matches!(&outcome, Outcome::Blocked { reason: BlockedReason::ExperimentNotShared, message, .. }
+                if message.contains("spec.experimentId")),
+            "{outcome:?}"
+        );
+        // Shared with team-a by its Namespace: used as is.
+        let (e, _) = ready(ensure(&t, &endpoint(), &user(true), None).await.unwrap());
+        assert_eq!(e.experiment_id, "7");
+        assert!(t.writes.borrow().is_empty(), "{:?}", t.writes.borrow());
+        assert_eq!(t.experiments.borrow().len(), 1);
     }
 
     #[tokio::test]

@@ -16,8 +16,10 @@ pub mod health;
 pub mod metrics;
 pub mod reconcile;
 pub mod settings;
+pub mod tenancy;
 pub mod verified;
 pub mod workload;
+pub mod workspaces;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -25,7 +27,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -101,6 +103,20 @@ pub async fn run(ctx: Arc<Context>) {
         .default_backoff()
         .reflect(writers.services)
         .touched_objects();
+    // The watched Namespaces, for their annotations (MLflow workspace, shared experiments): the
+    // one watched namespace by name, or all of them.
+    let namespace_config = match ns {
+        Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
+        None => watcher::Config::default(),
+    };
+    let namespaces = watcher(
+        Api::<Namespace>::all(client.clone()),
+        namespace_config.any_semantic(),
+    )
+    .modify(|o| o.managed_fields_mut().clear())
+    .default_backoff()
+    .reflect(writers.namespaces)
+    .touched_objects();
     // Secrets in the watched namespaces, plus the operator's own namespace for its credential.
     let secrets = watcher(
         scoped::<PartialObjectMeta<Secret>>(client, ns),
@@ -156,7 +172,25 @@ pub async fn run(ctx: Arc<Context>) {
             owner.as_deref(),
         )
     };
+    // A Namespace's annotations changed: its endpoints are checked again.
+    let endpoints_in = controller.store();
+    let ctx_ns = ctx.clone();
+    let map_namespace = move |n: Namespace| {
+        let name = n.name_any();
+        endpoints_in
+            .state()
+            .iter()
+            .filter(|ep| ep.namespace().as_deref() == Some(name.as_str()))
+            .map(|ep| {
+                if let Some(uid) = ep.uid() {
+                    ctx_ns.verified.forget(&uid);
+                }
+                ObjectRef::from_obj(ep.as_ref())
+            })
+            .collect::<Vec<_>>()
+    };
     let mut controller = controller
+        .watches_stream(namespaces, map_namespace)
         .owns_stream(deployments)
         .owns_stream(config_maps)
         .owns_stream(services)

@@ -19,8 +19,10 @@ use super::context::{Context, FIELD_MANAGER};
 use super::error::Error;
 use super::events::{change_event, cleanup_event, publish_all, warn_on_entering};
 use super::experiment::{self, Declared, EndpointIdentity, Outcome};
+use super::tenancy::{self, NamespacePolicy};
 use super::verified::{ExperimentFields, Verified};
 use super::workload::{self, GatewayState};
+use super::workspaces::{deployed_workspace, ensure_in_workspace, namespace_policy, workspace_of};
 use crate::api::{ExperimentDeletionPolicy, GatewayEndpoint, GatewayEndpointStatus};
 use crate::mlflow::MlflowError;
 
@@ -72,13 +74,17 @@ fn identity(ep: &GatewayEndpoint) -> Result<EndpointIdentity, Error> {
     })
 }
 
-/// What the spec declares about the experiment.
-pub fn declared(ep: &GatewayEndpoint, id: &EndpointIdentity) -> Declared {
+/// What the spec declares about the experiment; `policy`: what its Namespace says (an
+/// experiment shared with it).
+pub fn declared(ep: &GatewayEndpoint, id: &EndpointIdentity, policy: &NamespacePolicy) -> Declared {
     let spec = &ep.spec;
     if !spec.usage_tracking {
         Declared::Disabled
     } else if let Some(id) = &spec.experiment_id {
-        Declared::UserExperiment { id: id.clone() }
+        Declared::UserExperiment {
+            id: id.clone(),
+            shared: policy.shares(id),
+        }
     } else {
         Declared::Managed {
             name: spec
@@ -111,10 +117,12 @@ impl ExperimentStep {
     }
 
     /// What to remember: the experiment is as declared exactly when `ExperimentReady` is true
-    /// (a blocked experiment or a failure is checked again next time).
-    fn verified(&self, generation: Option<i64>) -> Option<Verified> {
+    /// (a blocked experiment or a failure is checked again next time). `scope`: what else it was
+    /// verified for (workspace, sharing).
+    fn verified(&self, generation: Option<i64>, scope: String) -> Option<Verified> {
         self.condition.status.then(|| Verified {
             generation,
+            scope,
             fields: self.fields.clone(),
             condition: self.condition.clone(),
         })
@@ -307,20 +315,51 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
     // Owned objects are compared with the caches: wait until the first list filled them.
     ctx.wait_stores_ready().await;
     let id = identity(ep)?;
-    let declared = declared(ep, &id);
+    let policy = namespace_policy(ctx, &id.namespace);
+    let declared = declared(ep, &id, &policy);
     let current = ep.status.clone().unwrap_or_default();
     let generation = ep.metadata.generation;
 
-    // A reconcile that a pod or Secret change triggered moments after the experiment was
-    // verified for this generation skips the MLflow round trip.
-    let experiment = match ctx.verified.recent(&id.uid, generation) {
-        Some(v) => ExperimentStep::from_verified(v),
-        None => {
-            let known = current.experiment_id.as_deref();
-            let outcome = experiment::ensure(&ctx.tracking, &id, &declared, known).await;
+    let workspace = workspace_of(ctx, &id.namespace, &policy, ep.spec.usage_tracking).await;
+    let (experiment, workspace) = match workspace {
+        Err(outcome) => {
+            ctx.verified.forget(&id.uid);
             let step = experiment_step(outcome, &declared, &current, ctx.settings.ui_url());
-            ctx.verified.record(&id.uid, step.verified(generation));
-            step
+            // While the server cannot be probed, the pods keep the workspace they have.
+            (step, deployed_workspace(ctx, ep))
+        }
+        Ok(workspace) => {
+            // A reconcile that a pod or Secret change triggered moments after the experiment was
+            // verified for this generation (and workspace and sharing) skips the MLflow round trip.
+            let scope = format!("{workspace:?}|{declared:?}");
+            match ctx
+                .verified
+                .recent(&id.uid, generation)
+                .filter(|v| v.scope == scope)
+            {
+                Some(v) => (ExperimentStep::from_verified(v), workspace),
+                None => {
+                    let known = current.experiment_id.as_deref();
+                    let outcome =
+                        ensure_in_workspace(ctx, workspace.as_deref(), &id, &declared, known).await;
+                    let mut step =
+                        experiment_step(outcome, &declared, &current, ctx.settings.ui_url());
+                    // Say which workspace: `traces go to experiment 3 (name) in MLflow workspace w, ...`.
+                    if let (Some(w), Some(eid), Some(name)) =
+                        (&workspace, &step.fields.id, &step.fields.name)
+                        && step.condition.status
+                    {
+                        let head = format!("traces go to experiment {eid} ({name})");
+                        if let Some(rest) = step.condition.message.strip_prefix(&head) {
+                            step.condition.message =
+                                format!("{head} in MLflow workspace {w}{rest}");
+                        }
+                    }
+                    ctx.verified
+                        .record(&id.uid, step.verified(generation, scope));
+                    (step, workspace)
+                }
+            }
         }
     };
     // The pods trace into the experiment in status (kept while MLflow is unreachable).
@@ -328,6 +367,7 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
         ep,
         ctx,
         experiment.fields.id.as_deref(),
+        workspace.as_deref(),
         ep.spec.usage_tracking,
     )
     .await
@@ -383,7 +423,7 @@ fn to_delete(ep: &GatewayEndpoint, id: &EndpointIdentity) -> Option<String> {
     if ep.spec.experiment_deletion_policy != ExperimentDeletionPolicy::Delete {
         return None;
     }
-    match declared(ep, id) {
+    match declared(ep, id, &NamespacePolicy::default()) {
         Declared::Managed { name } => Some(name),
         Declared::Disabled | Declared::UserExperiment { .. } => None,
     }
@@ -396,17 +436,28 @@ async fn cleanup(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
     let Some(name) = to_delete(ep, &id) else {
         return Ok(Action::await_change());
     };
+    // A name under another namespace's prefix was never created: nothing to delete.
+    if tenancy::refuse_name(&id, &name).is_some() {
+        return Ok(Action::await_change());
+    }
+    let policy = namespace_policy(ctx, &id.namespace);
+    let tracking = match workspace_of(ctx, &id.namespace, &policy, true).await {
+        Ok(w) => ctx.tracking.in_workspace(w),
+        // No valid workspace: the operator never created an experiment for it.
+        Err(Ok(_)) => return Ok(Action::await_change()),
+        Err(Err(e)) => return Err(deletion_failed(ctx, ep, e).await),
+    };
     // The recorded experiment, or (if the status write was lost) the one holding our name.
     let experiment_id = match ep.status.as_ref().and_then(|s| s.experiment_id.clone()) {
         Some(eid) => Some(eid),
-        None => match ctx.tracking.get_experiment_by_name(&name).await {
+        None => match tracking.get_experiment_by_name(&name).await {
             Ok(e) => Some(e.experiment_id),
             Err(e) if e.is_not_found() => None,
             Err(e) => return Err(deletion_failed(ctx, ep, e).await),
         },
     };
     if let Some(eid) = experiment_id {
-        match experiment::delete_owned(&ctx.tracking, &id, &eid).await {
+        match experiment::delete_owned(&tracking, &id, &eid).await {
             Ok(Some(deleted)) => {
                 info!(endpoint = %id.owner(), experiment = %deleted, "experiment deleted");
                 let event = cleanup_event(
@@ -561,13 +612,16 @@ mod tests {
         assert_eq!(step.events.len(), 1);
         assert_eq!(step.events[0].reason, "ExperimentCreated");
         assert!(step.failure.is_none());
-        assert!(step.verified(Some(2)).is_some());
+        assert!(step.verified(Some(2), String::new()).is_some());
         let user = experiment_step(
             Ok(Outcome::Ready {
                 experiment: mlflow_experiment("5", "mine"),
                 changes: vec![],
             }),
-            &Declared::UserExperiment { id: "5".into() },
+            &Declared::UserExperiment {
+                id: "5".into(),
+                shared: false,
+            },
             &Default::default(),
             &ui(),
         );
@@ -582,7 +636,7 @@ mod tests {
         assert!(step.condition.message.ends_with("; retrying with backoff"));
         assert_eq!(step.fields.id.as_deref(), Some("3"));
         assert!(step.failure.is_some());
-        assert!(step.verified(None).is_none());
+        assert!(step.verified(None, String::new()).is_none());
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct ExperimentFields {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Verified {
     pub generation: Option<i64>,
+    /// What else it was verified for (the MLflow workspace, sharing): a reconcile that finds
+    /// another scope verifies again.
+    pub scope: String,
     pub fields: ExperimentFields,
     pub condition: ConditionState,
 }
@@ -83,6 +86,7 @@ mod tests {
 
     fn verified(generation: i64) -> Verified {
         Verified {
+            scope: String::new(),
             generation: Some(generation),
             fields: ExperimentFields {
                 id: Some("1".into()),

@@ -19,6 +19,7 @@ use url::Url;
 use super::config::{ConfigError, MlflowConfig};
 use super::error::{MlflowError, classify, decode};
 use super::transport::Transport;
+use super::workspaces::WORKSPACE_HEADER;
 
 // ---------------------------------------------------------------------------------------------
 // Calls
@@ -259,18 +260,21 @@ pub trait CallObserver: Send + Sync {
     fn observe(&self, call: &'static str, status: &str, seconds: f64);
 }
 
-enum Request<'a> {
+pub(super) enum Request<'a> {
     Get(&'a [(&'a str, &'a str)]),
     Post(serde_json::Value),
 }
 
 /// The experiments API of one tracking server. Cheap to clone; clones share the write counter.
+/// A clone made by [`MlflowClient::in_workspace`] sends `X-MLFLOW-WORKSPACE` on every call.
 #[derive(Clone)]
 pub struct MlflowClient {
     transport: Arc<Transport>,
     tracking_uri: Url,
     writes: Arc<AtomicU64>,
     observer: Option<Arc<dyn CallObserver>>,
+    /// The MLflow workspace every call is made in (`None`: no header, the server's default).
+    workspace: Option<Arc<str>>,
 }
 
 impl fmt::Debug for MlflowClient {
@@ -290,7 +294,23 @@ impl MlflowClient {
             tracking_uri: config.tracking_uri().clone(),
             writes: Arc::new(AtomicU64::new(0)),
             observer: None,
+            workspace: None,
         })
+    }
+
+    /// This client, making every call in MLflow workspace `workspace` (the `X-MLFLOW-WORKSPACE`
+    /// header), or with no header for `None`. A cheap clone sharing connections and the write
+    /// counter. Only for a server that has workspaces ([`MlflowClient::server_info`]): one
+    /// without them answers any such header with 500 `FEATURE_DISABLED`.
+    pub fn in_workspace(&self, workspace: Option<String>) -> Self {
+        let mut client = self.clone();
+        client.workspace = workspace.map(Arc::from);
+        client
+    }
+
+    /// The workspace every call is made in, if any.
+    pub fn workspace(&self) -> Option<&str> {
+        self.workspace.as_deref()
     }
 
     /// Reports every request to `observer`.
@@ -447,32 +467,68 @@ impl MlflowClient {
         }
     }
 
-    /// One REST call, retried while it fails transiently.
+    /// One REST call of the experiments API, retried while it fails transiently.
     async fn call<T: DeserializeOwned>(
         &self,
         call: ApiCall,
         request: Request<'_>,
     ) -> Result<T, MlflowError> {
-        let mut url = self
-            .transport
-            .url(&format!("api/2.0/mlflow/{}", call.path()));
+        self.call_path(
+            call.path(),
+            &format!("api/2.0/mlflow/{}", call.path()),
+            call.is_write(),
+            request,
+        )
+        .await
+    }
+
+    /// One REST call to `path` (under the tracking URI), named `name` in errors, logs and
+    /// metrics; `write`: counted by [`MlflowClient::write_count`]. Retried while it fails
+    /// transiently.
+    pub(super) async fn call_path<T: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        path: &str,
+        write: bool,
+        request: Request<'_>,
+    ) -> Result<T, MlflowError> {
+        let mut url = self.transport.url(path);
         if let Request::Get(query) = &request {
             url.query_pairs_mut().extend_pairs(query.iter());
         }
         let uri: axum::http::Uri = url.as_str().parse().map_err(|e| MlflowError::Protocol {
-            call: call.path(),
+            call: name,
             status: 0,
             message: format!("cannot make a request URI of {url}: {e}"),
         })?;
+        let workspace = match self.workspace.as_deref() {
+            None => None,
+            Some(w) => {
+                Some(
+                    header::HeaderValue::from_str(w).map_err(|_| MlflowError::Protocol {
+                        call: name,
+                        status: 0,
+                        message: format!("the workspace name {w:?} is not usable in a header"),
+                    })?,
+                )
+            }
+        };
         let (method, body) = match &request {
             Request::Get(_) => (Method::GET, Bytes::new()),
             Request::Post(body) => (Method::POST, Bytes::from(body.to_string())),
         };
+        let call = Call {
+            name,
+            write,
+            method: &method,
+            uri: &uri,
+            workspace: workspace.as_ref(),
+        };
         self.transport
             .retry()
             .run(
-                call.path(),
-                || self.attempt(call, &method, &uri, body.clone()),
+                name,
+                || self.attempt(&call, body.clone()),
                 MlflowError::is_transient,
             )
             .await
@@ -480,23 +536,26 @@ impl MlflowClient {
 
     async fn attempt<T: DeserializeOwned>(
         &self,
-        call: ApiCall,
-        method: &Method,
-        uri: &axum::http::Uri,
+        call: &Call<'_>,
         body: Bytes,
     ) -> Result<T, MlflowError> {
-        let name = call.path();
-        let post = *method == Method::POST;
+        let name = call.name;
+        let post = *call.method == Method::POST;
         let mut request = axum::http::Request::new(body);
-        *request.method_mut() = method.clone();
-        *request.uri_mut() = uri.clone();
+        *request.method_mut() = call.method.clone();
+        *request.uri_mut() = call.uri.clone();
         if post {
             request.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/json"),
             );
         }
-        if call.is_write() {
+        if let Some(workspace) = call.workspace {
+            request
+                .headers_mut()
+                .insert(WORKSPACE_HEADER, workspace.clone());
+        }
+        if call.write {
             self.writes.fetch_add(1, Ordering::Relaxed);
         }
         let start = Instant::now();
@@ -541,6 +600,15 @@ impl MlflowClient {
             Err(classify(name, code, &body))
         }
     }
+}
+
+/// One call as every attempt sends it.
+struct Call<'a> {
+    name: &'static str,
+    write: bool,
+    method: &'a Method,
+    uri: &'a axum::http::Uri,
+    workspace: Option<&'a header::HeaderValue>,
 }
 
 #[cfg(test)]
@@ -707,6 +775,27 @@ mod tests {
 
     const GET_OK: &str =
         r#"{"experiment":{"experiment_id":"1","name":"e","lifecycle_stage":"active"}}"#;
+
+    #[tokio::test]
+    async fn a_workspace_clone_sends_the_header_and_the_original_does_not() {
+        let server = scripted("", vec![Some((200, GET_OK))]).await;
+        let client = MlflowClient::new(&MlflowConfig::new(server.uri.clone()).unwrap()).unwrap();
+        let team = client.in_workspace(Some("team-a".into()));
+        team.get_experiment("1").await.unwrap();
+        client.get_experiment("1").await.unwrap();
+        team.in_workspace(None).get_experiment("1").await.unwrap();
+        let heads = server.requests.lock().unwrap().clone();
+        let with = |h: &String| {
+            h.to_ascii_lowercase()
+                .contains("x-mlflow-workspace: team-a")
+        };
+        assert_eq!(
+            heads.iter().map(with).collect::<Vec<_>>(),
+            [true, false, false]
+        );
+        assert_eq!(team.workspace(), Some("team-a"));
+        assert_eq!(client.workspace(), None);
+    }
 
     #[tokio::test]
     async fn retries_transient_answers_then_succeeds() {

@@ -1,6 +1,6 @@
 //! The operator's RBAC in both install modes, as the API server grants it to the chart's
 //! ServiceAccount (`kubectl auth can-i --as=system:serviceaccount:<ns>:<sa>`): with one watched
-//! namespace, Roles there and nothing cluster-wide; with all namespaces, the same requests in
+//! namespace, Roles there and, cluster-wide, only reading that Namespace; with all namespaces, the same requests in
 //! every namespace. That these grants suffice to run the operator is shown by the helm module's
 //! install test, which runs it as that ServiceAccount. The rendered rules are checked here too
 //! (and, for the all-namespaces ClusterRole, by the helm module).
@@ -89,7 +89,7 @@ async fn rbac_ready(sa: &str, ns: &str, release: &Release) {
 }
 
 #[tokio::test]
-async fn a_one_namespace_install_grants_roles_there_and_nothing_cluster_wide() {
+async fn a_one_namespace_install_grants_roles_there_and_reads_only_its_namespace_cluster_wide() {
     let client = cluster().client().await;
     let team = support::namespace(&client, "rbac-team").await;
     let other = support::namespace(&client, "rbac-other").await;
@@ -125,9 +125,18 @@ async fn a_one_namespace_install_grants_roles_there_and_nothing_cluster_wide() {
             "{verb} {resource} in the watched namespace"
         );
     }
-    // Cluster-scoped objects: none.
+    // Cluster-scoped objects: only the watched Namespace itself, read by name (its annotations
+    // choose the MLflow workspace and the experiments shared with it).
+    for verb in ["get", "list", "watch"] {
+        assert!(can_i(&sa, None, verb, &format!("namespaces/{team}")), "{verb} its Namespace");
+        assert!(
+            !can_i(&sa, None, verb, &format!("namespaces/{other}")),
+            "{verb} another Namespace"
+        );
+    }
     for (verb, resource) in [
         ("get", "namespaces"),
+        ("update", "namespaces"),
         ("list", "nodes"),
         ("get", "customresourcedefinitions.apiextensions.k8s.io"),
         ("list", "clusterroles.rbac.authorization.k8s.io"),
@@ -138,22 +147,26 @@ async fn a_one_namespace_install_grants_roles_there_and_nothing_cluster_wide() {
             "cluster-wide {verb} {resource}"
         );
     }
-    // No ClusterRoleBinding names the ServiceAccount.
-    let (ok, out, err) = cluster().kubectl_run(
-        &[
-            "get",
-            "clusterrolebindings",
-            "-o",
-            r#"jsonpath={range .items[*]}{range .subjects[*]}{.kind}:{.namespace}:{.name}{"\n"}{end}{end}"#,
-        ],
-        None,
-    );
+    // The one ClusterRoleBinding naming the ServiceAccount is the Namespace reader's.
+    let (ok, out, err) = cluster().kubectl_run(&["get", "clusterrolebindings", "-o", "json"], None);
     assert!(ok, "{err}");
-    let subject = format!("ServiceAccount:{rel_ns}:{}", release.fullname);
-    assert!(
-        !out.lines().any(|l| l == subject),
-        "a ClusterRoleBinding names {subject}"
-    );
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let naming: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| {
+            b["subjects"].as_array().is_some_and(|subjects| {
+                subjects.iter().any(|s| {
+                    s["kind"] == "ServiceAccount"
+                        && s["namespace"] == rel_ns.as_str()
+                        && s["name"] == release.fullname.as_str()
+                })
+            })
+        })
+        .map(|b| b["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(naming, vec![format!("{}-namespace", release.fullname)]);
 
     // In its own namespace: its Lease, and the one Secret it mirrors (get, and list/watch by
     // name); no other Secret.
@@ -207,7 +220,9 @@ async fn an_all_namespaces_install_grants_the_operators_requests_in_every_namesp
             "{verb} {resource} in all namespaces"
         );
     }
-    assert!(!can_i(&sa, None, "get", "namespaces"));
+    // Namespaces are read (their annotations), never written.
+    assert!(can_i(&sa, None, "watch", "namespaces"));
+    assert!(!can_i(&sa, None, "update", "namespaces"));
     assert!(!can_i(&sa, None, "list", "nodes"));
     assert_lease_rights(&sa, &release);
     assert!(!can_i(
@@ -313,7 +328,18 @@ fn a_one_namespace_install_renders_namespaced_roles_only() {
     )
     .unwrap();
     let docs = documents(&out);
-    assert!(find(&docs, "ClusterRoleBinding").is_empty());
+    // The one cluster-wide grant: reading the watched Namespace, by name.
+    let bindings = find(&docs, "ClusterRoleBinding");
+    assert_eq!(bindings.len(), 1);
+    assert_eq!(
+        bindings[0]["roleRef"]["name"].as_str(),
+        Some("rel-mlflow-gateway-operator-namespace")
+    );
+    let reader = named(&docs, "ClusterRole", "rel-mlflow-gateway-operator-namespace");
+    assert_eq!(
+        serde_yaml::to_string(&reader["rules"]).unwrap(),
+        "- apiGroups:\n  - ''\n  resources:\n  - namespaces\n  resourceNames:\n  - team-a\n  verbs:\n  - get\n  - list\n  - watch\n"
+    );
     let mut cluster_roles: Vec<_> = find(&docs, "ClusterRole")
         .iter()
         .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
@@ -324,6 +350,7 @@ fn a_one_namespace_install_renders_namespaced_roles_only() {
         strings(&[
             "rel-mlflow-gateway-operator-admin",
             "rel-mlflow-gateway-operator-edit",
+            "rel-mlflow-gateway-operator-namespace",
             "rel-mlflow-gateway-operator-view",
         ])
     );

@@ -116,12 +116,13 @@ pub struct Applied {
 }
 
 /// Applies the ConfigMap, the Service, the mirrored credential and (unless `blocked`) the
-/// Deployment, tracing into `experiment_id`.
+/// Deployment, tracing into `experiment_id` (in MLflow workspace `workspace`, if any).
 pub async fn apply_objects(
     ep: &GatewayEndpoint,
     ctx: &Context,
     resolved: &Resolved,
     experiment_id: Option<&str>,
+    workspace: Option<&str>,
     blocked: bool,
 ) -> Result<Applied, Error> {
     let config = render::endpoint_config(ep)
@@ -152,6 +153,7 @@ pub async fn apply_objects(
     }
     let inputs = PodInputs {
         experiment_id: experiment_id.map(str::to_string),
+        workspace: workspace.map(str::to_string),
         credential: resolved.credential.clone(),
         config_hash: render::config_hash(
             &config,

@@ -36,11 +36,13 @@ pub struct GatewayState {
 }
 
 /// Makes the endpoint's gateway objects match its spec, and reports what the Deployment says.
-/// `experiment_id`: where the pods trace (None with tracking on: not known yet, so no pods yet).
+/// `experiment_id`: where the pods trace (None with tracking on: not known yet, so no pods yet);
+/// `workspace`: the MLflow workspace it is in (None for a server without workspaces).
 pub async fn ensure_gateway(
     ep: &GatewayEndpoint,
     ctx: &Context,
     experiment_id: Option<&str>,
+    workspace: Option<&str>,
     tracking: bool,
 ) -> Result<GatewayState, Error> {
     let ns = ep.namespace().unwrap_or_default();
@@ -48,14 +50,22 @@ pub async fn ensure_gateway(
     let secrets = secrets::secrets_condition(&resolved);
     let blocked = blocked(&resolved, tracking, experiment_id);
     let traced_into = experiment_id.filter(|_| tracking);
-    let applied =
-        match apply::apply_objects(ep, ctx, &resolved, traced_into, blocked.is_some()).await {
-            Ok(applied) => applied,
-            Err(e @ (Error::NameConflict { .. } | Error::ApplyFailed { .. })) => {
-                return Ok(refused(ep, secrets, e));
-            }
-            Err(e) => return Err(e),
-        };
+    let applied = match apply::apply_objects(
+        ep,
+        ctx,
+        &resolved,
+        traced_into,
+        workspace.filter(|_| traced_into.is_some()),
+        blocked.is_some(),
+    )
+    .await
+    {
+        Ok(applied) => applied,
+        Err(e @ (Error::NameConflict { .. } | Error::ApplyFailed { .. })) => {
+            return Ok(refused(ep, secrets, e));
+        }
+        Err(e) => return Err(e),
+    };
     let unblocked = blocked.is_none();
     let (mut available, progressing) =
         rollout::deployment_conditions(applied.deployment.as_deref(), blocked);

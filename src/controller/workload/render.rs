@@ -98,6 +98,9 @@ pub enum TraceCredential {
 pub struct PodInputs {
     /// The experiment traces go to; None when `usageTracking` is false.
     pub experiment_id: Option<String>,
+    /// The MLflow workspace of the experiment (`MLFLOW_WORKSPACE` in the pods); None for a
+    /// server without workspaces, which must never get the header.
+    pub workspace: Option<String>,
     pub credential: TraceCredential,
     /// [`config_hash`] of the config and the Secrets the pods read.
     pub config_hash: String,
@@ -314,6 +317,9 @@ pub fn environment(
     if let Some(experiment_id) = &inputs.experiment_id {
         env.push(plain_env("MLFLOW_TRACKING_URI", &defaults.tracking_uri));
         env.push(plain_env("MLFLOW_EXPERIMENT_ID", experiment_id));
+        if let Some(workspace) = &inputs.workspace {
+            env.push(plain_env(crate::mlflow::ENV_WORKSPACE, workspace));
+        }
         if defaults.insecure_tls {
             env.push(plain_env("MLFLOW_TRACKING_INSECURE_TLS", "true"));
         }
@@ -560,6 +566,7 @@ spec:
     fn inputs(credential: TraceCredential) -> PodInputs {
         PodInputs {
             experiment_id: Some("42".into()),
+            workspace: None,
             credential,
             config_hash: "h1".into(),
         }
@@ -638,6 +645,21 @@ spec:
             }),
         );
         assert!(env_map(&bearer).contains_key("MLFLOW_TRACKING_TOKEN"));
+    }
+
+    #[test]
+    fn the_workspace_reaches_the_pods_only_when_there_is_one() {
+        let ep = endpoint("");
+        let env = env_map(&deployment(
+            &ep,
+            &defaults(),
+            &inputs(TraceCredential::None),
+        ));
+        assert!(!env.contains_key("MLFLOW_WORKSPACE"));
+        let mut i = inputs(TraceCredential::None);
+        i.workspace = Some("team-a".into());
+        let env = env_map(&deployment(&ep, &defaults(), &i));
+        assert_eq!(env["MLFLOW_WORKSPACE"].value.as_deref(), Some("team-a"));
     }
 
     #[test]

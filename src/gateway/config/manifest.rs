@@ -173,9 +173,22 @@ pub fn from_resource(
                 "MLFLOW_EXPERIMENT_ID {experiment_id:?} is not an experiment id"
             )));
         }
+        let workspace = match env(crate::mlflow::ENV_WORKSPACE).filter(|v| !v.is_empty()) {
+            None => None,
+            Some(w) => match crate::mlflow::invalid_workspace_name(&w) {
+                None => Some(w),
+                Some(why) => {
+                    return Err(ConfigError::Env(format!(
+                        "{}: {why}",
+                        crate::mlflow::ENV_WORKSPACE
+                    )));
+                }
+            },
+        };
         Some(TelemetryConfig {
             mlflow,
             experiment_id,
+            workspace,
             endpoint_name: endpoint.name.clone(),
             endpoint_id: endpoint.id.clone(),
             capture_content: spec.tracing.capture_content,
@@ -318,6 +331,23 @@ spec:
             .unwrap()
             .to_string();
         assert!(err.contains("MLFLOW_TRACKING_URI"), "{err}");
+    }
+
+    #[test]
+    fn the_workspace_comes_from_mlflow_workspace_and_must_be_a_workspace_name() {
+        let loaded = from_resource(&resource(CHAT), "f", &env_of(KEYS)).unwrap();
+        assert_eq!(loaded.tracing.unwrap().workspace, None);
+        let mut with: Vec<_> = KEYS.to_vec();
+        with.push(("MLFLOW_WORKSPACE", "team-a"));
+        let loaded = from_resource(&resource(CHAT), "f", &env_of(&with)).unwrap();
+        assert_eq!(loaded.tracing.unwrap().workspace.as_deref(), Some("team-a"));
+        with.pop();
+        with.push(("MLFLOW_WORKSPACE", "Team A"));
+        let err = from_resource(&resource(CHAT), "f", &env_of(&with))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("MLFLOW_WORKSPACE"), "{err}");
     }
 
     #[test]

@@ -129,6 +129,9 @@ pub struct TelemetryConfig {
     /// Tracking server, auth and TLS.
     pub mlflow: MlflowConfig,
     pub experiment_id: String,
+    /// The MLflow workspace the experiment is in (`X-MLFLOW-WORKSPACE` on every export request);
+    /// `None` for a server without workspaces.
+    pub workspace: Option<String>,
     /// `<endpoint>` in the root span's name `gateway/<endpoint>`.
     pub endpoint_name: String,
     /// Trace metadata `mlflow.gateway.endpointId` (the resource uid).
@@ -163,6 +166,7 @@ impl TelemetryConfig {
         TelemetryConfig {
             mlflow,
             experiment_id: experiment_id.into(),
+            workspace: None,
             endpoint_name: endpoint_name.into(),
             endpoint_id: endpoint_id.into(),
             capture_content: true,
@@ -234,6 +238,11 @@ impl Telemetry {
             ExportHttp::new(Arc::clone(&transport), &config.experiment_id).ok_or_else(|| {
                 TelemetryError::Invalid("experiment_id is not usable in an HTTP header".to_string())
             })?;
+        let http = http
+            .in_workspace(config.workspace.as_deref())
+            .ok_or_else(|| {
+                TelemetryError::Invalid("the workspace is not usable in an HTTP header".to_string())
+            })?;
         let otlp = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_http_client(http.clone())
@@ -254,6 +263,7 @@ impl Telemetry {
         };
         tracing::info!(
             experiment_id = %config.experiment_id,
+            workspace = config.workspace.as_deref().unwrap_or("-"),
             endpoint = %config.endpoint_name,
             tracking_uri = %config.mlflow.tracking_uri(),
             capture_content = config.capture_content,

@@ -371,12 +371,24 @@ pub struct Mlflow {
 impl Mlflow {
     /// Starts a private server for one test (use for auth or stop/start scenarios).
     pub fn start(auth: bool) -> Mlflow {
+        Self::start_with(auth, false)
+    }
+
+    /// Starts a private server with MLflow workspaces (`MLFLOW_ENABLE_WORKSPACES=true`, sqlite).
+    pub fn start_with_workspaces(auth: bool) -> Mlflow {
+        Self::start_with(auth, true)
+    }
+
+    fn start_with(auth: bool, workspaces: bool) -> Mlflow {
         services_allowed("an MLflow server of its own");
         let dir = unique_dir("mlflow");
         let pid = std::process::id().to_string();
         let mut args = vec!["up", dir.to_str().unwrap(), "--owner-pid", &pid];
         if auth {
             args.push("--auth");
+        }
+        if workspaces {
+            args.push("--workspaces");
         }
         run_script("mlflow.sh", &args);
         let mut m = Self::from_env_file(&dir.join("env"));
