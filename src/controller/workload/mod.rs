@@ -5,6 +5,7 @@
 //! module runs those steps in order and returns what they found as one [`GatewayState`].
 
 pub mod apply;
+pub mod callers;
 pub mod drift;
 pub mod render;
 pub mod rollout;
@@ -53,6 +54,14 @@ pub async fn ensure_gateway(
     let secrets = secrets::secrets_condition(&resolved);
     let blocked = blocked(&resolved, tracking, experiment_id);
     let traced_into = experiment_id.filter(|_| tracking);
+    // The pods' ServiceAccount (and its grant) before the pods that use it.
+    match callers::ensure(ep, ctx).await {
+        Ok(()) => {}
+        Err(Error::NameConflict { kind, name }) => {
+            return Ok(conflicted(ep, secrets, NameConflict { kind, name }));
+        }
+        Err(e) => return Err(e),
+    }
     let applied =
         match apply::apply_objects(ep, ctx, &resolved, traced_into, blocked.is_some()).await {
             Ok(applied) => applied,
