@@ -268,8 +268,38 @@ fn the_rendered_rbac_and_pod_are_least_privilege_and_hardened() {
                 v(&["events"]),
                 v(&["create", "patch"])
             ),
+            // callers: each ServiceAccount-calling endpoint's account and its token-review grant
+            (
+                v(&[""]),
+                v(&["serviceaccounts"]),
+                v(&["get", "create", "patch"])
+            ),
+            (
+                v(&["rbac.authorization.k8s.io"]),
+                v(&["clusterrolebindings"]),
+                v(&["get", "create", "patch", "delete"])
+            ),
+            (
+                v(&["rbac.authorization.k8s.io"]),
+                v(&["clusterroles"]),
+                v(&["bind"])
+            ),
         ],
         "the ClusterRole must grant exactly the requests the operator makes"
+    );
+    // `bind` on the token-review role only, which allows creating token reviews and nothing else.
+    assert_eq!(
+        role["rules"][8]["resourceNames"][0].as_str(),
+        Some("rel-mlflow-gateway-operator-gateway-tokenreview")
+    );
+    let review = find(&docs, "ClusterRole")[1];
+    assert_eq!(
+        review["metadata"]["name"].as_str(),
+        Some("rel-mlflow-gateway-operator-gateway-tokenreview")
+    );
+    assert_eq!(
+        serde_yaml::to_string(&review["rules"]).unwrap(),
+        "- apiGroups:\n  - authentication.k8s.io\n  resources:\n  - tokenreviews\n  verbs:\n  - create\n"
     );
     assert!(!out.contains("'*'") && !out.contains("\"*\"") && !out.contains("[*]"));
 
