@@ -13,6 +13,7 @@
 
 mod support;
 
+mod callers;
 mod crd;
 mod e2e_admission;
 mod e2e_experiment;
