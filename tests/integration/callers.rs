@@ -462,3 +462,164 @@ async fn service_account_tokens_from_the_api_server_are_admitted_by_namespace_na
         .await
         .ok();
 }
+
+// ---------------------------------------------------------------------------------------------
+// The operator's wiring
+
+fn can_i(args: &[&str]) -> String {
+    let (_, out, _) = cluster().kubectl_run(&[&["auth", "can-i"], args].concat(), None);
+    out.trim().to_string()
+}
+
+#[tokio::test]
+async fn the_operator_gives_the_pods_their_own_account_the_token_review_grant_only_and_the_keys() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use mlflow_gateway_operator::api::GatewayEndpoint;
+
+    let ml = support::mlflow();
+    let client = cluster().client().await;
+    let ns = support::namespace(&client, "callers-e2e").await;
+    let fake = FakeLlm::start("openai", PROVIDER_KEY).await;
+    support::secret(&client, &ns, "llm-keys", &[("openai", PROVIDER_KEY)]).await;
+    // As `kubectl create secret --from-file` makes it: with the file's trailing newline.
+    support::secret(&client, &ns, "callers", &[("ci", "sk-e2e-ci-4444\n")]).await;
+    // The chart's role, not bound to anyone yet.
+    let role = format!("callers-e2e-tokenreview-{}", support::suffix());
+    let cr: ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": role},
+        "rules": [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]
+    }))
+    .unwrap();
+    Api::<ClusterRole>::all(client.clone())
+        .create(&PostParams::default(), &cr)
+        .await
+        .unwrap();
+    let _op = support::Operator::start(
+        &ns,
+        &ml.uri,
+        &[
+            ("RESYNC_PERIOD_SECONDS", "3"),
+            ("MAX_BACKOFF_SECONDS", "4"),
+            ("GATEWAY_TOKEN_REVIEW_CLUSTER_ROLE", &role),
+        ],
+    );
+    support::apply(
+        &ns,
+        &format!(
+            "apiVersion: mlflow-gateway.dev/v1alpha1\nkind: GatewayEndpoint\nmetadata: {{name: chat}}\nspec:\n  models:\n    - {{name: main, provider: openai, model: m, apiBase: \"{}/v1\", apiKeySecretRef: {{name: llm-keys, key: openai}}}}\n  access:\n    serviceAccounts: {{namespaces: [{ns}]}}\n    apiKeys: [{{name: ci, secretRef: {{name: callers, key: ci}}}}]\n",
+            fake.url
+        ),
+    );
+    let endpoints: Api<GatewayEndpoint> = Api::namespaced(client.clone(), &ns);
+    support::wait_condition(&endpoints, "chat", "Ready", "True", None, 90).await;
+
+    // The pods run as the endpoint's account, with its token, and the keys' Secret mounted.
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get("chat")
+        .await
+        .unwrap();
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("chat-gateway"));
+    assert_eq!(pod.automount_service_account_token, Some(true));
+    let vol = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find_map(|v| v.secret)
+        .expect("the keys' Secret volume");
+    assert_eq!(vol.secret_name.as_deref(), Some("callers"));
+    assert_eq!(vol.optional, Some(true));
+
+    // Exactly the permission the check needs, for that account only.
+    let sa = format!("system:serviceaccount:{ns}:chat-gateway");
+    let binding = format!("mlflow-gateway-tokenreview:{ns}:chat");
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    support::eventually(30, "the token-review binding", || async {
+        bindings.get_opt(&binding).await.ok().flatten()
+    })
+    .await;
+    assert_eq!(
+        can_i(&["create", "tokenreviews.authentication.k8s.io", "--as", &sa]),
+        "yes"
+    );
+    for denied in [
+        vec!["get", "secrets", "-n", &ns, "--as", &sa],
+        vec!["list", "pods", "-n", &ns, "--as", &sa],
+        vec![
+            "create",
+            "subjectaccessreviews.authorization.k8s.io",
+            "--as",
+            &sa,
+        ],
+    ] {
+        assert_eq!(can_i(&denied), "no", "{denied:?}");
+    }
+    let default_sa = format!("system:serviceaccount:{ns}:default");
+    assert_eq!(
+        can_i(&[
+            "create",
+            "tokenreviews.authentication.k8s.io",
+            "--as",
+            &default_sa
+        ]),
+        "no"
+    );
+
+    // The gateway as the Deployment declares it, authenticated as its ServiceAccount, with the
+    // Secret's key where the pod mounts it.
+    let gw_token = token(&client, &ns, "chat-gateway", &[], None).await;
+    let kubeconfig = kubeconfig_with_token(&gw_token);
+    let dir = keys_dir();
+    let secret = Api::<Secret>::namespaced(client.clone(), &ns)
+        .get("callers")
+        .await
+        .unwrap();
+    let key = String::from_utf8(secret.data.unwrap()["ci"].0.clone()).unwrap();
+    write_key(&dir, "ci", &key);
+    let gw = support::gateway_from_deployment(
+        &client,
+        &ns,
+        "chat",
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("GATEWAY_CALLER_KEYS_DIR", dir.to_str().unwrap()),
+        ],
+    )
+    .await;
+    service_account(&client, &ns, "agent").await;
+    let agent = token(
+        &client,
+        &ns,
+        "agent",
+        &[&format!("mlflow-gateway.dev/{ns}/chat")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        status(&gw.url, Some(&agent)).await,
+        200,
+        "{}",
+        gw.log_text()
+    );
+    assert_eq!(status(&gw.url, Some("sk-e2e-ci-4444")).await, 200);
+    assert_eq!(status(&gw.url, None).await, 401);
+
+    // The grant goes with the endpoint (a cluster-scoped object has no owner to follow).
+    endpoints
+        .delete("chat", &DeleteParams::default())
+        .await
+        .unwrap();
+    support::eventually(60, "the token-review binding deleted", || async {
+        bindings
+            .get_opt(&binding)
+            .await
+            .ok()
+            .and_then(|b| b.is_none().then_some(()))
+    })
+    .await;
+    Api::<ClusterRole>::all(client.clone())
+        .delete(&role, &DeleteParams::default())
+        .await
+        .ok();
+    std::fs::remove_dir_all(&dir).ok();
+}
