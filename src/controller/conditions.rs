@@ -59,6 +59,8 @@ pub enum Reason {
     CredentialsInvalid,
     // Available / Progressing
     NameConflict,
+    /// spec.access declares ServiceAccount callers, which the operator's install cannot serve.
+    AccessNotSupported,
     WaitingForExperiment,
     DeploymentPending,
     MinimumReplicasAvailable,
@@ -89,6 +91,7 @@ impl Reason {
             Reason::SecretKeyNotFound => "SecretKeyNotFound",
             Reason::CredentialsInvalid => "CredentialsInvalid",
             Reason::NameConflict => "NameConflict",
+            Reason::AccessNotSupported => "AccessNotSupported",
             Reason::WaitingForExperiment => "WaitingForExperiment",
             Reason::DeploymentPending => "DeploymentPending",
             Reason::MinimumReplicasAvailable => "MinimumReplicasAvailable",

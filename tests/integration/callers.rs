@@ -623,3 +623,54 @@ async fn the_operator_gives_the_pods_their_own_account_the_token_review_grant_on
         .ok();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test]
+async fn serviceaccount_callers_on_an_install_without_token_review_are_refused_with_a_condition() {
+    use mlflow_gateway_operator::api::GatewayEndpoint;
+
+    let ml = support::mlflow();
+    let client = cluster().client().await;
+    let ns = support::namespace(&client, "callers-noreview").await;
+    support::secret(&client, &ns, "llm-keys", &[("openai", PROVIDER_KEY)]).await;
+    let _op = support::Operator::start(
+        &ns,
+        &ml.uri,
+        &[("RESYNC_PERIOD_SECONDS", "3"), ("MAX_BACKOFF_SECONDS", "4")],
+    );
+    let yaml = |access: &str| {
+        format!(
+            "apiVersion: mlflow-gateway.dev/v1alpha1\nkind: GatewayEndpoint\nmetadata: {{name: chat}}\nspec:\n  models:\n    - {{name: main, provider: openai, model: m, apiKeySecretRef: {{name: llm-keys, key: openai}}}}\n  access:\n{access}"
+        )
+    };
+    support::apply(&ns, &yaml("    serviceAccounts: {namespaces: [agents]}\n"));
+    let endpoints: Api<GatewayEndpoint> = Api::namespaced(client.clone(), &ns);
+    let ep = support::wait_condition(
+        &endpoints,
+        "chat",
+        "Ready",
+        "False",
+        Some("AccessNotSupported"),
+        60,
+    )
+    .await;
+    let status = ep.status.unwrap();
+    let message = &status.condition("Ready").unwrap().message;
+    assert!(
+        message.contains("gateway.tokenReview.enabled") && message.contains("apiKeys"),
+        "{message}"
+    );
+    // Nothing was granted.
+    assert!(
+        Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+            .get_opt("chat-gateway")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // API keys need no grant: the endpoint serves.
+    support::apply(
+        &ns,
+        &yaml("    apiKeys: [{name: ci, secretRef: {name: llm-keys, key: openai}}]\n"),
+    );
+    support::wait_condition(&endpoints, "chat", "Ready", "True", None, 90).await;
+}

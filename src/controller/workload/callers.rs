@@ -168,20 +168,22 @@ fn is_binding_of(b: &ClusterRoleBinding, ep: &GatewayEndpoint) -> bool {
     })
 }
 
+/// Why the endpoint's ServiceAccount callers cannot be served by this install.
+pub const NOT_SUPPORTED: &str = "spec.access.serviceAccounts needs the gateway pods to review tokens, which this operator's install does not allow (GATEWAY_TOKEN_REVIEW_CLUSTER_ROLE is unset; Helm value gateway.tokenReview.enabled): use apiKeys, or ask the cluster admin to enable it";
+
 /// Makes the cluster hold what the endpoint's callers need: its ServiceAccount and the binding
-/// (when it declares ServiceAccount callers), or no binding (when it does not).
-pub async fn ensure(ep: &GatewayEndpoint, ctx: &Context) -> Result<(), Error> {
+/// (when it declares ServiceAccount callers), or no binding (when it does not). Ok(false): the
+/// endpoint declares ServiceAccount callers and this install cannot serve them ([`NOT_SUPPORTED`]).
+pub async fn ensure(ep: &GatewayEndpoint, ctx: &Context) -> Result<bool, Error> {
     let role = ctx.settings.gateway().token_review_cluster_role.clone();
     let Some(sa) = service_account_name(ep) else {
         if role.is_some() {
             delete_binding(ep, ctx).await?;
         }
-        return Ok(());
+        return Ok(true);
     };
     let Some(role) = role else {
-        return Err(Error::InvalidResource(
-            "spec.access.serviceAccounts needs the gateway pods to review tokens, which this operator's install does not allow (GATEWAY_TOKEN_REVIEW_CLUSTER_ROLE is unset; Helm value gatewayTokenReview.enabled): use apiKeys, or ask the cluster admin".into(),
-        ));
+        return Ok(false);
     };
     super::apply::ensure(ctx, ep, service_account(ep, sa.clone()), None).await?;
     let desired = token_review_binding(ep, &sa, &role);
@@ -195,7 +197,7 @@ pub async fn ensure(ep: &GatewayEndpoint, ctx: &Context) -> Result<(), Error> {
             });
         }
         if existing.role_ref == desired.role_ref && existing.subjects == desired.subjects {
-            return Ok(());
+            return Ok(true);
         }
         if existing.role_ref != desired.role_ref {
             // roleRef cannot change: replace the binding.
@@ -209,7 +211,7 @@ pub async fn ensure(ep: &GatewayEndpoint, ctx: &Context) -> Result<(), Error> {
     )
     .await?;
     info!(binding = %name, service_account = %sa, "bound the token-review role");
-    Ok(())
+    Ok(true)
 }
 
 /// Deletes the endpoint's binding, if it has one (finalizer cleanup, or ServiceAccount callers

@@ -56,7 +56,8 @@ pub async fn ensure_gateway(
     let traced_into = experiment_id.filter(|_| tracking);
     // The pods' ServiceAccount (and its grant) before the pods that use it.
     match callers::ensure(ep, ctx).await {
-        Ok(()) => {}
+        Ok(true) => {}
+        Ok(false) => return Ok(access_not_supported(ep, secrets)),
         Err(Error::NameConflict { kind, name }) => {
             return Ok(conflicted(ep, secrets, NameConflict { kind, name }));
         }
@@ -135,6 +136,29 @@ fn conflicted(
         ready_replicas: None,
         events: Vec::new(),
         conflict: Some(conflict),
+    }
+}
+
+/// The state when the endpoint declares ServiceAccount callers this install cannot serve: not
+/// available, not progressing (nothing is applied until the declaration or the install changes).
+fn access_not_supported(ep: &GatewayEndpoint, secrets: ConditionState) -> GatewayState {
+    let condition = |type_| {
+        ConditionState::new(
+            type_,
+            false,
+            Reason::AccessNotSupported,
+            callers::NOT_SUPPORTED.to_string(),
+        )
+    };
+    GatewayState {
+        secrets,
+        available: condition(ConditionType::Available),
+        progressing: condition(ConditionType::Progressing),
+        url: render::url(ep),
+        replicas: None,
+        ready_replicas: None,
+        events: Vec::new(),
+        conflict: None,
     }
 }
 
