@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -121,7 +122,9 @@ pub struct GatewayEndpointSpec {
     validation = Rule::new("!self.open || (!has(self.serviceAccounts) && (!has(self.apiKeys) || size(self.apiKeys) == 0))")
         .message("open: true admits anyone: remove serviceAccounts and apiKeys, or set open: false"),
     validation = Rule::new("!has(self.apiKeys) || self.apiKeys.all(k, self.apiKeys.filter(x, x.name == k.name).size() == 1)")
-        .message("apiKeys names must be unique: each names a caller in traces and metrics")
+        .message("apiKeys names must be unique: each names a caller in traces and metrics"),
+    validation = Rule::new("!has(self.networkPolicy) || has(self.serviceAccounts) || (has(self.networkPolicy.from) && size(self.networkPolicy.from) > 0)")
+        .message("networkPolicy admits the namespaces of serviceAccounts and the peers of networkPolicy.from: declare at least one, or no one could reach the gateway")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AccessSpec {
@@ -137,6 +140,22 @@ pub struct AccessSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub api_keys: Vec<ApiKeyAccess>,
+
+    /// A NetworkPolicy for the gateway pods, from the same declaration: ingress to the gateway
+    /// port only from the namespaces of `serviceAccounts` and from `networkPolicy.from`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicyAccess>,
+}
+
+/// The endpoint's NetworkPolicy.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicyAccess {
+    /// Further sources, as NetworkPolicy peers: e.g. the ingress controller's namespace, through
+    /// which API-key callers from outside the cluster arrive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub from: Vec<NetworkPolicyPeer>,
 }
 
 /// ServiceAccounts admitted by namespace and/or by name.

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
@@ -503,11 +504,16 @@ async fn the_operator_gives_the_pods_their_own_account_the_token_review_grant_on
             ("GATEWAY_TOKEN_REVIEW_CLUSTER_ROLE", &role),
         ],
     );
+    let yaml = |policy: &str| {
+        format!(
+            "apiVersion: mlflow-gateway.dev/v1alpha1\nkind: GatewayEndpoint\nmetadata: {{name: chat}}\nspec:\n  models:\n    - {{name: main, provider: openai, model: m, apiBase: \"{}/v1\", apiKeySecretRef: {{name: llm-keys, key: openai}}}}\n  access:\n    serviceAccounts: {{namespaces: [{ns}]}}\n    apiKeys: [{{name: ci, secretRef: {{name: callers, key: ci}}}}]\n{policy}",
+            fake.url
+        )
+    };
     support::apply(
         &ns,
-        &format!(
-            "apiVersion: mlflow-gateway.dev/v1alpha1\nkind: GatewayEndpoint\nmetadata: {{name: chat}}\nspec:\n  models:\n    - {{name: main, provider: openai, model: m, apiBase: \"{}/v1\", apiKeySecretRef: {{name: llm-keys, key: openai}}}}\n  access:\n    serviceAccounts: {{namespaces: [{ns}]}}\n    apiKeys: [{{name: ci, secretRef: {{name: callers, key: ci}}}}]\n",
-            fake.url
+        &yaml(
+            "    networkPolicy: {from: [{namespaceSelector: {matchLabels: {ingress: \"true\"}}}]}\n",
         ),
     );
     let endpoints: Api<GatewayEndpoint> = Api::namespaced(client.clone(), &ns);
@@ -603,6 +609,38 @@ async fn the_operator_gives_the_pods_their_own_account_the_token_review_grant_on
     );
     assert_eq!(status(&gw.url, Some("sk-e2e-ci-4444")).await, 200);
     assert_eq!(status(&gw.url, None).await, 401);
+
+    // The NetworkPolicy from the same declaration: the callers' namespace and the given peer, on
+    // the gateway port; gone when no longer declared.
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let policy = policies.get("chat").await.unwrap().spec.unwrap();
+    let rule = &policy.ingress.unwrap()[0];
+    let from = rule.from.as_ref().unwrap();
+    assert_eq!(
+        from[0]
+            .namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_expressions
+            .as_ref()
+            .unwrap()[0]
+            .values,
+        Some(vec![ns.clone()])
+    );
+    assert_eq!(from.len(), 2);
+    assert_eq!(
+        policy.pod_selector.unwrap().match_labels.unwrap()["app.kubernetes.io/instance"],
+        "chat"
+    );
+    support::apply(&ns, &yaml(""));
+    support::eventually(60, "the NetworkPolicy deleted", || async {
+        policies
+            .get_opt("chat")
+            .await
+            .ok()
+            .and_then(|p| p.is_none().then_some(()))
+    })
+    .await;
 
     // The grant goes with the endpoint (a cluster-scoped object has no owner to follow).
     endpoints

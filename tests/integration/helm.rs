@@ -268,6 +268,11 @@ fn the_rendered_rbac_and_pod_are_least_privilege_and_hardened() {
                 v(&["events"]),
                 v(&["create", "patch"])
             ),
+            (
+                v(&["networking.k8s.io"]),
+                v(&["networkpolicies"]),
+                v(&["get", "create", "patch", "delete"])
+            ),
             // callers: each ServiceAccount-calling endpoint's account and its token-review grant
             (
                 v(&[""]),
@@ -289,7 +294,7 @@ fn the_rendered_rbac_and_pod_are_least_privilege_and_hardened() {
     );
     // `bind` on the token-review role only, which allows creating token reviews and nothing else.
     assert_eq!(
-        role["rules"][8]["resourceNames"][0].as_str(),
+        role["rules"][9]["resourceNames"][0].as_str(),
         Some("rel-mlflow-gateway-operator-gateway-tokenreview")
     );
     let review = find(&docs, "ClusterRole")[1];

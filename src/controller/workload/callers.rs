@@ -10,12 +10,19 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    EnvVar, KeyToPath, SecretVolumeSource, ServiceAccount, Volume, VolumeMount,
+    ConfigMap, EnvVar, KeyToPath, SecretVolumeSource, ServiceAccount, Volume, VolumeMount,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
 use tracing::info;
 
 use super::render;
@@ -30,6 +37,9 @@ pub const KEY_FILE: &str = "key";
 /// On the ClusterRoleBinding: the namespace and uid of its endpoint (it cannot have an owner).
 pub const LABEL_ENDPOINT_NAMESPACE: &str = "mlflow-gateway.dev/endpoint-namespace";
 pub const ANNOTATION_ENDPOINT_UID: &str = "mlflow-gateway.dev/endpoint-uid";
+/// On the endpoint's ConfigMap while it has a NetworkPolicy: the cached ConfigMap tells the
+/// operator, without a read, that a policy no longer declared is to be deleted.
+pub const LABEL_NETWORK_POLICY: &str = "mlflow-gateway.dev/network-policy";
 
 fn access(ep: &GatewayEndpoint) -> Option<&AccessSpec> {
     ep.spec.access.as_ref().filter(|a| !a.open)
@@ -171,10 +181,108 @@ fn is_binding_of(b: &ClusterRoleBinding, ep: &GatewayEndpoint) -> bool {
 /// Why the endpoint's ServiceAccount callers cannot be served by this install.
 pub const NOT_SUPPORTED: &str = "spec.access.serviceAccounts needs the gateway pods to review tokens, which this operator's install does not allow (GATEWAY_TOKEN_REVIEW_CLUSTER_ROLE is unset; Helm value gateway.tokenReview.enabled): use apiKeys, or ask the cluster admin to enable it";
 
+/// The endpoint's NetworkPolicy, when `spec.access.networkPolicy` asks for one: ingress to the
+/// gateway port only from the namespaces of the declared ServiceAccounts (a namespace, not an
+/// account: NetworkPolicy cannot tell pods apart by account; the token check does) and from
+/// `networkPolicy.from`. With no source at all it admits nothing (an empty `from` would admit
+/// everyone).
+pub fn network_policy(ep: &GatewayEndpoint) -> Option<NetworkPolicy> {
+    let access = ep.spec.access.as_ref()?;
+    let declared = access.network_policy.as_ref()?;
+    let mut namespaces = std::collections::BTreeSet::new();
+    if let Some(sa) = &access.service_accounts {
+        namespaces.extend(sa.namespaces.iter().cloned());
+        namespaces.extend(
+            sa.names
+                .iter()
+                .filter_map(|n| n.split_once('/').map(|(ns, _)| ns.to_string())),
+        );
+    }
+    let mut from = Vec::new();
+    if !namespaces.is_empty() {
+        from.push(NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector {
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "kubernetes.io/metadata.name".into(),
+                    operator: "In".into(),
+                    values: Some(namespaces.into_iter().collect()),
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    from.extend(declared.from.iter().cloned());
+    let ingress = if from.is_empty() {
+        vec![]
+    } else {
+        vec![NetworkPolicyIngressRule {
+            from: Some(from),
+            ports: Some(vec![NetworkPolicyPort {
+                port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                end_port: None,
+            }]),
+        }]
+    };
+    Some(NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(render::object_name(ep)),
+            namespace: ep.namespace(),
+            labels: Some(render::labels(ep)),
+            owner_references: Some(vec![render::owner_reference(ep)]),
+            ..Default::default()
+        },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(render::selector_labels(ep)),
+                ..Default::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(ingress),
+            egress: None,
+        }),
+    })
+}
+
+/// Applies the endpoint's NetworkPolicy, or deletes the one it had (its ConfigMap, as cached,
+/// still carries [`LABEL_NETWORK_POLICY`]) when no longer declared.
+pub async fn ensure_network_policy(ep: &GatewayEndpoint, ctx: &Context) -> Result<(), Error> {
+    if let Some(policy) = network_policy(ep) {
+        super::apply::ensure(ctx, ep, policy, None).await?;
+        return Ok(());
+    }
+    let ns = ep.namespace().unwrap_or_default();
+    let had = ctx
+        .stores
+        .config_maps
+        .get(&ObjectRef::<ConfigMap>::new(&render::object_name(ep)).within(&ns))
+        .is_some_and(|cm| cm.labels().contains_key(LABEL_NETWORK_POLICY));
+    if had {
+        let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+        match api.get_opt(&render::object_name(ep)).await? {
+            Some(p) if render::is_owned_by(&p.metadata, ep) => {
+                match api
+                    .delete(&render::object_name(ep), &DeleteParams::default())
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+                info!(policy = %format!("{ns}/{}", render::object_name(ep)), "deleted the NetworkPolicy no longer declared");
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Makes the cluster hold what the endpoint's callers need: its ServiceAccount and the binding
 /// (when it declares ServiceAccount callers), or no binding (when it does not). Ok(false): the
 /// endpoint declares ServiceAccount callers and this install cannot serve them ([`NOT_SUPPORTED`]).
 pub async fn ensure(ep: &GatewayEndpoint, ctx: &Context) -> Result<bool, Error> {
+    ensure_network_policy(ep, ctx).await?;
     let role = ctx.settings.gateway().token_review_cluster_role.clone();
     let Some(sa) = service_account_name(ep) else {
         if role.is_some() {
@@ -270,6 +378,56 @@ mod tests {
         assert_eq!(m.name, v.name);
         assert_eq!(environment(&ep)[0].value.as_deref(), Some(CALLER_KEYS_DIR));
         assert_eq!(service_account_name(&ep), None);
+    }
+
+    #[test]
+    fn the_network_policy_admits_the_declared_namespaces_and_peers_on_the_gateway_port_only() {
+        assert!(network_policy(&endpoint("  access: {open: true}")).is_none());
+        let ep = endpoint(
+            "  access:\n    serviceAccounts: {namespaces: [agents], names: [tools/sum, agents/x]}\n    networkPolicy:\n      from: [{namespaceSelector: {matchLabels: {ingress: \"true\"}}}]",
+        );
+        let p = network_policy(&ep).unwrap();
+        let spec = p.spec.unwrap();
+        assert_eq!(spec.policy_types, Some(vec!["Ingress".to_string()]));
+        assert_eq!(
+            spec.pod_selector.unwrap().match_labels,
+            Some(render::selector_labels(&ep))
+        );
+        let rule = &spec.ingress.unwrap()[0];
+        let from = rule.from.as_ref().unwrap();
+        let names = from[0]
+            .namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_expressions
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            names[0].values,
+            Some(vec!["agents".to_string(), "tools".to_string()])
+        );
+        assert_eq!(
+            from[1]
+                .namespace_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["ingress"],
+            "true"
+        );
+        assert_eq!(
+            rule.ports.as_ref().unwrap()[0].port,
+            Some(IntOrString::String("http".into()))
+        );
+        // No source at all: nothing admitted (never an empty `from`, which admits everyone).
+        let none = endpoint(
+            "  access:\n    apiKeys: [{name: ci, secretRef: {name: s, key: k}}]\n    networkPolicy: {}",
+        );
+        assert_eq!(
+            network_policy(&none).unwrap().spec.unwrap().ingress,
+            Some(vec![])
+        );
     }
 
     #[test]

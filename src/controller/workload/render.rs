@@ -211,8 +211,15 @@ pub fn config_map(ep: &GatewayEndpoint, config: &str, ca_bundle: Option<&str>) -
     if let Some(pem) = ca_bundle {
         data.insert(CA_BUNDLE_KEY.to_string(), pem.to_string());
     }
+    let mut metadata = metadata(ep, object_name(ep));
+    if super::callers::network_policy(ep).is_some() {
+        metadata
+            .labels
+            .get_or_insert_default()
+            .insert(super::callers::LABEL_NETWORK_POLICY.into(), "true".into());
+    }
     ConfigMap {
-        metadata: metadata(ep, object_name(ep)),
+        metadata,
         data: Some(data),
         ..Default::default()
     }
