@@ -712,3 +712,43 @@ async fn serviceaccount_callers_on_an_install_without_token_review_are_refused_w
     );
     support::wait_condition(&endpoints, "chat", "Ready", "True", None, 90).await;
 }
+
+#[tokio::test]
+async fn a_bad_access_declaration_is_rejected_at_apply_saying_what_to_fix() {
+    support::install_crds();
+    let client = cluster().client().await;
+    let ns = support::namespace(&client, "callers-admission").await;
+    let rejected = |access: &str| {
+        let m = format!(
+            "apiVersion: mlflow-gateway.dev/v1alpha1\nkind: GatewayEndpoint\nmetadata: {{name: ep}}\nspec:\n  models:\n    - {{name: m, provider: ollama, model: x}}\n  access:\n{access}"
+        );
+        let (ok, out, err) = cluster().kubectl_run(&["apply", "-n", &ns, "-f", "-"], Some(&m));
+        assert!(!ok, "accepted:\n{access}\n{out}");
+        err
+    };
+    for (access, says) in [
+        (
+            "    open: true\n    apiKeys: [{name: ci, secretRef: {name: s, key: k}}]\n",
+            "open: true admits anyone",
+        ),
+        (
+            "    apiKeys: [{name: ci, secretRef: {name: s, key: k}}, {name: ci, secretRef: {name: s, key: j}}]\n",
+            "apiKeys names must be unique",
+        ),
+        (
+            "    serviceAccounts: {audience: x}\n",
+            "serviceAccounts needs namespaces",
+        ),
+        (
+            "    serviceAccounts: {names: [agent]}\n",
+            "spec.access.serviceAccounts.names[0]",
+        ),
+        (
+            "    apiKeys: [{name: ci, secretRef: {name: s, key: k}}]\n    networkPolicy: {}\n",
+            "networkPolicy admits the namespaces of serviceAccounts",
+        ),
+    ] {
+        let err = rejected(access);
+        assert!(err.contains(says), "expected {says:?} in:\n{err}");
+    }
+}
