@@ -146,6 +146,14 @@ async fn an_endpoint_without_access_refuses_every_call_and_open_admits_all() {
     let open =
         GatewayProcess::start(&manifest(&fake, "  access: {open: true}\n", false), &env).await;
     assert_eq!(status(&open.url, None).await, 200);
+
+    // What each kind of caller needs is there at start, or the gateway says what is missing.
+    let keys = "  access:\n    apiKeys: [{name: ci, secretRef: {name: s, key: k}}]\n";
+    let (_, err) = GatewayProcess::refuse(&manifest(&fake, keys, false), &env);
+    assert!(err.contains("GATEWAY_CALLER_KEYS_DIR"), "{err}");
+    let accounts = "  access:\n    serviceAccounts: {namespaces: [x]}\n";
+    let (_, err) = GatewayProcess::refuse(&manifest(&fake, accounts, false), &env);
+    assert!(err.contains("spec.access.serviceAccounts"), "{err}");
 }
 
 #[tokio::test]
