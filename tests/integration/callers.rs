@@ -579,25 +579,15 @@ async fn the_operator_gives_the_pods_their_own_account_the_token_review_grant_on
         "no"
     );
 
-    // The gateway as the Deployment declares it, authenticated as its ServiceAccount, with the
-    // Secret's key where the pod mounts it.
+    // The gateway as the Deployment declares it (the keys' Secret volume included), authenticated
+    // as its ServiceAccount.
     let gw_token = token(&client, &ns, "chat-gateway", &[], None).await;
     let kubeconfig = kubeconfig_with_token(&gw_token);
-    let dir = keys_dir();
-    let secret = Api::<Secret>::namespaced(client.clone(), &ns)
-        .get("callers")
-        .await
-        .unwrap();
-    let key = String::from_utf8(secret.data.unwrap()["ci"].0.clone()).unwrap();
-    write_key(&dir, "ci", &key);
     let gw = support::gateway_from_deployment(
         &client,
         &ns,
         "chat",
-        &[
-            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-            ("GATEWAY_CALLER_KEYS_DIR", dir.to_str().unwrap()),
-        ],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     )
     .await;
     service_account(&client, &ns, "agent").await;
@@ -667,7 +657,6 @@ async fn the_operator_gives_the_pods_their_own_account_the_token_review_grant_on
         .delete(&role, &DeleteParams::default())
         .await
         .ok();
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[tokio::test]
