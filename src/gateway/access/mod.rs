@@ -265,6 +265,9 @@ impl Access {
     }
 }
 
+/// The header Anthropic's SDKs send their key in.
+const X_API_KEY: &str = "x-api-key";
+
 /// The admitted caller of a request, if any (None when access is open).
 pub struct Caller(pub Option<Arc<Identity>>);
 
@@ -279,14 +282,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 /// The middleware of the API routes: admits or refuses, counts refusals by reason and answers by
 /// caller.
 pub async fn guard(State(g): State<Shared>, mut req: Request, next: Next) -> Response {
-    match g
-        .access
-        .check(req.headers().get(header::AUTHORIZATION))
-        .await
-    {
+    let headers = req.headers();
+    // Anthropic's SDKs send their key as `x-api-key`: the same credential, another header.
+    let credential = headers.get(header::AUTHORIZATION).cloned().or_else(|| {
+        let key = headers.get(X_API_KEY)?.to_str().ok()?;
+        HeaderValue::from_str(&format!("Bearer {}", key.trim())).ok()
+    });
+    match g.access.check(credential.as_ref()).await {
         Ok(identity) => {
             // The credential goes no further than this check.
             req.headers_mut().remove(header::AUTHORIZATION);
+            req.headers_mut().remove(X_API_KEY);
             let identity = identity.map(Arc::new);
             if let Some(id) = &identity {
                 req.extensions_mut().insert(Arc::clone(id));
