@@ -65,6 +65,7 @@ spec:
   models:
     - {name: local, provider: openai, model: gpt-4o-mini, apiBase: "http://127.0.0.1:$fake_port/v1",
        apiKeySecretRef: {name: local-keys, key: openai}}
+  access: {open: true}
 YAML
   kubectl wait -n demo --for condition=Ready gatewayendpoints --all --timeout=180s >/dev/null \
     || { tail -20 "$dir/operator.log" >&2; die "endpoints did not become Ready (operator log: $dir/operator.log)"; }

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -112,6 +113,117 @@ pub struct GatewayEndpointSpec {
     /// Everything is optional; the operator's defaults apply to what is left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayPodSpec>,
+
+    /// Who may call the endpoint: Kubernetes ServiceAccounts (projected token as Bearer), named
+    /// API keys from Secrets, or anyone (`open: true`). Without it the endpoint refuses every
+    /// call (403): callers are declared, never assumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessSpec>,
+}
+
+/// Who may call the endpoint. A request passes when it carries a valid credential of any kind
+/// declared here.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(
+    validation = Rule::new("!self.open || (!has(self.serviceAccounts) && (!has(self.apiKeys) || size(self.apiKeys) == 0))")
+        .message("open: true admits anyone: remove serviceAccounts and apiKeys, or set open: false"),
+    validation = Rule::new("!has(self.apiKeys) || self.apiKeys.all(k, self.apiKeys.filter(x, x.name == k.name).size() == 1)")
+        .message("apiKeys names must be unique: each names a caller in traces and metrics"),
+    validation = Rule::new("!has(self.networkPolicy) || has(self.serviceAccounts) || (has(self.networkPolicy.from) && size(self.networkPolicy.from) > 0)")
+        .message("networkPolicy admits the namespaces of serviceAccounts and the peers of networkPolicy.from: declare at least one, or no one could reach the gateway")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessSpec {
+    /// Admit every request without a credential (as before `access` existed). Only alone.
+    #[serde(default)]
+    pub open: bool,
+
+    /// Kubernetes ServiceAccounts that may call, with a projected token as `Authorization: Bearer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_accounts: Option<ServiceAccountAccess>,
+
+    /// Named API keys for callers outside the cluster, as `Authorization: Bearer <key>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub api_keys: Vec<ApiKeyAccess>,
+
+    /// A NetworkPolicy for the gateway pods, from the same declaration: ingress to the gateway
+    /// port only from the namespaces of `serviceAccounts` and from `networkPolicy.from`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicyAccess>,
+}
+
+/// The endpoint's NetworkPolicy.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicyAccess {
+    /// Further sources, as NetworkPolicy peers: e.g. the ingress controller's namespace, through
+    /// which API-key callers from outside the cluster arrive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub from: Vec<NetworkPolicyPeer>,
+}
+
+/// ServiceAccounts admitted by namespace and/or by name.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(
+    validation = Rule::new("(has(self.namespaces) && size(self.namespaces) > 0) || (has(self.names) && size(self.names) > 0)")
+        .message("serviceAccounts needs namespaces (every ServiceAccount there) or names (<namespace>/<name>), or both")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountAccess {
+    /// The audience callers' tokens must be issued for (default
+    /// `mlflow-gateway.dev/<namespace>/<name>` of this endpoint), so that a token for this
+    /// endpoint is good nowhere else, and the pod's own API token is refused here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub audience: Option<String>,
+    /// Every ServiceAccount of these namespaces may call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 64),
+        inner(
+            length(min = 1, max = 63),
+            regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+        )
+    )]
+    pub namespaces: Vec<String>,
+    /// These ServiceAccounts may call: `<namespace>/<name>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 256),
+        inner(
+            length(min = 3, max = 317),
+            regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")
+        )
+    )]
+    pub names: Vec<String>,
+}
+
+impl ServiceAccountAccess {
+    /// The audience tokens must carry, with the default for the endpoint `<namespace>/<name>`.
+    pub fn audience_for(&self, namespace: &str, name: &str) -> String {
+        self.audience
+            .clone()
+            .unwrap_or_else(|| format!("{GROUP}/{namespace}/{name}"))
+    }
+}
+
+/// One named API key: its name identifies the caller (traces, metrics); its value lives in a
+/// Secret of the endpoint's namespace, mounted into the pods and re-read, so a changed or
+/// removed key takes effect without a restart.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyAccess {
+    /// The caller's name (`apikey:<name>` in traces and metrics).
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// The Secret and key holding the caller's key. Several keys, one per line, are all valid
+    /// (to rotate: add the new key, move the caller, remove the old one).
+    pub secret_ref: SecretKeyRef,
 }
 
 /// Overrides for the endpoint's gateway pods and Service.

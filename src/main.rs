@@ -125,7 +125,11 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    let config = gateway::config::load(&args.endpoint, &|k| std::env::var(k).ok())?;
+    let env = |k: &str| std::env::var(k).ok();
+    let config = gateway::config::load(&args.endpoint, &env)?;
+    let access = gateway::access::Access::start(config.access, &env)
+        .await
+        .map_err(|e| anyhow::anyhow!("spec.access: {e}"))?;
     let telemetry = match config.tracing {
         Some(config) => Telemetry::new(config).context("trace export to MLflow")?,
         None => Telemetry::disabled(),
@@ -142,6 +146,7 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         telemetry,
         metrics: Default::default(),
         attempt_timeout: settings.attempt_timeout,
+        access,
     });
     gateway::serve(gw, &settings)
         .await

@@ -33,6 +33,7 @@ spec:
   models:
     - {{name: fake, provider: openai, model: gpt-4o-mini, apiBase: "http://127.0.0.1:{fake_port}/v1", apiKeySecretRef: {{name: k, key: k}}}}
   usageTracking: {'true' if usage_tracking else 'false'}
+  access: {{open: true}}
 """
 
 

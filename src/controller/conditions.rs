@@ -66,6 +66,8 @@ pub enum Reason {
     ApplyFailed,
     /// A gateway container exits (its termination message says why).
     CrashLoopBackOff,
+    /// spec.access declares ServiceAccount callers, which the operator's install cannot serve.
+    AccessNotSupported,
     WaitingForExperiment,
     DeploymentPending,
     MinimumReplicasAvailable,
@@ -101,6 +103,7 @@ impl Reason {
             Reason::NameConflict => "NameConflict",
             Reason::ApplyFailed => "ApplyFailed",
             Reason::CrashLoopBackOff => "CrashLoopBackOff",
+            Reason::AccessNotSupported => "AccessNotSupported",
             Reason::WaitingForExperiment => "WaitingForExperiment",
             Reason::DeploymentPending => "DeploymentPending",
             Reason::MinimumReplicasAvailable => "MinimumReplicasAvailable",

@@ -433,6 +433,10 @@ async fn cleanup(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
     let id = identity(ep)?;
     // The endpoint is going: nothing to remember of it.
     ctx.verified.forget(&id.uid);
+    // The token-review grant is cluster-scoped: no owner reference takes it away.
+    if ctx.settings.gateway().token_review_cluster_role.is_some() {
+        workload::callers::delete_binding(ep, ctx).await?;
+    }
     let Some(name) = to_delete(ep, &id) else {
         return Ok(Action::await_change());
     };

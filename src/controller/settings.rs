@@ -67,6 +67,11 @@ pub struct Args {
     /// '{"requests":{"cpu":"100m","memory":"64Mi"},"limits":{"memory":"256Mi"}}'.
     #[arg(long, env = "GATEWAY_RESOURCES", value_parser = parse_resources)]
     pub gateway_resources: Option<ResourceRequirements>,
+    /// The ClusterRole granting `create tokenreviews` (the chart's), which the operator binds to
+    /// the ServiceAccount of each endpoint with spec.access.serviceAccounts (it holds `bind` on
+    /// that role only). Unset: such endpoints are refused with a message saying so.
+    #[arg(long, env = "GATEWAY_TOKEN_REVIEW_CLUSTER_ROLE")]
+    pub gateway_token_review_cluster_role: Option<String>,
     /// The namespace the operator runs in (from the downward API in the Helm chart).
     #[arg(long, env = "POD_NAMESPACE")]
     pub operator_namespace: Option<String>,
@@ -138,6 +143,9 @@ impl Settings {
                 insecure_tls: args.gateway_insecure_tls,
                 ca_bundle,
                 resources: args.gateway_resources.unwrap_or_else(default_resources),
+                token_review_cluster_role: args
+                    .gateway_token_review_cluster_role
+                    .filter(|r| !r.is_empty()),
             },
             gateway_credentials,
             operator_namespace: args.operator_namespace,

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::Value;
 
+use super::access::Identity;
 use super::tracing::{Attempt, Invocation, RequestType, TokenUsage};
 use super::{Gateway, JsonBody, Shared, openai_error};
 use crate::gateway::config::{ModelConfig, ProviderConfig};
@@ -101,7 +102,13 @@ enum Mode {
     AnthropicPassthrough,
 }
 
-pub async fn run(g: &Shared, call: Call, headers: &HeaderMap, body: JsonBody) -> Response {
+pub async fn run(
+    g: &Shared,
+    call: Call,
+    caller: Option<&Identity>,
+    headers: &HeaderMap,
+    body: JsonBody,
+) -> Response {
     let served = g.endpoint.operation;
     if call.op != served {
         return reject(
@@ -116,12 +123,13 @@ pub async fn run(g: &Shared, call: Call, headers: &HeaderMap, body: JsonBody) ->
             ),
         );
     }
-    execute(g, call, headers, body, Mode::Unified).await
+    execute(g, call, caller, headers, body, Mode::Unified).await
 }
 
 pub async fn run_anthropic_passthrough(
     g: &Shared,
     route: &'static str,
+    caller: Option<&Identity>,
     headers: &HeaderMap,
     body: JsonBody,
 ) -> Response {
@@ -142,12 +150,13 @@ pub async fn run_anthropic_passthrough(
         route,
         RequestType::PassthroughAnthropicMessages,
     );
-    execute(g, call, headers, body, Mode::AnthropicPassthrough).await
+    execute(g, call, caller, headers, body, Mode::AnthropicPassthrough).await
 }
 
 async fn execute(
     g: &Shared,
     call: Call,
+    identity: Option<&Identity>,
     headers: &HeaderMap,
     JsonBody(body, text): JsonBody,
     mode: Mode,
@@ -181,13 +190,16 @@ async fn execute(
     } else {
         None
     };
-    let invocation = g.telemetry.start_invocation_of(
+    let mut invocation = g.telemetry.start_invocation_of(
         call.request_type,
         caller.as_deref(),
         traceparent,
         &body,
         Some(&text),
     );
+    if let Some(id) = identity {
+        invocation.set_authenticated_caller(&id.name, id.uid.as_deref());
+    }
     let trace_id = invocation.trace_id();
     let wants_usage = body
         .get("stream_options")

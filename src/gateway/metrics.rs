@@ -27,6 +27,24 @@ pub struct UpstreamError {
     pub kind: &'static str,
 }
 
+/// A refused request: why (`reason`) and the HTTP status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Refused {
+    pub reason: &'static str,
+    pub status: u16,
+}
+
+/// An admitted caller's request: the caller's name and the HTTP status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallerStatus {
+    pub caller: String,
+    pub status: u16,
+}
+
+/// Distinct caller names the metrics keep; later ones count as `other` (a namespace-wide grant
+/// admits ServiceAccounts no one listed).
+pub const MAX_CALLER_LABELS: usize = 100;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Direction {
     pub direction: &'static str,
@@ -41,6 +59,9 @@ pub struct GatewayMetrics {
     tokens_in: Counter,
     tokens_out: Counter,
     pub fallbacks: Counter,
+    pub access_refused: Family<Refused, Counter>,
+    pub caller_requests: Family<CallerStatus, Counter>,
+    callers_seen: std::sync::Mutex<std::collections::HashSet<String>>,
     trace_queue: Gauge,
     traces_exported: Counter,
     traces_dropped: Counter,
@@ -71,6 +92,9 @@ impl Default for GatewayMetrics {
             tokens_in,
             tokens_out,
             fallbacks: Counter::default(),
+            access_refused: Family::default(),
+            caller_requests: Family::default(),
+            callers_seen: Default::default(),
             trace_queue: Gauge::default(),
             traces_exported: Counter::default(),
             traces_dropped: Counter::default(),
@@ -104,6 +128,16 @@ impl Default for GatewayMetrics {
             "fallbacks",
             "Attempts beyond the first (fallbacks taken)",
             m.fallbacks.clone(),
+        );
+        r.register(
+            "access_refused",
+            "Requests refused by the access check, by reason (not_declared, missing_credential, malformed_credential, invalid_credential, not_admitted, review_failed) and HTTP status",
+            m.access_refused.clone(),
+        );
+        r.register(
+            "caller_requests",
+            "Requests of admitted callers, by caller (apikey:<name> or system:serviceaccount:<ns>:<name>; at most 100 names, then other) and HTTP status",
+            m.caller_requests.clone(),
         );
         r.register(
             "trace_export_queue_spans",
@@ -168,6 +202,34 @@ impl GatewayMetrics {
             .inc();
     }
 
+    pub fn access_refused(&self, reason: &'static str, status: u16) {
+        self.access_refused
+            .get_or_create(&Refused { reason, status })
+            .inc();
+    }
+
+    /// Counts a request of `caller`, under its name while fewer than [`MAX_CALLER_LABELS`] names
+    /// are known, else under `other`.
+    pub fn caller_request(&self, caller: &str, status: u16) {
+        let label = {
+            let mut seen = self.callers_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.contains(caller) {
+                caller.to_string()
+            } else if seen.len() < MAX_CALLER_LABELS {
+                seen.insert(caller.to_string());
+                caller.to_string()
+            } else {
+                "other".to_string()
+            }
+        };
+        self.caller_requests
+            .get_or_create(&CallerStatus {
+                caller: label,
+                status,
+            })
+            .inc();
+    }
+
     pub fn tokens(&self, input: u64, output: u64) {
         self.tokens_in.inc_by(input);
         self.tokens_out.inc_by(output);
@@ -194,5 +256,21 @@ mod tests {
             "{metrics}"
         );
         assert!(metrics.contains("mlflow_gateway_spans_dropped_total 31"));
+    }
+
+    #[test]
+    fn caller_names_are_bounded() {
+        let m = GatewayMetrics::default();
+        for i in 0..MAX_CALLER_LABELS + 5 {
+            m.caller_request(&format!("apikey:c{i}"), 200);
+        }
+        m.caller_request("apikey:c0", 200);
+        m.access_refused("invalid_credential", 401);
+        let text = m.encode(ExportStats::default());
+        assert!(text.contains(r#"caller="other",status="200"} 5"#), "{text}");
+        assert!(text.contains(r#"caller="apikey:c0",status="200"} 2"#));
+        assert!(text.contains(
+            r#"mlflow_gateway_access_refused_total{reason="invalid_credential",status="401"} 1"#
+        ));
     }
 }

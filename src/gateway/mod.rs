@@ -1,6 +1,7 @@
 //! `mlflow-gateway-operator gateway`: an OpenAI-compatible LLM gateway for one `GatewayEndpoint`
 //! that traces every invocation into the endpoint's MLflow experiment.
 
+pub mod access;
 pub mod config;
 mod invoke;
 pub mod metrics;
@@ -21,6 +22,7 @@ use axum::routing::{MethodRouter, get, post};
 use serde_json::{Value, json};
 
 use self::tracing::{RequestType, Telemetry};
+use access::{Access, Caller};
 use config::{EndpointConfig, Operation};
 use invoke::Call;
 use metrics::GatewayMetrics;
@@ -44,12 +46,14 @@ pub struct Gateway {
     pub telemetry: Telemetry,
     pub metrics: GatewayMetrics,
     pub attempt_timeout: Duration,
+    /// Who may call (`spec.access`).
+    pub access: Access,
 }
 
 pub type Shared = Arc<Gateway>;
 
 pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
-    let mut router = Router::new();
+    let mut router = Router::<Shared>::new();
     // OpenAI's routes, one per operation (an endpoint answers the others with a 400 naming its own).
     for op in Operation::ALL {
         router = router.route(op.path(), unified_route(op, op.path()));
@@ -89,6 +93,12 @@ pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
             "/gateway/anthropic/v1/messages",
             post(passthrough_anthropic),
         )
+        // Every route above is the API: callers are checked (`spec.access`); probes and metrics
+        // below are not.
+        .route_layer(axum::middleware::from_fn_with_state(
+            gateway.clone(),
+            access::guard,
+        ))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .route("/metrics", get(render_metrics))
@@ -162,6 +172,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 async fn mlflow_invocations(
     State(g): State<Shared>,
     Path(endpoint): Path<String>,
+    Caller(caller): Caller,
     headers: HeaderMap,
     body: JsonBody,
 ) -> Response {
@@ -183,14 +194,31 @@ async fn mlflow_invocations(
             "the body needs `messages` (chat), `prompt` (completions) or `input` (embeddings)",
         );
     };
-    invoke::run(&g, Call::unified(op, ROUTE), &headers, body).await
+    invoke::run(
+        &g,
+        Call::unified(op, ROUTE),
+        caller.as_deref(),
+        &headers,
+        body,
+    )
+    .await
 }
 
 /// A route of the OpenAI API for this endpoint.
 fn unified_route(op: Operation, route: &'static str) -> MethodRouter<Shared> {
     post(
-        move |State(g): State<Shared>, headers: HeaderMap, body: JsonBody| async move {
-            invoke::run(&g, Call::unified(op, route), &headers, body).await
+        move |State(g): State<Shared>,
+              Caller(caller): Caller,
+              headers: HeaderMap,
+              body: JsonBody| async move {
+            invoke::run(
+                &g,
+                Call::unified(op, route),
+                caller.as_deref(),
+                &headers,
+                body,
+            )
+            .await
         },
     )
 }
@@ -202,17 +230,22 @@ fn named_route(
     request_type: RequestType,
 ) -> MethodRouter<Shared> {
     post(
-        move |State(g): State<Shared>, headers: HeaderMap, body: JsonBody| async move {
+        move |State(g): State<Shared>,
+              Caller(caller): Caller,
+              headers: HeaderMap,
+              body: JsonBody| async move {
             if let Some(resp) = check_model_is_endpoint(&g, route, &body.0) {
                 return resp;
             }
-            invoke::run(&g, Call::new(op, route, request_type), &headers, body).await
+            let call = Call::new(op, route, request_type);
+            invoke::run(&g, call, caller.as_deref(), &headers, body).await
         },
     )
 }
 
 async fn passthrough_anthropic(
     State(g): State<Shared>,
+    Caller(caller): Caller,
     headers: HeaderMap,
     body: JsonBody,
 ) -> Response {
@@ -220,7 +253,7 @@ async fn passthrough_anthropic(
     if let Some(resp) = check_model_is_endpoint(&g, ROUTE, &body.0) {
         return resp;
     }
-    invoke::run_anthropic_passthrough(&g, ROUTE, &headers, body).await
+    invoke::run_anthropic_passthrough(&g, ROUTE, caller.as_deref(), &headers, body).await
 }
 
 /// MLflow's routes take the endpoint's name as `model`.

@@ -39,9 +39,10 @@ fn model(name: &str, provider: &str, fake: &FakeLlm, extra: &str) -> String {
     )
 }
 
+/// An endpoint open to every caller (access is the `callers` module's subject).
 fn manifest(endpoint_type: &str, models: &str, rest: &str) -> String {
     format!(
-        "apiVersion: mlflow-gateway.dev/v1alpha1\nkind: GatewayEndpoint\nmetadata: {{name: chat, namespace: team-a, uid: 0a1b2c3d-uid}}\nspec:\n  endpointType: {endpoint_type}\n  models:\n{models}{rest}"
+        "apiVersion: mlflow-gateway.dev/v1alpha1\nkind: GatewayEndpoint\nmetadata: {{name: chat, namespace: team-a, uid: 0a1b2c3d-uid}}\nspec:\n  access: {{open: true}}\n  endpointType: {endpoint_type}\n  models:\n{models}{rest}"
     )
 }
 

@@ -13,7 +13,7 @@ use crate::support;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::rbac::{named, operator_rules, rules, strings};
+use crate::rbac::{named, operator_rules, rules, strings, token_review_binder_rules};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
@@ -236,8 +236,29 @@ fn the_rendered_rbac_and_pod_are_least_privilege_and_hardened() {
                 strings(&["namespaces"]),
                 strings(&["get", "list", "watch"])
             )])
+            .chain(token_review_binder_rules())
             .collect::<Vec<_>>(),
         "the ClusterRole must grant exactly the requests the operator makes"
+    );
+    // `bind` on the token-review role only, which allows creating token reviews and nothing else.
+    let bind = role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|r| r["verbs"][0] == "bind")
+        .unwrap();
+    assert_eq!(
+        bind["resourceNames"][0].as_str(),
+        Some("rel-mlflow-gateway-operator-gateway-tokenreview")
+    );
+    let review = named(
+        &docs,
+        "ClusterRole",
+        "rel-mlflow-gateway-operator-gateway-tokenreview",
+    );
+    assert_eq!(
+        serde_yaml::to_string(&review["rules"]).unwrap(),
+        "- apiGroups:\n  - authentication.k8s.io\n  resources:\n  - tokenreviews\n  verbs:\n  - create\n"
     );
     // No wildcard in any role (the admission policy matches all versions of its own group).
     for kind in ["ClusterRole", "Role"] {

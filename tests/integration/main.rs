@@ -15,6 +15,7 @@
 mod support;
 
 mod admission_policy;
+mod callers;
 mod crd;
 mod e2e_admission;
 mod e2e_experiment;

@@ -33,6 +33,9 @@ const GRANTED: &[(&str, &str)] = &[
     ("update", "deployments.apps"),
     ("create", "events.events.k8s.io"),
     ("list", "pods"),
+    ("create", "networkpolicies.networking.k8s.io"),
+    ("delete", "networkpolicies.networking.k8s.io"),
+    ("create", "serviceaccounts"),
 ];
 
 /// Requests it never makes, anywhere.
@@ -147,7 +150,8 @@ async fn a_one_namespace_install_grants_roles_there_and_reads_only_its_namespace
             "cluster-wide {verb} {resource}"
         );
     }
-    // The one ClusterRoleBinding naming the ServiceAccount is the Namespace reader's.
+    // The ClusterRoleBindings naming the ServiceAccount: the Namespace reader's and the
+    // token-review binder's.
     let (ok, out, err) = cluster().kubectl_run(&["get", "clusterrolebindings", "-o", "json"], None);
     assert!(ok, "{err}");
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -166,7 +170,13 @@ async fn a_one_namespace_install_grants_roles_there_and_reads_only_its_namespace
         })
         .map(|b| b["metadata"]["name"].as_str().unwrap())
         .collect();
-    assert_eq!(naming, vec![format!("{}-namespace", release.fullname)]);
+    assert_eq!(
+        naming,
+        vec![
+            format!("{}-namespace", release.fullname),
+            format!("{}-tokenreview-binder", release.fullname),
+        ]
+    );
 
     // In its own namespace: its Lease, and the one Secret it mirrors (get, and list/watch by
     // name); no other Secret.
@@ -307,6 +317,34 @@ pub(crate) fn operator_rules() -> Vec<Rule> {
             v(&["create", "patch"]),
         ),
         (v(&[""]), v(&["pods"]), v(&["list"])),
+        (
+            v(&["networking.k8s.io"]),
+            v(&["networkpolicies"]),
+            v(&["get", "create", "patch", "delete"]),
+        ),
+        (
+            v(&[""]),
+            v(&["serviceaccounts"]),
+            v(&["get", "create", "patch"]),
+        ),
+    ]
+}
+
+/// Cluster-wide, for endpoints with ServiceAccount callers: their token-review bindings, and
+/// `bind` on the token-review role only.
+pub(crate) fn token_review_binder_rules() -> Vec<Rule> {
+    let v = strings;
+    vec![
+        (
+            v(&["rbac.authorization.k8s.io"]),
+            v(&["clusterrolebindings"]),
+            v(&["get", "create", "patch", "delete"]),
+        ),
+        (
+            v(&["rbac.authorization.k8s.io"]),
+            v(&["clusterroles"]),
+            v(&["bind"]),
+        ),
     ]
 }
 
@@ -328,13 +366,22 @@ fn a_one_namespace_install_renders_namespaced_roles_only() {
     )
     .unwrap();
     let docs = documents(&out);
-    // The one cluster-wide grant: reading the watched Namespace, by name.
-    let bindings = find(&docs, "ClusterRoleBinding");
-    assert_eq!(bindings.len(), 1);
+    // The cluster-wide grants: reading the watched Namespace, by name; binding the token-review
+    // role (and only it) for endpoints with ServiceAccount callers.
+    let mut bound: Vec<_> = find(&docs, "ClusterRoleBinding")
+        .iter()
+        .map(|b| b["roleRef"]["name"].as_str().unwrap().to_string())
+        .collect();
+    bound.sort();
     assert_eq!(
-        bindings[0]["roleRef"]["name"].as_str(),
-        Some("rel-mlflow-gateway-operator-namespace")
+        bound,
+        strings(&[
+            "rel-mlflow-gateway-operator-namespace",
+            "rel-mlflow-gateway-operator-tokenreview-binder",
+        ])
     );
+    let binder = named(&docs, "ClusterRole", "rel-mlflow-gateway-operator-tokenreview-binder");
+    assert_eq!(rules(binder), token_review_binder_rules());
     let reader = named(&docs, "ClusterRole", "rel-mlflow-gateway-operator-namespace");
     assert_eq!(
         serde_yaml::to_string(&reader["rules"]).unwrap(),
@@ -350,7 +397,9 @@ fn a_one_namespace_install_renders_namespaced_roles_only() {
         strings(&[
             "rel-mlflow-gateway-operator-admin",
             "rel-mlflow-gateway-operator-edit",
+            "rel-mlflow-gateway-operator-gateway-tokenreview",
             "rel-mlflow-gateway-operator-namespace",
+            "rel-mlflow-gateway-operator-tokenreview-binder",
             "rel-mlflow-gateway-operator-view",
         ])
     );

@@ -25,7 +25,7 @@ use crate::controller::error::Error;
 /// Applies `desired` unless the object already holds it. An object of that name that is not the
 /// endpoint's is left alone and reported. Returns the object as the API server has it (None when
 /// unknown), and whether a write was made.
-async fn ensure<K>(
+pub(super) async fn ensure<K>(
     ctx: &Context,
     ep: &GatewayEndpoint,
     desired: K,

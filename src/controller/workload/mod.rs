@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod crashes;
+pub mod callers;
 pub mod drift;
 pub mod render;
 pub mod rollout;
@@ -50,6 +51,15 @@ pub async fn ensure_gateway(
     let secrets = secrets::secrets_condition(&resolved);
     let blocked = blocked(&resolved, tracking, experiment_id);
     let traced_into = experiment_id.filter(|_| tracking);
+    // The pods' ServiceAccount (and its grant) before the pods that use it.
+    match callers::ensure(ep, ctx).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(access_not_supported(ep, secrets)),
+        Err(e @ (Error::NameConflict { .. } | Error::ApplyFailed { .. })) => {
+            return Ok(refused(ep, secrets, e));
+        }
+        Err(e) => return Err(e),
+    }
     let applied = match apply::apply_objects(
         ep,
         ctx,
@@ -146,6 +156,29 @@ fn refused(ep: &GatewayEndpoint, secrets: ConditionState, error: Error) -> Gatew
 
 /// A condition message's bound: the API server's messages can be long (a webhook's, say).
 const MAX_MESSAGE: usize = 4096;
+
+/// The state when the endpoint declares ServiceAccount callers this install cannot serve: not
+/// available, not progressing (nothing is applied until the declaration or the install changes).
+fn access_not_supported(ep: &GatewayEndpoint, secrets: ConditionState) -> GatewayState {
+    let condition = |type_| {
+        ConditionState::new(
+            type_,
+            false,
+            Reason::AccessNotSupported,
+            callers::NOT_SUPPORTED.to_string(),
+        )
+    };
+    GatewayState {
+        secrets,
+        available: condition(ConditionType::Available),
+        progressing: condition(ConditionType::Progressing),
+        url: render::url(ep),
+        replicas: None,
+        ready_replicas: None,
+        events: Vec::new(),
+        refused: None,
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -64,6 +64,9 @@ pub struct GatewayDefaults {
     pub ca_bundle: Option<String>,
     /// Requests and limits of the gateway container.
     pub resources: ResourceRequirements,
+    /// The ClusterRole bound to endpoints' ServiceAccounts for TokenReview (see
+    /// [`super::callers`]); None: ServiceAccount callers cannot be declared.
+    pub token_review_cluster_role: Option<String>,
 }
 
 /// Requests 100m CPU and 64Mi memory; limits 1 CPU and 256Mi.
@@ -211,8 +214,15 @@ pub fn config_map(ep: &GatewayEndpoint, config: &str, ca_bundle: Option<&str>) -
     if let Some(pem) = ca_bundle {
         data.insert(CA_BUNDLE_KEY.to_string(), pem.to_string());
     }
+    let mut metadata = metadata(ep, object_name(ep));
+    if super::callers::network_policy(ep).is_some() {
+        metadata
+            .labels
+            .get_or_insert_default()
+            .insert(super::callers::LABEL_NETWORK_POLICY.into(), "true".into());
+    }
     ConfigMap {
-        metadata: metadata(ep, object_name(ep)),
+        metadata,
         data: Some(data),
         ..Default::default()
     }
@@ -352,6 +362,7 @@ pub fn environment(
             }
         }
     }
+    env.extend(super::callers::environment(ep));
     env
 }
 
@@ -410,25 +421,33 @@ pub fn deployment(
             }),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "config".into(),
-                mount_path: CONFIG_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: "tmp".into(),
-                mount_path: "/tmp".into(),
-                ..Default::default()
-            },
-        ]),
+        volume_mounts: Some(
+            [
+                VolumeMount {
+                    name: "config".into(),
+                    mount_path: CONFIG_DIR.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "tmp".into(),
+                    mount_path: "/tmp".into(),
+                    ..Default::default()
+                },
+            ]
+            .into_iter()
+            .chain(super::callers::volume_mounts(ep))
+            .collect(),
+        ),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     };
+    // The pods hold an API token only when they review callers' tokens (their own account).
+    let reviewer = super::callers::service_account_name(ep);
     let pod = PodSpec {
         containers: vec![container],
-        automount_service_account_token: Some(false),
+        automount_service_account_token: Some(reviewer.is_some()),
+        service_account_name: reviewer,
         enable_service_links: Some(false),
         termination_grace_period_seconds: Some(30),
         security_context: Some(PodSecurityContext {
@@ -444,24 +463,29 @@ pub fn deployment(
         node_selector: (!overrides.node_selector.is_empty()).then_some(overrides.node_selector),
         tolerations: (!overrides.tolerations.is_empty()).then_some(overrides.tolerations),
         affinity: overrides.affinity,
-        volumes: Some(vec![
-            Volume {
-                name: "config".into(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: object_name(ep),
+        volumes: Some(
+            [
+                Volume {
+                    name: "config".into(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: object_name(ep),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            },
-            Volume {
-                name: "tmp".into(),
-                empty_dir: Some(EmptyDirVolumeSource {
-                    size_limit: Some(Quantity("16Mi".into())),
+                },
+                Volume {
+                    name: "tmp".into(),
+                    empty_dir: Some(EmptyDirVolumeSource {
+                        size_limit: Some(Quantity("16Mi".into())),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            },
-        ]),
+                },
+            ]
+            .into_iter()
+            .chain(super::callers::volumes(ep))
+            .collect(),
+        ),
         ..Default::default()
     };
     Deployment {
@@ -560,6 +584,7 @@ spec:
             insecure_tls: false,
             ca_bundle: None,
             resources: default_resources(),
+            token_review_cluster_role: None,
         }
     }
 

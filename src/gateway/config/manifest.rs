@@ -14,7 +14,8 @@ use kube::ResourceExt;
 use super::{
     EndpointConfig, GatewayConfig, ModelConfig, ModelSettings, Operation, Provider, RoutingConfig,
 };
-use crate::api::{self, EndpointType, GatewayEndpoint, Model};
+use crate::api::{self, AccessSpec, EndpointType, GatewayEndpoint, Model};
+use crate::gateway::access::{AccessConfig, ServiceAccountPolicy};
 use crate::gateway::tracing::TelemetryConfig;
 use crate::mlflow::MlflowConfig;
 
@@ -199,11 +200,42 @@ pub fn from_resource(
     } else {
         None
     };
+    let access = access(
+        spec.access.as_ref(),
+        &resource.namespace().unwrap_or_default(),
+        &endpoint.name,
+    );
     Ok(GatewayConfig {
         endpoint,
         routing,
         tracing,
+        access,
     })
+}
+
+/// `spec.access` in the gateway's terms: none declared is [`AccessConfig::Closed`].
+pub fn access(spec: Option<&AccessSpec>, namespace: &str, name: &str) -> AccessConfig {
+    let Some(spec) = spec else {
+        return AccessConfig::Closed;
+    };
+    if spec.open {
+        return AccessConfig::Open;
+    }
+    let service_accounts = spec
+        .service_accounts
+        .as_ref()
+        .map(|sa| ServiceAccountPolicy {
+            audience: sa.audience_for(namespace, name),
+            namespaces: sa.namespaces.iter().cloned().collect(),
+            names: sa.names.iter().cloned().collect(),
+        });
+    if service_accounts.is_none() && spec.api_keys.is_empty() {
+        return AccessConfig::Closed;
+    }
+    AccessConfig::Checked {
+        service_accounts,
+        api_keys: spec.api_keys.iter().map(|k| k.name.clone()).collect(),
+    }
 }
 
 /// The operation an endpoint of this type serves.
@@ -348,6 +380,38 @@ spec:
             .unwrap()
             .to_string();
         assert!(err.contains("MLFLOW_WORKSPACE"), "{err}");
+    }
+
+    #[test]
+    fn access_is_closed_unless_declared() {
+        let loaded = from_resource(&resource(CHAT), "f", &env_of(KEYS)).unwrap();
+        assert_eq!(loaded.access, AccessConfig::Closed);
+        let spec = |yaml: &str| -> AccessSpec { serde_yaml::from_str(yaml).unwrap() };
+        assert_eq!(
+            access(Some(&spec("open: true")), "ns", "chat"),
+            AccessConfig::Open
+        );
+        assert_eq!(
+            access(Some(&spec("{}")), "ns", "chat"),
+            AccessConfig::Closed
+        );
+        let checked = access(
+            Some(&spec(
+                "serviceAccounts: {namespaces: [team-a]}\napiKeys: [{name: ci, secretRef: {name: s, key: k}}]",
+            )),
+            "ns",
+            "chat",
+        );
+        let AccessConfig::Checked {
+            service_accounts: Some(sa),
+            api_keys,
+        } = checked
+        else {
+            panic!("{checked:?}");
+        };
+        assert_eq!(sa.audience, "mlflow-gateway.dev/ns/chat");
+        assert!(sa.admits("team-a", "x"));
+        assert_eq!(api_keys, vec!["ci".to_string()]);
     }
 
     #[test]

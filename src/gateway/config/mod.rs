@@ -24,6 +24,8 @@ pub struct GatewayConfig {
     pub routing: RoutingConfig,
     /// None when `usageTracking: false`.
     pub tracing: Option<TelemetryConfig>,
+    /// Who may call (`spec.access`).
+    pub access: crate::gateway::access::AccessConfig,
 }
 
 /// The endpoint the gateway serves.

@@ -12,7 +12,8 @@
 //!  |- provider/<provider>/<model>  one per attempt: mlflow.spanType=LLM, mlflow.llm.provider,
 //!  '- provider/<provider>/<model>  mlflow.llm.model, method (+ streaming=true), mlflow.chat.tokenUsage;
 //!                                  a failed attempt has status ERROR and an "exception" event
-//! trace metadata: mlflow.gateway.endpointId, mlflow.gateway.requestType, mlflow.gateway.caller
+//! trace metadata: mlflow.gateway.endpointId, mlflow.gateway.requestType, mlflow.gateway.caller,
+//! and for an authenticated caller mlflow.auth.username, mlflow.auth.userId, mlflow.trace.user
 //! (written by the trace-info request, see below); mlflow.trace.tokenUsage (summed by the server)
 //! trace tag: mlflow.traceName = gateway/<endpoint>
 //! ```
@@ -553,6 +554,24 @@ impl Invocation {
             (Some(i), _) => Some(mlflow_trace_id(i.trace_id)),
             (None, Some(shed)) => Some(mlflow_trace_id(shed.trace_id)),
             (None, None) => None,
+        }
+    }
+
+    /// Records the caller the access check admitted, as MLflow's gateway does under its auth
+    /// (trace metadata `mlflow.auth.username`, `mlflow.auth.userId`), and as the trace's user
+    /// (`mlflow.trace.user`, the UI's "User"). Values are clipped to what metadata holds.
+    pub fn set_authenticated_caller(&mut self, username: &str, user_id: Option<&str>) {
+        let Some(inv) = &mut self.inner else { return };
+        let Some(username) = clean_caller(username) else {
+            return;
+        };
+        inv.span
+            .set_attribute(KeyValue::new(META_AUTH_USERNAME, username.clone()));
+        inv.span
+            .set_attribute(KeyValue::new(META_TRACE_USER, username));
+        if let Some(uid) = user_id.and_then(clean_caller) {
+            inv.span
+                .set_attribute(KeyValue::new(META_AUTH_USER_ID, uid));
         }
     }
 

@@ -77,6 +77,11 @@ pub(super) const ATTR_HTTP_STATUS: &str = "http.response.status_code";
 pub(super) const META_ENDPOINT_ID: &str = "mlflow.gateway.endpointId";
 pub(super) const META_REQUEST_TYPE: &str = "mlflow.gateway.requestType";
 pub(super) const META_CALLER: &str = "mlflow.gateway.caller";
+/// The authenticated caller, under the keys MLflow's gateway writes from its auth
+/// (`mlflow/server/gateway_api.py` `_get_user_metadata`), and the trace's user.
+pub(super) const META_AUTH_USERNAME: &str = "mlflow.auth.username";
+pub(super) const META_AUTH_USER_ID: &str = "mlflow.auth.userId";
+pub(super) const META_TRACE_USER: &str = "mlflow.trace.user";
 pub(super) const META_SCHEMA_VERSION: &str = "mlflow.trace_schema.version";
 pub(super) const TAG_TRACE_NAME: &str = "mlflow.traceName";
 

@@ -19,8 +19,8 @@ use opentelemetry_sdk::trace::SpanData;
 use super::counters::Counters;
 use super::http::ExportHttp;
 use super::schema::{
-    META_CALLER, META_ENDPOINT_ID, META_REQUEST_TYPE, META_SCHEMA_VERSION, TAG_TRACE_NAME,
-    mlflow_trace_id,
+    META_AUTH_USER_ID, META_AUTH_USERNAME, META_CALLER, META_ENDPOINT_ID, META_REQUEST_TYPE,
+    META_SCHEMA_VERSION, META_TRACE_USER, TAG_TRACE_NAME, mlflow_trace_id,
 };
 
 /// Trace-info requests in flight at once.
@@ -35,6 +35,8 @@ pub(super) struct TraceInfoJob {
     error: bool,
     request_type: Option<String>,
     caller: Option<String>,
+    /// mlflow.auth.username, mlflow.auth.userId, mlflow.trace.user, when set.
+    identity: Vec<(&'static str, String)>,
 }
 
 impl TraceInfoJob {
@@ -52,6 +54,10 @@ impl TraceInfoJob {
             error: matches!(span.status, Status::Error { .. }),
             request_type: attribute(META_REQUEST_TYPE),
             caller: attribute(META_CALLER),
+            identity: [META_AUTH_USERNAME, META_AUTH_USER_ID, META_TRACE_USER]
+                .into_iter()
+                .filter_map(|k| attribute(k).map(|v| (k, v)))
+                .collect(),
         }
     }
 }
@@ -113,6 +119,10 @@ impl TraceInfoPoster {
         if let Some(caller) = &job.caller {
             let _ = write!(out, r#","{META_CALLER}":"#);
             str_json(&mut out, caller);
+        }
+        for (key, value) in &job.identity {
+            let _ = write!(out, r#","{key}":"#);
+            str_json(&mut out, value);
         }
         let _ = write!(out, r#"}},"tags":{{"{TAG_TRACE_NAME}":"#);
         str_json(&mut out, &self.trace_name);
@@ -323,6 +333,7 @@ mod tests {
             error: true,
             request_type: Some("unified/chat".into()),
             caller: None,
+            identity: vec![],
         };
         let body: serde_json::Value = serde_json::from_str(&poster.body(&job)).unwrap();
         let info = &body["trace"]["trace_info"];
@@ -337,11 +348,17 @@ mod tests {
         let quoted = TraceInfoJob {
             caller: Some("a \"quoted\" caller\\".into()),
             error: false,
+            identity: vec![
+                (META_AUTH_USERNAME, "apikey:ci".into()),
+                (META_TRACE_USER, "apikey:ci".into()),
+            ],
             ..job
         };
         let body: serde_json::Value = serde_json::from_str(&poster.body(&quoted)).unwrap();
         let info = &body["trace"]["trace_info"];
         assert_eq!(info["trace_metadata"][META_CALLER], "a \"quoted\" caller\\");
+        assert_eq!(info["trace_metadata"][META_AUTH_USERNAME], "apikey:ci");
+        assert_eq!(info["trace_metadata"][META_TRACE_USER], "apikey:ci");
         assert_eq!(info["state"], "OK");
         assert_eq!(info.as_object().unwrap().len(), 7);
         assert_eq!(info["tags"][TAG_TRACE_NAME], "gateway/chat");

@@ -5,7 +5,8 @@
 //! kwok pods run no process, so the tests and the demo run the gateway here instead, and this is
 //! what makes that run the same as a pod's: nothing is taken from the GatewayEndpoint, only from
 //! what the operator rendered. Environment values that are paths under the mount (the endpoint
-//! file, the CA bundle) are pointed at the local directory.
+//! file, the CA bundle) are pointed at the local directory; Secret volumes (callers' API keys)
+//! are written under it too, with the variables that name their directories pointed there.
 
 use std::path::{Path, PathBuf};
 
@@ -84,12 +85,66 @@ impl DeclaredGateway {
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         }
 
+        // Secret volumes (the callers' API keys): each mount's items written under a local root
+        // that stands for `/`, and variables naming a directory at or above a mount pointed there.
+        let root = config_dir.join("root");
+        let mut secret_mounts = Vec::new();
+        for v in pod.volumes.iter().flatten() {
+            let Some(src) = &v.secret else { continue };
+            let Some(mount) = container
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == v.name)
+            else {
+                continue;
+            };
+            let dir = root.join(mount.mount_path.trim_start_matches('/'));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            secret_mounts.push(mount.mount_path.trim_end_matches('/').to_string());
+            let secret_name = src.secret_name.clone().unwrap_or_default();
+            let data = match Api::<Secret>::namespaced(client.clone(), ns)
+                .get_opt(&secret_name)
+                .await
+                .with_context(|| format!("reading the Secret {ns}/{secret_name}"))?
+            {
+                Some(secret) => secret.data.unwrap_or_default(),
+                None if src.optional == Some(true) => continue,
+                None => bail!("the Secret {ns}/{secret_name} a volume mounts does not exist"),
+            };
+            let items: Vec<(String, String)> = match &src.items {
+                Some(items) => items
+                    .iter()
+                    .map(|i| (i.key.clone(), i.path.clone()))
+                    .collect(),
+                None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
+            };
+            for (key, path) in items {
+                if let Some(bytes) = data.get(&key) {
+                    std::fs::write(dir.join(&path), &bytes.0)
+                        .with_context(|| format!("writing {}", dir.join(&path).display()))?;
+                }
+            }
+        }
+
         let local = config_dir.to_string_lossy();
         let env = container_env(client, ns, container, name)
             .await?
             .into_iter()
             .map(|(k, v)| match v.strip_prefix(&format!("{mount_path}/")) {
                 Some(file) => (k, format!("{local}/{file}")),
+                None if v.starts_with('/')
+                    && secret_mounts.iter().any(|m| {
+                        *m == v || m.starts_with(&format!("{}/", v.trim_end_matches('/')))
+                    }) =>
+                {
+                    (
+                        k,
+                        root.join(v.trim_start_matches('/'))
+                            .to_string_lossy()
+                            .into_owned(),
+                    )
+                }
                 None => (k, v),
             })
             .collect();
