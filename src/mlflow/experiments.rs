@@ -453,26 +453,43 @@ impl MlflowClient {
         call: ApiCall,
         request: Request<'_>,
     ) -> Result<T, MlflowError> {
-        let mut url = self
-            .transport
-            .url(&format!("api/2.0/mlflow/{}", call.path()));
-        if let Request::Get(query) = &request {
+        let path = format!("api/2.0/mlflow/{}", call.path());
+        let (method, query, body) = match request {
+            Request::Get(query) => (Method::GET, query, None),
+            Request::Post(body) => (Method::POST, &[][..], Some(body)),
+        };
+        self.request(call.path(), call.is_write(), method, &path, query, body)
+            .await
+    }
+
+    /// One REST call to `path` (under the tracking URI), named `name` in errors, logs and
+    /// metrics, counted as a write if `write`, with `query` and a JSON `body`; retried while it
+    /// fails transiently. Every API module (experiments, users) sends through here, so whatever
+    /// the client adds to a request applies to all of them.
+    pub(super) async fn request<T: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        write: bool,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<serde_json::Value>,
+    ) -> Result<T, MlflowError> {
+        let mut url = self.transport.url(path);
+        if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query.iter());
         }
         let uri: axum::http::Uri = url.as_str().parse().map_err(|e| MlflowError::Protocol {
-            call: call.path(),
+            call: name,
             status: 0,
             message: format!("cannot make a request URI of {url}: {e}"),
         })?;
-        let (method, body) = match &request {
-            Request::Get(_) => (Method::GET, Bytes::new()),
-            Request::Post(body) => (Method::POST, Bytes::from(body.to_string())),
-        };
+        let body = body.map(|b| Bytes::from(b.to_string()));
         self.transport
             .retry()
             .run(
-                call.path(),
-                || self.attempt(call, &method, &uri, body.clone()),
+                name,
+                || self.attempt(name, write, &method, &uri, body.clone()),
                 MlflowError::is_transient,
             )
             .await
@@ -480,23 +497,23 @@ impl MlflowClient {
 
     async fn attempt<T: DeserializeOwned>(
         &self,
-        call: ApiCall,
+        name: &'static str,
+        write: bool,
         method: &Method,
         uri: &axum::http::Uri,
-        body: Bytes,
+        body: Option<Bytes>,
     ) -> Result<T, MlflowError> {
-        let name = call.path();
-        let post = *method == Method::POST;
-        let mut request = axum::http::Request::new(body);
+        let has_body = body.is_some();
+        let mut request = axum::http::Request::new(body.unwrap_or_default());
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri.clone();
-        if post {
+        if has_body {
             request.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/json"),
             );
         }
-        if call.is_write() {
+        if write {
             self.writes.fetch_add(1, Ordering::Relaxed);
         }
         let start = Instant::now();

@@ -1,6 +1,7 @@
 //! The MLflow tracking server, as both halves of the project reach it: one validated
 //! configuration ([`config`]), one transport with one retry policy ([`transport`]), and the
-//! experiments API on top ([`experiments`], its errors in [`error`]). The gateway's trace export
+//! experiments API on top ([`experiments`], its errors in [`error`]), and the users API the
+//! per-endpoint trace credentials need ([`users`]). The gateway's trace export
 //! (`crate::gateway::tracing`) sends through the same [`Transport`].
 //!
 //! Credentials never appear in `Debug` output, error messages or logs.
@@ -9,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod experiments;
 pub mod transport;
+pub mod users;
 
 pub use config::{
     Auth, CaBundle, ConfigError, DEFAULT_USER_AGENT, ENV_INSECURE_TLS, ENV_PASSWORD,
@@ -21,3 +23,4 @@ pub use experiments::{
     is_write_call,
 };
 pub use transport::{Answer, NoAnswer, RetryPolicy, Transport};
+pub use users::{Account, Grant, Permission};
