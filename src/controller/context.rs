@@ -12,6 +12,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 
 use super::backoff::Failures;
+use super::credential::{AccountProbe, EnsuredCredentials};
 use super::settings::Settings;
 use super::verified::VerifiedExperiments;
 use crate::api::GatewayEndpoint;
@@ -63,6 +64,10 @@ pub struct Context {
     pub(super) failures: Failures<ObjectRef<GatewayEndpoint>>,
     /// Experiments lately found as declared, by endpoint uid.
     pub(super) verified: VerifiedExperiments,
+    /// The operator's MLflow account (may it manage users?), probed at most once per TTL.
+    pub(super) account: AccountProbe,
+    /// Per-endpoint trace credentials lately found in place in MLflow, by endpoint uid.
+    pub(super) credentials: EnsuredCredentials,
 }
 
 impl Context {
@@ -84,6 +89,8 @@ impl Context {
             client,
             tracking,
             verified: VerifiedExperiments::new(settings.resync() / 2),
+            account: AccountProbe::new(settings.resync() / 2),
+            credentials: EnsuredCredentials::new(settings.resync() / 2),
             settings,
             metrics,
             stores: Stores {

@@ -15,6 +15,7 @@ use kube::runtime::events::Event;
 
 use super::conditions::{ConditionState, ConditionType, Reason};
 use super::context::Context;
+use super::credential::Managed;
 use super::error::Error;
 use crate::api::GatewayEndpoint;
 use secrets::Resolved;
@@ -47,9 +48,10 @@ pub async fn ensure_gateway(
     ctx: &Context,
     experiment_id: Option<&str>,
     tracking: bool,
+    credential: &Managed,
 ) -> Result<GatewayState, Error> {
     let ns = ep.namespace().unwrap_or_default();
-    let resolved = secrets::resolve_secrets(ep, ctx, &ns, tracking).await?;
+    let resolved = secrets::resolve_secrets(ep, ctx, &ns, tracking, credential).await?;
     let secrets = secrets::secrets_condition(&resolved);
     let blocked = blocked(&resolved, tracking, experiment_id);
     let traced_into = experiment_id.filter(|_| tracking);
