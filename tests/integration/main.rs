@@ -15,6 +15,7 @@ mod support;
 
 mod crd;
 mod e2e_admission;
+mod e2e_credential;
 mod e2e_experiment;
 mod e2e_pods;
 mod gateway;
@@ -22,5 +23,6 @@ mod gitops;
 mod helm;
 mod leader_election;
 mod mlflow_client;
+mod mlflow_users;
 mod smoke;
 mod telemetry_mlflow;
