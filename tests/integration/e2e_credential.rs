@@ -113,6 +113,15 @@ fn operator_env(admin: &(String, String)) -> Vec<(&str, &str)> {
     vars
 }
 
+/// Waits until an Event with `reason` about the endpoint is there (one or more: a mode Event
+/// may be recorded again by a reconcile that ran before the status write was seen).
+async fn saw_event(client: &kube::Client, ns: &str, reason: &str) {
+    eventually(30, &format!("a {reason} Event"), || async {
+        (!support::events(client, ns, "chat", reason).await.is_empty()).then_some(())
+    })
+    .await;
+}
+
 async fn user_exists(ml: &Mlflow, username: &str) -> bool {
     let resp = ml
         .request(reqwest::Method::GET, "/api/2.0/mlflow/users/get")
@@ -163,8 +172,8 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
         let user = format!("gateway-endpoint/{}/chat", t.ns);
         assert!(msg.contains(&user) && msg.contains(SECRET), "{msg}");
         ids.push(status.experiment_id.unwrap());
-        support::wait_events(&client, &t.ns, "chat", "TraceCredentialCreated", 1, 30).await;
-        support::wait_events(&client, &t.ns, "chat", "PerEndpointCredential", 1, 30).await;
+        saw_event(&client, &t.ns, "TraceCredentialCreated").await;
+        saw_event(&client, &t.ns, "PerEndpointCredential").await;
 
         // The Secret: owned by the endpoint, the endpoint's username, a long random password.
         let s = t.secrets.get(SECRET).await.unwrap();
@@ -242,7 +251,7 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
         (config_hash(&d) != before).then_some(())
     })
     .await;
-    support::wait_events(&client, &a.ns, "chat", "TraceCredentialRotated", 1, 30).await;
+    saw_event(&client, &a.ns, "TraceCredentialRotated").await;
     assert_eq!(start_trace(&ml.uri, &user_a, &pw_a, &exp_a).await, 401);
     assert_eq!(start_trace(&ml.uri, &user_a, &rotated, &exp_a).await, 200);
 
@@ -276,7 +285,7 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
     )
     .await;
     assert_eq!(start_trace(&ml.uri, &user_a, &rotated, &exp_a).await, 403);
-    support::wait_events(&client, &a.ns, "chat", "TraceCredentialGranted", 1, 30).await;
+    saw_event(&client, &a.ns, "TraceCredentialGranted").await;
     // The password was not changed by the re-grant.
     assert_eq!(credential(&a).await.1, rotated);
 
@@ -357,7 +366,7 @@ async fn without_an_admin_account_the_mirrored_credential_is_used_and_said() {
             && msg.contains("shared by every endpoint"),
         "{msg}"
     );
-    support::wait_events(&client, &t.ns, "chat", "MirroredCredential", 1, 30).await;
+    saw_event(&client, &t.ns, "MirroredCredential").await;
     assert_eq!(
         credential(&t).await,
         ("gateway-writer".into(), "writer-password-1".into())

@@ -10,9 +10,13 @@ use mlflow_gateway_operator::mlflow::{
 use serde_json::json;
 use url::Url;
 
+/// No retries and a long timeout: a retried create or delete would read as "already there" /
+/// "already gone" when a slow first attempt did land, and these tests check each answer.
 fn client(uri: &str, auth: Auth) -> MlflowClient {
     let config = MlflowConfig::builder(Url::parse(uri).expect("server URI"))
         .auth(auth)
+        .request_timeout(std::time::Duration::from_secs(120))
+        .max_retries(0)
         .build()
         .expect("config");
     MlflowClient::new(&config).expect("client")
