@@ -96,7 +96,8 @@ impl AccountProbe {
         }
     }
 
-    /// The operator's account, probed again when the last answer is older than the TTL.
+    /// The operator's account, probed again when the last answer is older than the TTL. While
+    /// the server cannot be asked, the last answer holds (an outage does not switch modes).
     pub async fn account(&self, tracking: &MlflowClient) -> Result<Account, MlflowError> {
         let mut last = self.last.lock().await;
         if let Some((at, account)) = last.as_ref()
@@ -104,9 +105,16 @@ impl AccountProbe {
         {
             return Ok(account.clone());
         }
-        let account = tracking.current_account().await?;
-        *last = Some((Instant::now(), account.clone()));
-        Ok(account)
+        match tracking.current_account().await {
+            Ok(account) => {
+                *last = Some((Instant::now(), account.clone()));
+                Ok(account)
+            }
+            Err(e) => match last.as_ref() {
+                Some((_, account)) if e.is_transient() => Ok(account.clone()),
+                _ => Err(e),
+            },
+        }
     }
 }
 
