@@ -62,7 +62,7 @@ async fn team(client: &kube::Client, prefix: &str) -> Team {
 }
 
 async fn condition(t: &Team, type_: &str, status: &str, reason: &str) -> GatewayEndpoint {
-    support::wait_condition(&t.endpoints, "chat", type_, status, Some(reason), 90).await
+    support::wait_condition(&t.endpoints, "chat", type_, status, Some(reason), 300).await
 }
 
 /// The username and password in the endpoint's credential Secret.
@@ -116,7 +116,7 @@ fn operator_env(admin: &(String, String)) -> Vec<(&str, &str)> {
 /// Waits until an Event with `reason` about the endpoint is there (one or more: a mode Event
 /// may be recorded again by a reconcile that ran before the status write was seen).
 async fn saw_event(client: &kube::Client, ns: &str, reason: &str) {
-    eventually(30, &format!("a {reason} Event"), || async {
+    eventually(120, &format!("a {reason} Event"), || async {
         (!support::events(client, ns, "chat", reason).await.is_empty()).then_some(())
     })
     .await;
@@ -165,7 +165,7 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
     // Each endpoint: Ready, with its own MLflow user, said by the condition and an Event.
     let mut ids = Vec::new();
     for t in [&a, &b] {
-        support::wait_condition(&t.endpoints, "chat", "Ready", "True", None, 120).await;
+        support::wait_condition(&t.endpoints, "chat", "Ready", "True", None, 300).await;
         let ep = condition(t, "TraceCredentialReady", "True", "PerEndpointCredential").await;
         let status = ep.status.clone().unwrap();
         let msg = &status.condition("TraceCredentialReady").unwrap().message;
@@ -221,12 +221,16 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
         .to_str()
         .unwrap()
         .to_string();
-    eventually(60, "the gateway's trace in team A's experiment", || async {
-        search_traces(&ml, &exp_a)
-            .await
-            .into_iter()
-            .find(|t| t["trace_id"] == trace_id.as_str())
-    })
+    eventually(
+        180,
+        "the gateway's trace in team A's experiment",
+        || async {
+            search_traces(&ml, &exp_a)
+                .await
+                .into_iter()
+                .find(|t| t["trace_id"] == trace_id.as_str())
+        },
+    )
     .await;
     drop(gw);
 
@@ -241,12 +245,12 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
         )
         .await
         .unwrap();
-    let rotated = eventually(60, "a new password in the Secret", || async {
+    let rotated = eventually(180, "a new password in the Secret", || async {
         let (_, pw) = credential(&a).await;
         (pw != pw_a).then_some(pw)
     })
     .await;
-    eventually(60, "the pods rolled to the new password", || async {
+    eventually(180, "the pods rolled to the new password", || async {
         let d = a.deployments.get("chat").await.ok()?;
         (config_hash(&d) != before).then_some(())
     })
@@ -271,7 +275,7 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
             &format!("  experimentId: \"{exp_other}\"\n"),
         ),
     );
-    eventually(60, "status names the new experiment", || async {
+    eventually(180, "status names the new experiment", || async {
         let ep = a.endpoints.get("chat").await.ok()?;
         (ep.status?.experiment_id? == exp_other).then_some(())
     })
@@ -294,7 +298,7 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
         .delete("chat", &DeleteParams::default())
         .await
         .unwrap();
-    eventually(60, "team B's endpoint gone", || async {
+    eventually(180, "team B's endpoint gone", || async {
         b.endpoints
             .get_opt("chat")
             .await
