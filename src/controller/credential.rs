@@ -96,6 +96,11 @@ impl AccountProbe {
         }
     }
 
+    /// The last answer of the probe, if any (without asking MLflow).
+    pub async fn last_known(&self) -> Option<Account> {
+        self.last.lock().await.as_ref().map(|(_, a)| a.clone())
+    }
+
     /// The operator's account, probed again when the last answer is older than the TTL. While
     /// the server cannot be asked, the last answer holds (an outage does not switch modes).
     pub async fn account(&self, tracking: &MlflowClient) -> Result<Account, MlflowError> {
@@ -275,17 +280,24 @@ fn wants_own_user(ep: &GatewayEndpoint) -> bool {
 }
 
 /// Decides and ensures the pods' trace credential. `experiment_id`: where the pods trace, if
-/// known. Never fails the reconcile itself: a failure is in the step, to retry with backoff.
+/// known. `tracking_failed`: the experiment step could not reach the tracking server (or was
+/// refused): then MLflow is not asked again, the pods keep the credential they have, and the
+/// experiment's failure is the one retried. Never fails the reconcile itself: a failure is in
+/// the step, to retry with backoff.
 pub async fn ensure(
     ep: &GatewayEndpoint,
     ctx: &Context,
     current: &GatewayEndpointStatus,
     experiment_id: Option<&str>,
+    tracking_failed: bool,
 ) -> CredentialStep {
     let ns = ep.namespace().unwrap_or_default();
     let name = ep.name_any();
     let uid = ep.uid().unwrap_or_default();
     let user = username(&ns, &name, &uid);
+    if tracking_failed && wants_own_user(ep) {
+        return hold(ep, ctx, &user).await;
+    }
     let mut step = decide_and_ensure(ep, ctx, &user, experiment_id).await;
     // A user made earlier that the endpoint no longer needs (tracking off, or its own Secret).
     if !wants_own_user(ep) {
@@ -312,6 +324,7 @@ pub async fn ensure(
             ));
         }
     } else if step.condition.reason == Reason::CredentialUnavailable
+        && step.failure.is_some()
         && let Some(e) =
             super::events::warn_on_entering(current, &step.condition, "EnsureTraceCredential")
     {
@@ -435,6 +448,45 @@ async fn unavailable(ep: &GatewayEndpoint, ctx: &Context, user: &str, e: Error) 
         },
         events: Vec::new(),
         failure: Some(e),
+    }
+}
+
+/// The step while the tracking server fails: the pods keep this endpoint's per-endpoint Secret if
+/// it has one, else whatever the Secrets step gives them (the mirror, or none); no MLflow call.
+async fn hold(ep: &GatewayEndpoint, ctx: &Context, user: &str) -> CredentialStep {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ep.namespace().unwrap_or_default());
+    let kept = match api.get_opt(&render::credential_secret_name(ep)).await {
+        Ok(Some(s)) if render::is_owned_by(&s.metadata, ep) => {
+            let rotated_for = s
+                .annotations()
+                .get(ROTATED_FOR_ANNOTATION)
+                .cloned()
+                .unwrap_or_default();
+            reusable_password(ep, &s, user, &rotated_for).map(|pw| Provided {
+                secret: credential_secret(ep, user, &pw, &rotated_for),
+                version: digest(user, &pw),
+            })
+        }
+        _ => None,
+    };
+    CredentialStep {
+        condition: condition(
+            false,
+            Reason::CredentialUnavailable,
+            "the tracking server is failing (see ExperimentReady): the trace credential is not checked, and the pods keep the one they have".into(),
+        ),
+        managed: match kept {
+            Some(p) => Managed::Provided(Box::new(p)),
+            // Per-endpoint mode, no user yet: no mirror meanwhile (the pods wait anyway).
+            None if ctx.settings.trace_credentials() == TraceCredentials::Auto
+                && matches!(ctx.account.last_known().await, Some(Account::Admin { .. })) =>
+            {
+                Managed::Pending
+            }
+            None => Managed::No,
+        },
+        events: Vec::new(),
+        failure: None,
     }
 }
 

@@ -331,7 +331,14 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
         }
     };
     // The pods' trace credential: their own MLflow user on that experiment, or the fallback.
-    let credential = credential::ensure(ep, ctx, &current, experiment.fields.id.as_deref()).await;
+    let credential = credential::ensure(
+        ep,
+        ctx,
+        &current,
+        experiment.fields.id.as_deref(),
+        experiment.failure.is_some(),
+    )
+    .await;
     // The pods trace into the experiment in status (kept while MLflow is unreachable).
     let gateway = match workload::ensure_gateway(
         ep,
