@@ -19,7 +19,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 
 use super::conditions::{ConditionState, ConditionType, Reason};
@@ -37,6 +37,8 @@ const ROTATED_FOR_ANNOTATION: &str = "mlflow-gateway.dev/rotated-for";
 /// On the Secret: what kind of credential it holds (`per-endpoint`; a mirror has none).
 const KIND_ANNOTATION: &str = "mlflow-gateway.dev/credential";
 const PER_ENDPOINT: &str = "per-endpoint";
+/// On the Secret once its user is deleted while the endpoint stays.
+const RELEASED: &str = "released";
 /// MLflow's username column holds 255 characters.
 const MAX_USERNAME: usize = 255;
 
@@ -615,8 +617,8 @@ async fn ensure_grant(
 
 /// Deletes the endpoint's MLflow user when the endpoint no longer needs it (deleted, tracking
 /// off, or its own credential named) and the operator manages users. `Some(note)` when a user
-/// was deleted. The Secret goes with the endpoint (owner reference); when the endpoint stays,
-/// it is deleted here.
+/// was deleted. The Secret goes with the endpoint (owner reference); when the endpoint stays, it
+/// is marked released (its password opens nothing any more).
 pub async fn release(
     ep: &GatewayEndpoint,
     ctx: &Context,
@@ -652,11 +654,11 @@ pub async fn release(
     let deleted = ctx.tracking.delete_user(&user).await?;
     ctx.credentials.forget(&uid);
     if !endpoint_deleted && per_endpoint_secret.is_some() {
-        match api.delete(&secret_name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
+        // The Secret stays until the endpoint goes (garbage collection; the operator needs no
+        // delete verb), marked so that its user is not looked for again.
+        let patch = serde_json::json!({"metadata": {"annotations": {KIND_ANNOTATION: RELEASED}}});
+        api.patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
     }
     Ok(deleted.then(|| format!("deleted MLflow user {user} (the endpoint's trace credential)")))
 }
