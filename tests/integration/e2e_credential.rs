@@ -315,6 +315,28 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
     // Team A's user is untouched.
     assert!(user_exists(&ml, &user_a).await);
 
+    // Team A switches to a Secret of its own: its MLflow user is deleted, the condition says so.
+    support::secret(&client, &a.ns, "team-writer", &[("token", "tok-team")]).await;
+    apply(
+        &a.ns,
+        &endpoint_yaml(
+            &format!("{}/v1", fake.url),
+            &format!(
+                "  experimentId: \"{exp_other}\"\n  tracing: {{credentialsSecretRef: {{name: team-writer}}}}\n"
+            ),
+        ),
+    );
+    condition(&a, "TraceCredentialReady", "True", "EndpointCredential").await;
+    eventually(180, "team A's MLflow user deleted", || async {
+        (!user_exists(&ml, &user_a).await).then_some(())
+    })
+    .await;
+    saw_event(&client, &a.ns, "TraceCredentialDeleted").await;
+    assert_eq!(
+        start_trace(&ml.uri, &user_a, &rotated, &exp_other).await,
+        401
+    );
+
     // No password in the operator's log.
     let log = op_a.log_text();
     assert!(!log.contains(&rotated) && !log.contains(&pw_a) && !log.contains(&admin.1));
