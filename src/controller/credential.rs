@@ -285,10 +285,12 @@ fn wants_own_user(ep: &GatewayEndpoint) -> bool {
 /// known. `tracking_failed`: the experiment step could not reach the tracking server (or was
 /// refused): then MLflow is not asked again, the pods keep the credential they have, and the
 /// experiment's failure is the one retried. Never fails the reconcile itself: a failure is in
-/// the step, to retry with backoff.
+/// the step, to retry with backoff. `tracking` is the client the reconcile passes in (scoped to
+/// the endpoint's MLflow workspace, if any): users and grants are made through it.
 pub async fn ensure(
     ep: &GatewayEndpoint,
     ctx: &Context,
+    tracking: &MlflowClient,
     current: &GatewayEndpointStatus,
     experiment_id: Option<&str>,
     tracking_failed: bool,
@@ -300,10 +302,10 @@ pub async fn ensure(
     if tracking_failed && wants_own_user(ep) {
         return hold(ep, ctx, &user).await;
     }
-    let mut step = decide_and_ensure(ep, ctx, &user, experiment_id).await;
+    let mut step = decide_and_ensure(ep, ctx, tracking, &user, experiment_id).await;
     // A user made earlier that the endpoint no longer needs (tracking off, or its own Secret).
     if !wants_own_user(ep) {
-        match release(ep, ctx, false).await {
+        match release(ep, ctx, tracking, false).await {
             Ok(Some(note)) => {
                 step.events
                     .push(event(EventType::Normal, "TraceCredentialDeleted", note))
@@ -338,6 +340,7 @@ pub async fn ensure(
 async fn decide_and_ensure(
     ep: &GatewayEndpoint,
     ctx: &Context,
+    tracking: &MlflowClient,
     user: &str,
     experiment_id: Option<&str>,
 ) -> CredentialStep {
@@ -400,7 +403,7 @@ async fn decide_and_ensure(
             failure: None,
         };
     };
-    match ensure_user(ep, ctx, user, experiment_id).await {
+    match ensure_user(ep, ctx, tracking, user, experiment_id).await {
         Ok((provided, events)) => CredentialStep {
             condition: condition(
                 true,
@@ -504,6 +507,7 @@ fn rotate_value(ep: &GatewayEndpoint) -> String {
 async fn ensure_user(
     ep: &GatewayEndpoint,
     ctx: &Context,
+    tracking: &MlflowClient,
     user: &str,
     experiment_id: &str,
 ) -> Result<(Provided, Vec<Event>), Error> {
@@ -546,7 +550,6 @@ async fn ensure_user(
     if !new_password && ctx.credentials.recent(&uid, &wanted) {
         return Ok((provided, Vec::new()));
     }
-    let tracking = &ctx.tracking;
     let mut events = Vec::new();
     if new_password {
         if tracking.create_user(user, &password).await? {
@@ -622,6 +625,7 @@ async fn ensure_grant(
 pub async fn release(
     ep: &GatewayEndpoint,
     ctx: &Context,
+    tracking: &MlflowClient,
     endpoint_deleted: bool,
 ) -> Result<Option<String>, Error> {
     if !endpoint_deleted && wants_own_user(ep) {
@@ -651,7 +655,7 @@ pub async fn release(
     }
     let uid = ep.uid().unwrap_or_default();
     let user = username(&ns, &ep.name_any(), &uid);
-    let deleted = ctx.tracking.delete_user(&user).await?;
+    let deleted = tracking.delete_user(&user).await?;
     ctx.credentials.forget(&uid);
     if !endpoint_deleted && per_endpoint_secret.is_some() {
         // The Secret stays until the endpoint goes (garbage collection; the operator needs no

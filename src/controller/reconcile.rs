@@ -334,6 +334,7 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
     let credential = credential::ensure(
         ep,
         ctx,
+        &ctx.tracking,
         &current,
         experiment.fields.id.as_deref(),
         experiment.failure.is_some(),
@@ -389,7 +390,7 @@ async fn cleanup(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
     // The endpoint is going: nothing to remember of it.
     ctx.verified.forget(&id.uid);
     // Its MLflow user goes with it (its Secret goes by garbage collection).
-    match credential::release(ep, ctx, true).await {
+    match credential::release(ep, ctx, &ctx.tracking, true).await {
         Ok(Some(note)) => {
             info!(endpoint = %id.owner(), "{note}");
             let event = cleanup_event(EventType::Normal, "TraceCredentialDeleted", &note);
