@@ -273,6 +273,10 @@ mod tests {
         assert_eq!(s.gateway().resources, default_resources());
         assert!(!s.gateway().insecure_tls && s.gateway().ca_bundle.is_none());
         assert_eq!(s.gateway_credentials(), None);
+        assert_eq!(s.trace_credentials(), TraceCredentials::Auto);
+        let mirrored =
+            Settings::from_args(args(&["--trace-credentials", "mirrored"]), &tracking()).unwrap();
+        assert_eq!(mirrored.trace_credentials(), TraceCredentials::Mirrored);
     }
 
     #[test]
