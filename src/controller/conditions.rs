@@ -21,6 +21,8 @@ pub enum ConditionType {
     Available,
     /// A rollout is under way.
     Progressing,
+    /// Which MLflow credential the pods write traces with, and whether it is in place.
+    TraceCredentialReady,
 }
 
 impl ConditionType {
@@ -31,6 +33,7 @@ impl ConditionType {
             ConditionType::SecretsReady => "SecretsReady",
             ConditionType::Available => "Available",
             ConditionType::Progressing => "Progressing",
+            ConditionType::TraceCredentialReady => "TraceCredentialReady",
         }
     }
 }
@@ -75,6 +78,12 @@ pub enum Reason {
     ProgressDeadlineExceeded,
     RolloutComplete,
     RollingOut,
+    // TraceCredentialReady
+    PerEndpointCredential,
+    MirroredCredential,
+    EndpointCredential,
+    NoCredential,
+    CredentialUnavailable,
     /// Another reason the Deployment gave, as it gave it.
     Deployment(String),
 }
@@ -111,6 +120,11 @@ impl Reason {
             Reason::ProgressDeadlineExceeded => "ProgressDeadlineExceeded",
             Reason::RolloutComplete => "RolloutComplete",
             Reason::RollingOut => "RollingOut",
+            Reason::PerEndpointCredential => "PerEndpointCredential",
+            Reason::MirroredCredential => "MirroredCredential",
+            Reason::EndpointCredential => "EndpointCredential",
+            Reason::NoCredential => "NoCredential",
+            Reason::CredentialUnavailable => "CredentialUnavailable",
             Reason::Deployment(other) => other,
         }
     }

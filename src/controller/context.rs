@@ -12,6 +12,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 
 use super::backoff::Failures;
+use super::credential::{AccountProbe, EnsuredCredentials};
 use super::settings::Settings;
 use super::verified::VerifiedExperiments;
 use super::workspaces::Workspaces;
@@ -70,6 +71,10 @@ pub struct Context {
     pub(super) verified: VerifiedExperiments,
     /// Whether the tracking server has workspaces, and those made sure of.
     pub(super) workspaces: Workspaces,
+    /// The operator's MLflow account (may it manage users?), probed at most once per TTL.
+    pub(super) account: AccountProbe,
+    /// Per-endpoint trace credentials lately found in place in MLflow, by endpoint uid.
+    pub(super) credentials: EnsuredCredentials,
 }
 
 impl Context {
@@ -93,6 +98,8 @@ impl Context {
             tracking,
             verified: VerifiedExperiments::new(settings.resync() / 2),
             workspaces: Workspaces::new(settings.resync()),
+            account: AccountProbe::new(settings.resync() / 2),
+            credentials: EnsuredCredentials::new(settings.resync() / 2),
             settings,
             metrics,
             stores: Stores {

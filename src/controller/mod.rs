@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod conditions;
 pub mod context;
+pub mod credential;
 pub mod error;
 pub mod events;
 pub mod experiment;
@@ -250,6 +251,7 @@ async fn tend(store: Store<GatewayEndpoint>, ctx: Arc<Context>) {
         // An empty store before the first list forgets nothing that matters: both are caches.
         let uids: HashSet<String> = endpoints.iter().filter_map(|ep| ep.uid()).collect();
         ctx.verified.retain(&uids);
+        ctx.credentials.retain(&uids);
         let keys: HashSet<ObjectRef<GatewayEndpoint>> = endpoints
             .iter()
             .map(|ep| ObjectRef::from_obj(ep.as_ref()))

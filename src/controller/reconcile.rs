@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use super::backoff::{backoff, jitter};
 use super::conditions::{self, ConditionState, ConditionType, Reason};
 use super::context::{Context, FIELD_MANAGER};
+use super::credential::{self, CredentialStep};
 use super::error::Error;
 use super::events::{change_event, cleanup_event, publish_all, warn_on_entering};
 use super::experiment::{self, Declared, EndpointIdentity, Outcome};
@@ -249,9 +250,11 @@ pub fn decide(
     generation: Option<i64>,
     current: &GatewayEndpointStatus,
     experiment: ExperimentStep,
+    credential: CredentialStep,
     gateway: GatewayState,
 ) -> Decision {
     let mut events = experiment.events;
+    events.extend(credential.events);
     events.extend(warn_on_entering(
         current,
         &gateway.secrets,
@@ -297,13 +300,18 @@ pub fn decide(
                 gateway.secrets,
                 gateway.available,
                 gateway.progressing,
+                credential.condition,
                 ready,
             ],
             generation,
         ),
     };
     // The experiment's failure first: it is why the pods may be waiting.
-    let failure = experiment.failure.map(Error::from).or(gateway.refused);
+    let failure = experiment
+        .failure
+        .map(Error::from)
+        .or(credential.failure)
+        .or(gateway.refused);
     Decision {
         status,
         events,
@@ -362,6 +370,18 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
             }
         }
     };
+    // The pods' trace credential: their own MLflow user on that experiment, or the fallback.
+    // Grants land in the workspace their request names, so they go through the workspace's client.
+    let scoped = ctx.tracking.in_workspace(workspace.clone());
+    let credential = credential::ensure(
+        ep,
+        ctx,
+        &scoped,
+        &current,
+        experiment.fields.id.as_deref(),
+        experiment.failure.is_some(),
+    )
+    .await;
     // The pods trace into the experiment in status (kept while MLflow is unreachable).
     let gateway = match workload::ensure_gateway(
         ep,
@@ -369,6 +389,7 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
         experiment.fields.id.as_deref(),
         workspace.as_deref(),
         ep.spec.usage_tracking,
+        &credential.managed,
     )
     .await
     {
@@ -376,10 +397,11 @@ async fn apply(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
         Err(e) => {
             // Events already decided (an experiment created, say) are still published.
             publish_all(ctx, ep, &experiment.events).await;
+            publish_all(ctx, ep, &credential.events).await;
             return Err(e);
         }
     };
-    let decision = decide(generation, &current, experiment, gateway);
+    let decision = decide(generation, &current, experiment, credential, gateway);
     if decision.status != current {
         patch_status(ctx, ep, &decision.status).await?;
     }
@@ -436,6 +458,26 @@ async fn cleanup(ep: &GatewayEndpoint, ctx: &Context) -> Result<Action, Error> {
     // The token-review grant is cluster-scoped: no owner reference takes it away.
     if ctx.settings.gateway().token_review_cluster_role.is_some() {
         workload::callers::delete_binding(ep, ctx).await?;
+    }
+    // Its MLflow user goes with it (its Secret goes by garbage collection).
+    match credential::release(ep, ctx, &ctx.tracking, true).await {
+        Ok(Some(note)) => {
+            info!(endpoint = %id.owner(), "{note}");
+            let event = cleanup_event(EventType::Normal, "TraceCredentialDeleted", &note);
+            publish_all(ctx, ep, &[event]).await;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let event = cleanup_event(
+                EventType::Warning,
+                "TraceCredentialDeletionFailed",
+                &format!(
+                    "the endpoint's MLflow user could not be deleted: {e}; retrying (an MLflow admin can delete the user by hand, then remove the finalizer {FINALIZER})"
+                ),
+            );
+            publish_all(ctx, ep, &[event]).await;
+            return Err(e);
+        }
     }
     let Some(name) = to_delete(ep, &id) else {
         return Ok(Action::await_change());
@@ -581,6 +623,19 @@ mod tests {
         }
     }
 
+    fn credential_step() -> CredentialStep {
+        CredentialStep {
+            condition: condition(
+                ConditionType::TraceCredentialReady,
+                true,
+                Reason::PerEndpointCredential,
+            ),
+            managed: credential::Managed::No,
+            events: Vec::new(),
+            failure: None,
+        }
+    }
+
     fn unavailable() -> MlflowError {
         MlflowError::Api {
             call: "experiments/get",
@@ -680,7 +735,13 @@ mod tests {
             &Default::default(),
             &ui(),
         );
-        let d = decide(Some(4), &Default::default(), step, serving());
+        let d = decide(
+            Some(4),
+            &Default::default(),
+            step,
+            credential_step(),
+            serving(),
+        );
         assert!(d.failure.is_none());
         assert!(d.events.is_empty());
         assert_eq!(d.status.observed_generation, Some(4));
@@ -690,7 +751,7 @@ mod tests {
             (ready.status.as_str(), ready.reason.as_str()),
             ("True", "Ready")
         );
-        assert_eq!(d.status.conditions.len(), 5);
+        assert_eq!(d.status.conditions.len(), 6);
     }
 
     #[test]
@@ -711,7 +772,13 @@ mod tests {
             });
             g
         };
-        let d = decide(None, &Default::default(), step, conflicted());
+        let d = decide(
+            None,
+            &Default::default(),
+            step,
+            credential_step(),
+            conflicted(),
+        );
         assert!(matches!(d.failure, Some(Error::NameConflict { .. })));
         assert_eq!(d.events.len(), 1);
         assert_eq!(d.events[0].reason, "NameConflict");
@@ -725,7 +792,7 @@ mod tests {
             &Default::default(),
             &ui(),
         );
-        let again = decide(None, &d.status, step, conflicted());
+        let again = decide(None, &d.status, step, credential_step(), conflicted());
         assert!(again.events.is_empty());
     }
 
@@ -746,7 +813,7 @@ mod tests {
             name: "team-a/chat".into(),
             message: "denied".into(),
         });
-        let d = decide(None, &Default::default(), step, g);
+        let d = decide(None, &Default::default(), step, credential_step(), g);
         assert!(matches!(d.failure, Some(Error::ApplyFailed { .. })));
         assert_eq!(d.events.len(), 1);
         assert_eq!(d.events[0].type_, EventType::Warning);
@@ -763,11 +830,68 @@ mod tests {
             kind: "Service".into(),
             name: "team-a/chat".into(),
         });
-        let d = decide(None, &Default::default(), step, g);
+        let d = decide(None, &Default::default(), step, credential_step(), g);
         assert!(matches!(d.failure, Some(Error::Mlflow(_))));
         let ready = d.status.condition("Ready").unwrap();
         assert_eq!(ready.reason, "TrackingServerForbidden");
         assert!(ready.message.starts_with("ExperimentReady: "));
+    }
+
+    #[test]
+    fn the_credential_condition_events_and_failure_are_part_of_the_decision() {
+        let step = || {
+            experiment_step(
+                Ok(Outcome::Ready {
+                    experiment: mlflow_experiment("7", "gateway/team-a/chat"),
+                    changes: vec![],
+                }),
+                &managed(),
+                &Default::default(),
+                &ui(),
+            )
+        };
+        let mut failing = credential_step();
+        failing.condition = condition(
+            ConditionType::TraceCredentialReady,
+            false,
+            Reason::CredentialUnavailable,
+        );
+        failing.failure = Some(Error::Mlflow(unavailable()));
+        failing.events = vec![Event {
+            type_: EventType::Warning,
+            reason: "CredentialUnavailable".into(),
+            note: None,
+            action: "EnsureTraceCredential".into(),
+            secondary: None,
+        }];
+        let mut g = serving();
+        g.refused = Some(Error::NameConflict {
+            kind: "Service".into(),
+            name: "team-a/chat".into(),
+        });
+        let d = decide(None, &Default::default(), step(), failing, g);
+        assert!(
+            matches!(d.failure, Some(Error::Mlflow(_))),
+            "before the gateway's"
+        );
+        assert_eq!(d.events[0].reason, "CredentialUnavailable");
+        let c = d.status.condition("TraceCredentialReady").unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "CredentialUnavailable")
+        );
+        let ok = decide(
+            None,
+            &Default::default(),
+            step(),
+            credential_step(),
+            serving(),
+        );
+        assert_eq!(
+            ok.status.condition("TraceCredentialReady").unwrap().reason,
+            "PerEndpointCredential"
+        );
+        assert!(ok.failure.is_none());
     }
 
     #[test]
@@ -786,13 +910,19 @@ mod tests {
             false,
             Reason::ProgressDeadlineExceeded,
         );
-        let d = decide(None, &Default::default(), step(), stuck);
+        let d = decide(None, &Default::default(), step(), credential_step(), stuck);
         assert_eq!(d.events.len(), 1);
         assert_eq!(d.events[0].action, "RollOut");
         assert!(d.failure.is_none());
         let mut pending = serving();
         pending.available = condition(ConditionType::Available, false, Reason::DeploymentPending);
-        let d = decide(None, &Default::default(), step(), pending);
+        let d = decide(
+            None,
+            &Default::default(),
+            step(),
+            credential_step(),
+            pending,
+        );
         assert!(d.events.is_empty());
         assert_eq!(
             d.status.condition("Ready").unwrap().reason,

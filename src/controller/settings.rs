@@ -63,6 +63,16 @@ pub struct Args {
     /// spec.tracing.credentialsSecretRef. Never the operator's own credential.
     #[arg(long, env = "GATEWAY_MLFLOW_CREDENTIALS_SECRET")]
     pub gateway_credentials_secret: Option<String>,
+    /// How the gateway pods get their trace credential when an endpoint names none: `auto` (an
+    /// MLflow user per endpoint when the operator's account is an MLflow admin, else the mirrored
+    /// operator-wide credential) or `mirrored` (never manage MLflow users).
+    #[arg(
+        long,
+        env = "GATEWAY_TRACE_CREDENTIALS",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub trace_credentials: TraceCredentials,
     /// Default requests and limits of the gateway container, as JSON, e.g.
     /// '{"requests":{"cpu":"100m","memory":"64Mi"},"limits":{"memory":"256Mi"}}'.
     #[arg(long, env = "GATEWAY_RESOURCES", value_parser = parse_resources)]
@@ -75,6 +85,16 @@ pub struct Args {
     /// The namespace the operator runs in (from the downward API in the Helm chart).
     #[arg(long, env = "POD_NAMESPACE")]
     pub operator_namespace: Option<String>,
+}
+
+/// Whether the operator may manage an MLflow user per endpoint.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TraceCredentials {
+    /// Per-endpoint users when the tracking server and the operator's account allow it.
+    #[default]
+    Auto,
+    /// Always the mirrored operator-wide credential (or none).
+    Mirrored,
 }
 
 fn parse_resources(s: &str) -> Result<ResourceRequirements, String> {
@@ -110,6 +130,7 @@ pub struct Settings {
     max_backoff: Duration,
     gateway: GatewayDefaults,
     gateway_credentials: Option<OperatorSecret>,
+    trace_credentials: TraceCredentials,
     operator_namespace: Option<String>,
 }
 
@@ -148,6 +169,7 @@ impl Settings {
                     .filter(|r| !r.is_empty()),
             },
             gateway_credentials,
+            trace_credentials: args.trace_credentials,
             operator_namespace: args.operator_namespace,
         })
     }
@@ -186,6 +208,11 @@ impl Settings {
     /// endpoint's namespace) unless an endpoint names its own.
     pub fn gateway_credentials(&self) -> Option<&OperatorSecret> {
         self.gateway_credentials.as_ref()
+    }
+
+    /// Whether the operator may manage an MLflow user per endpoint.
+    pub fn trace_credentials(&self) -> TraceCredentials {
+        self.trace_credentials
     }
 
     /// The namespace the operator runs in.
@@ -254,6 +281,10 @@ mod tests {
         assert_eq!(s.gateway().resources, default_resources());
         assert!(!s.gateway().insecure_tls && s.gateway().ca_bundle.is_none());
         assert_eq!(s.gateway_credentials(), None);
+        assert_eq!(s.trace_credentials(), TraceCredentials::Auto);
+        let mirrored =
+            Settings::from_args(args(&["--trace-credentials", "mirrored"]), &tracking()).unwrap();
+        assert_eq!(mirrored.trace_credentials(), TraceCredentials::Mirrored);
     }
 
     #[test]

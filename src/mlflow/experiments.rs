@@ -473,27 +473,30 @@ impl MlflowClient {
         call: ApiCall,
         request: Request<'_>,
     ) -> Result<T, MlflowError> {
-        self.call_path(
-            call.path(),
-            &format!("api/2.0/mlflow/{}", call.path()),
-            call.is_write(),
-            request,
-        )
-        .await
+        let path = format!("api/2.0/mlflow/{}", call.path());
+        let (method, query, body) = match request {
+            Request::Get(query) => (Method::GET, query, None),
+            Request::Post(body) => (Method::POST, &[][..], Some(body)),
+        };
+        self.request(call.path(), call.is_write(), method, &path, query, body)
+            .await
     }
 
     /// One REST call to `path` (under the tracking URI), named `name` in errors, logs and
-    /// metrics; `write`: counted by [`MlflowClient::write_count`]. Retried while it fails
-    /// transiently.
-    pub(super) async fn call_path<T: DeserializeOwned>(
+    /// metrics, counted as a write if `write`, with `query` and a JSON `body`; retried while it
+    /// fails transiently. Every API module (experiments, users, workspaces) sends through here,
+    /// so whatever the client adds to a request (the workspace header) applies to all of them.
+    pub(super) async fn request<T: DeserializeOwned>(
         &self,
         name: &'static str,
-        path: &str,
         write: bool,
-        request: Request<'_>,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<serde_json::Value>,
     ) -> Result<T, MlflowError> {
         let mut url = self.transport.url(path);
-        if let Request::Get(query) = &request {
+        if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query.iter());
         }
         let uri: axum::http::Uri = url.as_str().parse().map_err(|e| MlflowError::Protocol {
@@ -513,10 +516,7 @@ impl MlflowClient {
                 )
             }
         };
-        let (method, body) = match &request {
-            Request::Get(_) => (Method::GET, Bytes::new()),
-            Request::Post(body) => (Method::POST, Bytes::from(body.to_string())),
-        };
+        let body = body.map(|b| Bytes::from(b.to_string()));
         let call = Call {
             name,
             write,
@@ -537,14 +537,14 @@ impl MlflowClient {
     async fn attempt<T: DeserializeOwned>(
         &self,
         call: &Call<'_>,
-        body: Bytes,
+        body: Option<Bytes>,
     ) -> Result<T, MlflowError> {
         let name = call.name;
-        let post = *call.method == Method::POST;
-        let mut request = axum::http::Request::new(body);
+        let has_body = body.is_some();
+        let mut request = axum::http::Request::new(body.unwrap_or_default());
         *request.method_mut() = call.method.clone();
         *request.uri_mut() = call.uri.clone();
-        if post {
+        if has_body {
             request.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/json"),

@@ -1,7 +1,8 @@
 //! The MLflow tracking server, as both halves of the project reach it: one validated
 //! configuration ([`config`]), one transport with one retry policy ([`transport`]), and the
-//! experiments API on top ([`experiments`], its errors in [`error`]), and workspaces
-//! ([`workspaces`]). The gateway's trace export
+//! experiments API on top ([`experiments`], its errors in [`error`]), workspaces
+//! ([`workspaces`]), and the users API the per-endpoint trace credentials need ([`users`]). The
+//! gateway's trace export
 //! (`crate::gateway::tracing`) sends through the same [`Transport`].
 //!
 //! Credentials never appear in `Debug` output, error messages or logs.
@@ -11,6 +12,7 @@ pub mod error;
 pub mod experiments;
 pub mod transport;
 pub mod workspaces;
+pub mod users;
 
 pub use config::{
     Auth, CaBundle, ConfigError, DEFAULT_USER_AGENT, ENV_INSECURE_TLS, ENV_PASSWORD,
@@ -27,3 +29,4 @@ pub use workspaces::{
     DEFAULT_WORKSPACE, ENV_WORKSPACE, ServerInfo, WORKSPACE_HEADER, Workspace,
     invalid_workspace_name,
 };
+pub use users::{Account, Grant, Permission};

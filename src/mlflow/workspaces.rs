@@ -4,11 +4,12 @@
 //! [`MlflowClient::in_workspace`]'s clones and by the gateway's trace export. Kept apart from the
 //! experiments API: a different API version, and its own rules for names.
 
+use axum::http::Method;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::error::MlflowError;
-use super::experiments::{MlflowClient, Request};
+use super::experiments::MlflowClient;
 
 /// The header that names the workspace of a request (MLflow's `X-MLFLOW-WORKSPACE`).
 pub const WORKSPACE_HEADER: &str = "x-mlflow-workspace";
@@ -74,11 +75,13 @@ impl MlflowClient {
     pub async fn server_info(&self) -> Result<ServerInfo, MlflowError> {
         let client = self.in_workspace(None);
         match client
-            .call_path::<RawServerInfo>(
+            .request::<RawServerInfo>(
                 "server-info",
-                "api/3.0/mlflow/server-info",
                 false,
-                Request::Get(&[]),
+                Method::GET,
+                "api/3.0/mlflow/server-info",
+                &[],
+                None,
             )
             .await
         {
@@ -99,11 +102,13 @@ impl MlflowClient {
         }
         let client = self.in_workspace(None);
         let answer: WorkspaceAnswer = client
-            .call_path(
+            .request(
                 "workspaces/get",
-                &format!("api/3.0/mlflow/workspaces/{name}"),
                 false,
-                Request::Get(&[]),
+                Method::GET,
+                &format!("api/3.0/mlflow/workspaces/{name}"),
+                &[],
+                None,
             )
             .await?;
         Ok(answer.workspace)
@@ -117,11 +122,13 @@ impl MlflowClient {
         }
         let client = self.in_workspace(None);
         client
-            .call_path::<serde::de::IgnoredAny>(
+            .request::<serde::de::IgnoredAny>(
                 "workspaces/create",
-                "api/3.0/mlflow/workspaces",
                 true,
-                Request::Post(json!({"name": name, "description": description})),
+                Method::POST,
+                "api/3.0/mlflow/workspaces",
+                &[],
+                Some(json!({"name": name, "description": description})),
             )
             .await
             .map(drop)

@@ -707,6 +707,9 @@ async fn gateway_pods_write_traces_with_their_own_credential_never_the_operators
         ("MLFLOW_TRACKING_PASSWORD", admin_password.as_str()),
         ("GATEWAY_MLFLOW_CREDENTIALS_SECRET", "gateway-writer"),
         ("POD_NAMESPACE", op_ns.as_str()),
+        // The operator's account is an admin: without this it would make a user per endpoint
+        // (e2e_credential); this test is about the mirror.
+        ("GATEWAY_TRACE_CREDENTIALS", "mirrored"),
     ]);
     let op = Operator::start(&env.ns, &ml.uri, &vars);
     apply(

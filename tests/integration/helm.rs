@@ -594,11 +594,18 @@ spec:
             .await
             .is_ok()
     );
-    let mirror = Api::<Secret>::namespaced(admin.clone(), &team)
+    // The chart's operator account is an MLflow admin, so (gateway.traceCredentials: auto) the
+    // endpoint gets an MLflow user of its own rather than the mirrored gateway-writer.
+    let credential = Api::<Secret>::namespaced(admin.clone(), &team)
         .get("chat-mlflow-credentials")
         .await
-        .expect("the mirrored gateway credential");
-    assert_eq!(mirror.data.unwrap()["password"].0, b"writer-pw");
+        .expect("the endpoint's trace credential");
+    let data = credential.data.unwrap();
+    assert_eq!(
+        data["username"].0,
+        format!("gateway-endpoint/{team}/chat").into_bytes()
+    );
+    assert_ne!(data["password"].0, b"writer-pw");
     assert_eq!(ep.status.as_ref().unwrap().ready_replicas, Some(1));
     // A deleted Deployment comes back, through the ServiceAccount's rights.
     Api::<Deployment>::namespaced(admin.clone(), &team)

@@ -17,6 +17,7 @@ use kube::runtime::events::Event;
 
 use super::conditions::{ConditionState, ConditionType, Reason};
 use super::context::Context;
+use super::credential::Managed;
 use super::error::Error;
 use crate::api::GatewayEndpoint;
 use secrets::Resolved;
@@ -45,9 +46,10 @@ pub async fn ensure_gateway(
     experiment_id: Option<&str>,
     workspace: Option<&str>,
     tracking: bool,
+    credential: &Managed,
 ) -> Result<GatewayState, Error> {
     let ns = ep.namespace().unwrap_or_default();
-    let resolved = secrets::resolve_secrets(ep, ctx, &ns, tracking).await?;
+    let resolved = secrets::resolve_secrets(ep, ctx, &ns, tracking, credential).await?;
     let secrets = secrets::secrets_condition(&resolved);
     let blocked = blocked(&resolved, tracking, experiment_id);
     let traced_into = experiment_id.filter(|_| tracking);

@@ -519,7 +519,7 @@ pub fn deployment(
     }
 }
 
-pub(super) fn sha256_hex(parts: &[&[u8]]) -> String {
+pub(crate) fn sha256_hex(parts: &[&[u8]]) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for p in parts {
         // Length-prefixed, so that ("ab", "c") and ("a", "bc") differ.

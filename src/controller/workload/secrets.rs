@@ -13,6 +13,7 @@ use super::render::{self, TraceCredential};
 use crate::api::GatewayEndpoint;
 use crate::controller::conditions::{ConditionState, ConditionType, Reason};
 use crate::controller::context::Context;
+use crate::controller::credential::Managed;
 use crate::controller::error::Error;
 use crate::controller::settings::OperatorSecret;
 
@@ -46,6 +47,7 @@ pub async fn resolve_secrets(
     ctx: &Context,
     ns: &str,
     tracking: bool,
+    managed: &Managed,
 ) -> Result<Resolved, Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let mut wanted: BTreeMap<&str, Vec<(&str, String)>> = BTreeMap::new();
@@ -121,6 +123,18 @@ pub async fn resolve_secrets(
                 }
             }
         }
+    } else if let Managed::Provided(provided) = managed {
+        // The endpoint's own MLflow user, in a Secret the endpoint owns.
+        let name = render::credential_secret_name(ep);
+        resolved.credential = TraceCredential::Basic {
+            secret: name.clone(),
+        };
+        resolved.versions.insert(name, provided.version.clone());
+        resolved.mirror = Some(provided.secret.clone());
+    } else if let Managed::Unavailable(message) = managed {
+        resolved.problem(Reason::CredentialUnavailable, message.clone());
+    } else if matches!(managed, Managed::Pending) {
+        // No pods before the experiment is known, so no credential yet either.
     } else if let Some(OperatorSecret {
         namespace: source_ns,
         name: source_name,
