@@ -11,8 +11,8 @@ pub mod config;
 pub mod error;
 pub mod experiments;
 pub mod transport;
-pub mod workspaces;
 pub mod users;
+pub mod workspaces;
 
 pub use config::{
     Auth, CaBundle, ConfigError, DEFAULT_USER_AGENT, ENV_INSECURE_TLS, ENV_PASSWORD,
@@ -25,8 +25,8 @@ pub use experiments::{
     is_write_call,
 };
 pub use transport::{Answer, NoAnswer, RetryPolicy, Transport};
+pub use users::{Account, Grant, Permission};
 pub use workspaces::{
     DEFAULT_WORKSPACE, ENV_WORKSPACE, ServerInfo, WORKSPACE_HEADER, Workspace,
     invalid_workspace_name,
 };
-pub use users::{Account, Grant, Permission};

@@ -131,7 +131,10 @@ async fn a_one_namespace_install_grants_roles_there_and_reads_only_its_namespace
     // Cluster-scoped objects: only the watched Namespace itself, read by name (its annotations
     // choose the MLflow workspace and the experiments shared with it).
     for verb in ["get", "list", "watch"] {
-        assert!(can_i(&sa, None, verb, &format!("namespaces/{team}")), "{verb} its Namespace");
+        assert!(
+            can_i(&sa, None, verb, &format!("namespaces/{team}")),
+            "{verb} its Namespace"
+        );
         assert!(
             !can_i(&sa, None, verb, &format!("namespaces/{other}")),
             "{verb} another Namespace"
@@ -380,9 +383,17 @@ fn a_one_namespace_install_renders_namespaced_roles_only() {
             "rel-mlflow-gateway-operator-tokenreview-binder",
         ])
     );
-    let binder = named(&docs, "ClusterRole", "rel-mlflow-gateway-operator-tokenreview-binder");
+    let binder = named(
+        &docs,
+        "ClusterRole",
+        "rel-mlflow-gateway-operator-tokenreview-binder",
+    );
     assert_eq!(rules(binder), token_review_binder_rules());
-    let reader = named(&docs, "ClusterRole", "rel-mlflow-gateway-operator-namespace");
+    let reader = named(
+        &docs,
+        "ClusterRole",
+        "rel-mlflow-gateway-operator-namespace",
+    );
     assert_eq!(
         serde_yaml::to_string(&reader["rules"]).unwrap(),
         "- apiGroups:\n  - ''\n  resources:\n  - namespaces\n  resourceNames:\n  - team-a\n  verbs:\n  - get\n  - list\n  - watch\n"

@@ -5,8 +5,8 @@
 //! module runs those steps in order and returns what they found as one [`GatewayState`].
 
 pub mod apply;
-pub mod crashes;
 pub mod callers;
+pub mod crashes;
 pub mod drift;
 pub mod render;
 pub mod rollout;
