@@ -11,8 +11,9 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::Value;
 
+use super::limits::{Accumulator, Charge, Slot, parse_cost};
 use super::tracing::{Attempt, Invocation, RequestType, TokenUsage};
-use super::{Gateway, JsonBody, Shared, openai_error};
+use super::{Admitted, Gateway, JsonBody, Shared, openai_error};
 use crate::gateway::config::{ModelConfig, ProviderConfig};
 use crate::gateway::providers::{Operation, ProviderError, StreamConverter, usage_of};
 use crate::http_client::{ByteStream, TransportError};
@@ -89,8 +90,21 @@ struct Failure {
     /// Connection errors, timeouts, 429 and 5xx: try the next model. Other 4xx: answer now.
     retryable: bool,
     status: Option<StatusCode>,
-    /// For metrics: connect, timeout, status_429, status_5xx, status_4xx, bad_response, stream.
+    /// For metrics: connect, timeout, status_429, status_5xx, status_4xx, bad_response, stream,
+    /// too_large, overloaded, request (the request could not be built for this model).
     kind: &'static str,
+}
+
+impl Failure {
+    /// A failure of this attempt that another model may not have.
+    fn retryable(kind: &'static str, message: String) -> Self {
+        Failure {
+            message,
+            retryable: true,
+            status: None,
+            kind,
+        }
+    }
 }
 
 /// How a request reaches the provider: the unified (OpenAI-shaped) conversion, or Anthropic's
@@ -149,9 +163,10 @@ async fn execute(
     g: &Shared,
     call: Call,
     headers: &HeaderMap,
-    JsonBody(body, text): JsonBody,
+    JsonBody(body, text, admitted): JsonBody,
     mode: Mode,
 ) -> Response {
+    let Admitted { slot, mut charge } = admitted;
     let started = Instant::now();
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     if stream && call.op == Operation::Embeddings {
@@ -198,6 +213,9 @@ async fn execute(
     let mut upstream_time = Duration::ZERO;
     let mut last: Option<(String, Failure)> = None;
     let mut tried = 0;
+    // Whether every attempt so far failed because the request could not be built for its model
+    // (then the client's request is at fault: 400 rather than 502).
+    let mut all_refused = true;
     for (i, up) in attempts.enumerate() {
         tried += 1;
         if i > 0 {
@@ -216,20 +234,20 @@ async fn execute(
         let request = match request {
             Ok(r) => r,
             Err(e) => {
-                // The client's request cannot be sent as is: no other model will do better.
-                let message = e.to_string();
-                attempt.fail("InvalidRequest", &message, None);
-                invocation.finish(None, Some(&message));
-                let status = match e {
-                    ProviderError::InvalidRequest(_) | ProviderError::Unsupported(_) => {
-                        StatusCode::BAD_REQUEST
-                    }
-                    _ => StatusCode::INTERNAL_SERVER_ERROR,
-                };
-                record(g, call.route, status, Some(started));
-                return openai_error(status, "invalid_request_error", message);
+                // This model cannot take the request as is (a field its provider refuses, a
+                // key that is no header value): its attempt failed, another model may do.
+                all_refused &= matches!(
+                    e,
+                    ProviderError::InvalidRequest(_) | ProviderError::Unsupported(_)
+                );
+                let f = Failure::retryable("request", e.to_string());
+                g.metrics.upstream_error(up.provider_name(), f.kind);
+                attempt.fail("InvalidRequest", &f.message, None);
+                last = Some((label(up), f));
+                continue;
             }
         };
+        all_refused = false;
         let t0 = Instant::now();
         if stream {
             match open_stream(g, up, call.op, request, wants_usage, mode).await {
@@ -243,6 +261,7 @@ async fn execute(
                         invocation,
                         trace_id,
                         started,
+                        slot,
                     );
                 }
                 Err(f) => {
@@ -257,7 +276,7 @@ async fn execute(
             }
             continue;
         }
-        let outcome = unary(g, up, call.op, &body, request, mode).await;
+        let outcome = unary(g, up, call.op, &body, request, mode, &mut charge).await;
         upstream_time += t0.elapsed();
         match outcome {
             Ok(answer) => {
@@ -291,12 +310,18 @@ async fn execute(
         }
     }
     let message = match &last {
+        Some((who, f)) if tried == 1 => format!("{who}: {}", f.message),
         Some((who, f)) => format!("all {tried} attempts failed; last: {who}: {}", f.message),
         None => "no model to try".to_string(),
     };
     invocation.finish(None, Some(&message));
-    record(g, call.route, StatusCode::BAD_GATEWAY, Some(started));
-    openai_error(StatusCode::BAD_GATEWAY, "upstream_error", message)
+    let (status, kind) = if all_refused && last.is_some() {
+        (StatusCode::BAD_REQUEST, "invalid_request_error")
+    } else {
+        (StatusCode::BAD_GATEWAY, "upstream_error")
+    };
+    record(g, call.route, status, Some(started));
+    openai_error(status, kind, message)
 }
 
 fn label(up: &ModelConfig) -> String {
@@ -455,11 +480,12 @@ async fn unary(
     body: &Value,
     request: Request<Bytes>,
     mode: Mode,
+    charge: &mut Charge,
 ) -> Result<Answer, Failure> {
     let call = async {
-        let resp = g.http.send(request).await.map_err(transport_failure)?;
+        let mut resp = g.http.send(request).await.map_err(transport_failure)?;
         let status = resp.status;
-        let bytes = resp.bytes().await.map_err(transport_failure)?;
+        let bytes = read_answer(g, &mut resp, charge).await?;
         Ok::<_, Failure>((status, bytes))
     };
     let (status, bytes) = tokio::time::timeout(g.attempt_timeout, call)
@@ -472,6 +498,16 @@ async fn unary(
         && let Some(check) = up.check_verbatim(op, &bytes)
     {
         return Ok(Answer::Checked { bytes, check });
+    }
+    // Parsed whole from here: its tree is charged first.
+    if !g.guard.charge(charge, parse_cost(&bytes) - bytes.len()) {
+        return Err(Failure::retryable(
+            "overloaded",
+            format!(
+                "the answer ({} bytes) is more than the gateway's memory budget has left to parse it (GATEWAY_MEMORY_BUDGET_BYTES)",
+                bytes.len()
+            ),
+        ));
     }
     let (parsed, verbatim) = match mode {
         // The client's request tells how to encode embeddings (float or base64).
@@ -499,6 +535,43 @@ async fn unary(
     }
 }
 
+/// An upstream answer, whole, within the answer cap and the memory budget.
+async fn read_answer(
+    g: &Gateway,
+    resp: &mut crate::http_client::UpstreamResponse,
+    charge: &mut Charge,
+) -> Result<Bytes, Failure> {
+    let max = g.guard.limits.max_answer_bytes;
+    let too_large = || {
+        Failure::retryable(
+            "too_large",
+            format!("the answer is larger than {max} bytes (GATEWAY_MAX_ANSWER_BYTES)"),
+        )
+    };
+    let declared = resp
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let mut acc = Accumulator::with_expected(declared);
+    while let Some(data) = resp.chunk().await.map_err(transport_failure)? {
+        if acc.len() + data.len() > max {
+            return Err(too_large());
+        }
+        if !g.guard.charge(charge, data.len()) {
+            return Err(Failure::retryable(
+                "overloaded",
+                "the gateway's memory budget is spent (GATEWAY_MEMORY_BUDGET_BYTES)".into(),
+            ));
+        }
+        acc.push(data);
+    }
+    Ok(acc.finish())
+}
+
 /// A stream whose provider answered 2xx and sent its first bytes: from here on, no fallback.
 struct Opened {
     upstream: ByteStream,
@@ -507,6 +580,22 @@ struct Opened {
     pending: VecDeque<Bytes>,
     mode: Mode,
     provider: &'static str,
+    /// Bytes received from the provider so far (capped by GATEWAY_MAX_ANSWER_BYTES).
+    received: usize,
+}
+
+impl Opened {
+    /// Counts `bytes` against the answer cap.
+    fn count(&mut self, bytes: &Bytes, max: usize) -> Result<(), Failure> {
+        self.received += bytes.len();
+        if self.received > max {
+            return Err(Failure::retryable(
+                "too_large",
+                format!("the stream is longer than {max} bytes (GATEWAY_MAX_ANSWER_BYTES)"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn sse_event(v: &Value) -> Bytes {
@@ -527,20 +616,32 @@ async fn open_stream(
     wants_usage: bool,
     mode: Mode,
 ) -> Result<Opened, Failure> {
+    let max = g.guard.limits.max_answer_bytes;
     let open = async {
-        let resp = g.http.send(request).await.map_err(transport_failure)?;
+        let mut resp = g.http.send(request).await.map_err(transport_failure)?;
         let status = resp.status;
         if !status.is_success() {
-            let bytes = resp.bytes().await.map_err(transport_failure)?;
+            let bytes = read_answer(g, &mut resp, &mut Charge::default()).await?;
             return Err(classify_status(up, status, &bytes));
         }
         let mut upstream = resp.into_stream();
         let mut converter = up.stream_converter(op, wants_usage);
+        converter.limit_lines(g.guard.limits.max_sse_line_bytes);
         let mut pending = VecDeque::new();
+        let mut received = 0usize;
         // Read until there is something to send: only then is the client committed to this model.
         while pending.is_empty() {
             match upstream.next().await {
                 Some(Ok(bytes)) => {
+                    received += bytes.len();
+                    if received > max {
+                        return Err(Failure::retryable(
+                            "too_large",
+                            format!(
+                                "the stream is longer than {max} bytes (GATEWAY_MAX_ANSWER_BYTES)"
+                            ),
+                        ));
+                    }
                     let chunks = converter.push(&bytes).map_err(|e| Failure {
                         message: e.to_string(),
                         retryable: true,
@@ -573,6 +674,7 @@ async fn open_stream(
             pending,
             mode,
             provider: up.provider_name(),
+            received,
         })
     };
     tokio::time::timeout(g.attempt_timeout, open)
@@ -590,6 +692,11 @@ struct Streaming {
     invocation: Option<Invocation>,
     started: Instant,
     done: bool,
+    /// Ends a stream whose provider fell silent (GATEWAY_STREAM_IDLE_TIMEOUT_SECONDS); reset at
+    /// each piece received.
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The invocation's place among those in flight, held until the stream ends.
+    _slot: Slot,
 }
 
 impl Streaming {
@@ -652,7 +759,9 @@ fn stream_response(
     invocation: Invocation,
     trace_id: Option<String>,
     started: Instant,
+    slot: Slot,
 ) -> Response {
+    let idle = g.guard.limits.stream_idle_timeout;
     let state = Streaming {
         g,
         call,
@@ -661,6 +770,8 @@ fn stream_response(
         invocation: Some(invocation),
         started,
         done: false,
+        idle: Box::pin(tokio::time::sleep(idle)),
+        _slot: slot,
     };
     let body = futures::stream::unfold(state, |mut st| async move {
         loop {
@@ -670,14 +781,34 @@ fn stream_response(
             if st.done {
                 return None;
             }
-            match st.opened.upstream.next().await {
-                Some(Ok(bytes)) => match st.opened.converter.push(&bytes) {
-                    Ok(chunks) => match st.opened.mode {
-                        Mode::Unified => st.opened.pending.extend(chunks.iter().map(sse_event)),
-                        Mode::AnthropicPassthrough => st.opened.pending.push_back(bytes),
-                    },
-                    Err(e) => st.fail("stream", e.to_string()),
-                },
+            let next = tokio::select! {
+                next = st.opened.upstream.next() => next,
+                () = st.idle.as_mut() => {
+                    let after = st.g.guard.limits.stream_idle_timeout;
+                    st.fail("timeout", format!(
+                        "the provider sent nothing for {} s (GATEWAY_STREAM_IDLE_TIMEOUT_SECONDS)",
+                        after.as_secs()
+                    ));
+                    continue;
+                }
+            };
+            match next {
+                Some(Ok(bytes)) => {
+                    let idle = st.g.guard.limits.stream_idle_timeout;
+                    st.idle.as_mut().reset(tokio::time::Instant::now() + idle);
+                    let max = st.g.guard.limits.max_answer_bytes;
+                    if let Err(f) = st.opened.count(&bytes, max) {
+                        st.fail(f.kind, f.message);
+                        continue;
+                    }
+                    match st.opened.converter.push(&bytes) {
+                        Ok(chunks) => match st.opened.mode {
+                            Mode::Unified => st.opened.pending.extend(chunks.iter().map(sse_event)),
+                            Mode::AnthropicPassthrough => st.opened.pending.push_back(bytes),
+                        },
+                        Err(e) => st.fail("stream", e.to_string()),
+                    }
+                }
                 Some(Err(e)) => st.fail("stream", e.message),
                 None => st.complete(),
             }

@@ -7,7 +7,9 @@
 //! traced and its failure classified there, and a stream commits to its model at its first
 //! bytes; a plan is an iterator, so routing costs no allocation or dynamic call per request.
 
-use super::config::{ModelConfig, RoutingConfig};
+use serde_json::json;
+
+use super::config::{ModelConfig, Operation, RoutingConfig};
 
 /// The endpoint's routing, ready for requests.
 #[derive(Debug)]
@@ -43,6 +45,24 @@ impl Routing {
             .into_iter()
             .chain(self.fallbacks.iter())
             .take(self.max_attempts)
+    }
+
+    /// Why no model could take a request of `op`, if none can: each builds a minimal request
+    /// (a key that is no header value, an unusable URL fail here).
+    pub fn unservable(&self, op: Operation) -> Option<String> {
+        let probe = match op {
+            Operation::Chat => json!({"messages": [{"role": "user", "content": "ping"}]}),
+            Operation::Completions => json!({"prompt": "ping"}),
+            Operation::Embeddings => json!({"input": "ping"}),
+        };
+        let mut why = Vec::new();
+        for m in self.models.iter().map(|(m, _)| m).chain(&self.fallbacks) {
+            match m.build_request(op, &probe) {
+                Ok(_) => return None,
+                Err(e) => why.push(e.to_string()),
+            }
+        }
+        Some(format!("no model can serve a request: {}", why.join("; ")))
     }
 
     fn pick(&self) -> Option<&ModelConfig> {
