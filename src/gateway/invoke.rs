@@ -251,8 +251,9 @@ async fn execute(
         let t0 = Instant::now();
         if stream {
             match open_stream(g, up, call.op, request, wants_usage, mode).await {
-                Ok(opened) => {
+                Ok(mut opened) => {
                     upstream_time += t0.elapsed();
+                    opened.slot = Some(slot);
                     return stream_response(
                         g.clone(),
                         call,
@@ -261,7 +262,6 @@ async fn execute(
                         invocation,
                         trace_id,
                         started,
-                        slot,
                     );
                 }
                 Err(f) => {
@@ -558,7 +558,7 @@ async fn read_answer(
     }
     let mut acc = Accumulator::with_expected(declared);
     while let Some(data) = resp.chunk().await.map_err(transport_failure)? {
-        if acc.len() + data.len() > max {
+        if acc.held() + data.len() > max {
             return Err(too_large());
         }
         if !g.guard.charge(charge, data.len()) {
@@ -582,6 +582,8 @@ struct Opened {
     provider: &'static str,
     /// Bytes received from the provider so far (capped by GATEWAY_MAX_ANSWER_BYTES).
     received: usize,
+    /// The invocation's place among those in flight, held until the stream ends.
+    slot: Option<Slot>,
 }
 
 impl Opened {
@@ -675,6 +677,7 @@ async fn open_stream(
             mode,
             provider: up.provider_name(),
             received,
+            slot: None,
         })
     };
     tokio::time::timeout(g.attempt_timeout, open)
@@ -695,8 +698,6 @@ struct Streaming {
     /// Ends a stream whose provider fell silent (GATEWAY_STREAM_IDLE_TIMEOUT_SECONDS); reset at
     /// each piece received.
     idle: std::pin::Pin<Box<tokio::time::Sleep>>,
-    /// The invocation's place among those in flight, held until the stream ends.
-    _slot: Slot,
 }
 
 impl Streaming {
@@ -759,7 +760,6 @@ fn stream_response(
     invocation: Invocation,
     trace_id: Option<String>,
     started: Instant,
-    slot: Slot,
 ) -> Response {
     let idle = g.guard.limits.stream_idle_timeout;
     let state = Streaming {
@@ -771,7 +771,6 @@ fn stream_response(
         started,
         done: false,
         idle: Box::pin(tokio::time::sleep(idle)),
-        _slot: slot,
     };
     let body = futures::stream::unfold(state, |mut st| async move {
         loop {

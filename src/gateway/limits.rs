@@ -178,7 +178,7 @@ impl Accumulator {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub fn held(&self) -> usize {
         self.first.as_ref().map_or(0, Bytes::len) + self.buf.len()
     }
 
@@ -264,7 +264,7 @@ pub async fn read_body(
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if acc.len() + data.len() > max {
+            if acc.held() + data.len() > max {
                 return Err(body_too_large());
             }
             if !guard.charge(&mut charge, data.len()) {
