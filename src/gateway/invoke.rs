@@ -177,7 +177,7 @@ async fn execute(
             "embeddings cannot be streamed",
         );
     }
-    let attempts = g.routing.attempts();
+    let attempts = g.routing.attempts_without(0);
     let anthropic = |u: &&ModelConfig| matches!(u.provider, ProviderConfig::Anthropic { .. });
     // Pass-through only makes sense when the chosen model speaks the Messages API.
     if mode == Mode::AnthropicPassthrough && attempts.clone().next().is_none_or(|u| !anthropic(&u))
@@ -189,7 +189,7 @@ async fn execute(
             "the Anthropic Messages pass-through needs the chosen model to be provider anthropic; use /v1/chat/completions",
         );
     }
-    let attempts = attempts.filter(|u| mode == Mode::Unified || anthropic(u));
+    let mut attempts = attempts;
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let caller = if g.telemetry.is_enabled() {
         super::tracing::caller_from_headers(headers)
@@ -216,9 +216,14 @@ async fn execute(
     // Whether every attempt so far failed because the request could not be built for its model
     // (then the client's request is at fault: 400 rather than 502).
     let mut all_refused = true;
-    for (i, up) in attempts.enumerate() {
+    // Models of the split that could not take this request.
+    let mut left_out = 0u64;
+    while let Some(up) = attempts.next() {
+        if mode == Mode::AnthropicPassthrough && !anthropic(&up) {
+            continue;
+        }
         tried += 1;
-        if i > 0 {
+        if tried > 1 {
             g.metrics.fallbacks.inc();
         }
         let attempt = invocation.start_attempt(
@@ -244,6 +249,11 @@ async fn execute(
                 g.metrics.upstream_error(up.provider_name(), f.kind);
                 attempt.fail("InvalidRequest", &f.message, None);
                 last = Some((label(up), f));
+                if let Some(bit) = g.routing.primary_bit(up) {
+                    // The draw again among the split's other models, then the fallbacks.
+                    left_out |= bit;
+                    attempts = g.routing.attempts_without(left_out);
+                }
                 continue;
             }
         };

@@ -41,10 +41,27 @@ impl Routing {
     /// order, at most `max_attempts`. The choice is made here, once: clones of the iterator
     /// repeat it.
     pub fn attempts(&self) -> impl Iterator<Item = &ModelConfig> + Clone {
-        self.pick()
+        self.attempts_without(0)
+    }
+
+    /// [`Self::attempts`] with the primary models of the bit set `left_out` (bit i: the i-th
+    /// model) out of the choice: a model that cannot take the request as the client sent it (a
+    /// field its provider refuses) leaves the choice to the others of the split, so the same
+    /// request does not succeed or fail by the draw.
+    pub fn attempts_without(&self, left_out: u64) -> impl Iterator<Item = &ModelConfig> + Clone {
+        self.pick(left_out)
             .into_iter()
             .chain(self.fallbacks.iter())
             .take(self.max_attempts)
+    }
+
+    /// The bit of `model` for [`Self::attempts_without`], if it is a primary model.
+    pub fn primary_bit(&self, model: &ModelConfig) -> Option<u64> {
+        self.models
+            .iter()
+            .position(|(m, _)| std::ptr::eq(m, model))
+            .filter(|i| *i < 64)
+            .map(|i| 1 << i)
     }
 
     /// Why no model could take a request of `op`, if none can: each builds a minimal request
@@ -65,18 +82,31 @@ impl Routing {
         Some(format!("no model can serve a request: {}", why.join("; ")))
     }
 
-    fn pick(&self) -> Option<&ModelConfig> {
-        if self.total_weight == 0 {
+    fn pick(&self, left_out: u64) -> Option<&ModelConfig> {
+        let total = if left_out == 0 {
+            self.total_weight
+        } else {
+            self.candidates(left_out).map(|(_, w)| w).sum()
+        };
+        if total == 0 {
             return None;
         }
-        let mut pick = fastrand::u64(0..self.total_weight);
-        for (model, w) in &self.models {
-            if pick < *w {
+        let mut pick = fastrand::u64(0..total);
+        for (model, w) in self.candidates(left_out) {
+            if pick < w {
                 return Some(model);
             }
             pick -= w;
         }
         None
+    }
+
+    fn candidates(&self, left_out: u64) -> impl Iterator<Item = (&ModelConfig, u64)> {
+        self.models
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| *i >= 64 || left_out & (1 << i) == 0)
+            .map(|(_, (m, w))| (m, *w))
     }
 }
 
@@ -118,6 +148,22 @@ mod tests {
             }
         });
         assert_eq!(names(routing.attempts()), ["a", "f1"]);
+    }
+
+    #[test]
+    fn models_left_out_of_the_split_are_never_picked() {
+        let routing = Routing::new(RoutingConfig {
+            models: vec![(model("a"), 1), (model("b"), 1), (model("c"), 1)],
+            fallbacks: vec![model("f")],
+            max_attempts: 2,
+        });
+        let a = routing.primary_bit(&routing.models[0].0).unwrap();
+        let c = routing.primary_bit(&routing.models[2].0).unwrap();
+        assert!(routing.primary_bit(&routing.fallbacks[0]).is_none());
+        for _ in 0..200 {
+            assert_eq!(names(routing.attempts_without(a | c)), ["b", "f"]);
+        }
+        assert_eq!(names(routing.attempts_without(0b111)), ["f"]);
     }
 
     #[test]

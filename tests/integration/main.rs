@@ -18,6 +18,7 @@ mod e2e_admission;
 mod e2e_experiment;
 mod e2e_pods;
 mod gateway;
+mod gateway_limits;
 mod gitops;
 mod helm;
 mod leader_election;
