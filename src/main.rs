@@ -74,9 +74,13 @@ struct GatewayArgs {
     #[arg(long, env = "GATEWAY_MAX_CONCURRENT_REQUESTS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
     max_concurrent_requests: u64,
     /// Bytes of request bodies (with their parsed form) and buffered upstream answers held at
-    /// once; beyond, requests are answered 503 (413 for one body larger than it all).
-    #[arg(long, env = "GATEWAY_MEMORY_BUDGET_BYTES", default_value_t = 96 * 1024 * 1024)]
-    memory_budget_bytes: usize,
+    /// once; beyond, requests are answered 503 (413 for one body larger than it all). Default:
+    /// 3/8 of GATEWAY_MEMORY_LIMIT_BYTES, else 96 MiB.
+    #[arg(long, env = "GATEWAY_MEMORY_BUDGET_BYTES")]
+    memory_budget_bytes: Option<usize>,
+    /// The container's memory limit (the Deployment sets it from `limits.memory`).
+    #[arg(long, env = "GATEWAY_MEMORY_LIMIT_BYTES")]
+    memory_limit_bytes: Option<u64>,
     /// Largest upstream answer, whole or streamed, in bytes (502 beyond).
     #[arg(long, env = "GATEWAY_MAX_ANSWER_BYTES", default_value_t = 32 * 1024 * 1024)]
     max_answer_bytes: usize,
@@ -156,7 +160,9 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let limits = gateway::limits::Limits {
         max_concurrent_requests: usize::try_from(args.max_concurrent_requests)
             .unwrap_or(usize::MAX),
-        memory_budget_bytes: args.memory_budget_bytes,
+        memory_budget_bytes: args
+            .memory_budget_bytes
+            .unwrap_or_else(|| gateway::limits::budget_for(args.memory_limit_bytes)),
         max_body_bytes: args.max_body_bytes,
         max_answer_bytes: args.max_answer_bytes,
         max_sse_line_bytes: args.max_sse_line_bytes,

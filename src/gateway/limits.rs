@@ -54,6 +54,18 @@ impl Default for Limits {
     }
 }
 
+/// The memory budget for a container memory limit: 3/8 of it (96 MiB of the default 256 MiB),
+/// leaving the rest to the process itself, connections, the trace queue and the allocator's
+/// slack; 96 MiB without a limit.
+pub fn budget_for(memory_limit: Option<u64>) -> usize {
+    match memory_limit {
+        Some(limit) => usize::try_from(limit / 8 * 3)
+            .unwrap_or(usize::MAX)
+            .max(1 << 20),
+        None => 96 << 20,
+    }
+}
+
 /// Bytes charged per JSON value of a parsed tree: a `serde_json::Value` is 32 bytes, an array's
 /// storage may hold up to twice its elements, and an object's entry adds its key and map node.
 const VALUE_BYTES: usize = 80;
@@ -321,6 +333,13 @@ mod tests {
         assert_eq!(parse_cost(b"[0,0,0]"), 7 + 4 * VALUE_BYTES);
         let text = br#"{"a":"x, [y] {z} \" ,"}"#;
         assert_eq!(parse_cost(text), text.len() + 2 * VALUE_BYTES);
+    }
+
+    #[test]
+    fn the_budget_is_three_eighths_of_the_memory_limit() {
+        assert_eq!(budget_for(Some(256 << 20)), 96 << 20);
+        assert_eq!(budget_for(Some(1 << 30)), 384 << 20);
+        assert_eq!(budget_for(None), 96 << 20);
     }
 
     #[test]
