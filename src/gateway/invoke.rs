@@ -566,7 +566,7 @@ async fn read_answer(
     if declared.is_some_and(|n| n > max) {
         return Err(too_large());
     }
-    let mut acc = Accumulator::with_expected(declared);
+    let mut acc = Accumulator::new(declared, max);
     while let Some(data) = resp.chunk().await.map_err(transport_failure)? {
         if acc.held() + data.len() > max {
             return Err(too_large());

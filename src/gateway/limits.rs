@@ -173,20 +173,22 @@ fn too_large(message: String) -> Response {
 }
 
 /// Collects a body's pieces. The usual body arrives in one piece, kept as is; pieces are copied
-/// only when a second one comes (into room for the declared length, when it is known).
+/// only when a second one comes, into room for the whole body reserved at once: the declared
+/// length, else the cap. Room reserved and not written is address space, not resident memory,
+/// whereas a buffer grown by doubling copies itself and holds both copies for a moment.
 pub struct Accumulator {
     first: Option<Bytes>,
     buf: Vec<u8>,
-    expected: usize,
+    room: usize,
 }
 
 impl Accumulator {
-    /// `expected`: the declared length, if any (already checked against the cap).
-    pub fn with_expected(expected: Option<usize>) -> Self {
+    /// `declared`: the declared length, if any (already checked against `cap`).
+    pub fn new(declared: Option<usize>, cap: usize) -> Self {
         Accumulator {
             first: None,
             buf: Vec::new(),
-            expected: expected.unwrap_or(0),
+            room: declared.unwrap_or(cap),
         }
     }
 
@@ -199,8 +201,7 @@ impl Accumulator {
             None if self.buf.is_empty() => self.first = Some(data),
             None => self.buf.extend_from_slice(&data),
             Some(first) => {
-                self.buf
-                    .reserve(self.expected.max(first.len() + data.len()));
+                self.buf.reserve(self.room.max(first.len() + data.len()));
                 self.buf.extend_from_slice(&first);
                 self.buf.extend_from_slice(&data);
             }
@@ -264,7 +265,7 @@ pub async fn read_body(
     let mut charge = Charge::default();
     let read = async {
         let mut body = body;
-        let mut acc = Accumulator::with_expected(declared);
+        let mut acc = Accumulator::new(declared, max);
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
                 openai_error(
