@@ -18,6 +18,7 @@ UNIT_TESTS := crd:: \
 	gateway::a_slow_model_times_out_per_attempt_and_the_fallback_answers \
 	gateway::a_tracking_server_answering_500_or_taking_10_s_changes_nothing_for_clients \
 	gateway::usage_tracking_off_exports_nothing \
+	gateway_limits:: \
 	telemetry_mlflow::tiny_queue_drops_and_counts
 unit:
 	cargo fmt --all -- --check
