@@ -5,7 +5,7 @@
 //! the MLflow server a binary starts for itself (when `make test` passes none in) are started once.
 //! Run one area with `cargo test --test integration gateway::`, one test by its name.
 //!
-//! Which areas need which outside service: `crd` needs none; `smoke`, `e2e_*`, `helm`,
+//! Which areas need which outside service: `crd` and `gateway_limits` need none; `smoke`, `e2e_*`, `helm`,
 //! `leader_election` and `gitops` need the cluster (most of them MLflow too, `gitops` also Go for
 //! Argo CD's Lua runtime); `mlflow_client`, `telemetry_mlflow` and `gateway` need MLflow, except
 //! the tests the Makefile's `UNIT_TESTS` lists, which `make unit` runs with none. The fake LLM
