@@ -629,6 +629,12 @@ spec:
             ("llm-keys", "openai")
         );
         assert!(env.contains_key("GATEWAY_API_KEY_CLAUDE_BACKUP"));
+        let limit = env["GATEWAY_MEMORY_LIMIT_BYTES"].value_from.as_ref().unwrap();
+        let limit = limit.resource_field_ref.as_ref().unwrap();
+        assert_eq!(
+            (limit.container_name.as_deref(), limit.resource.as_str()),
+            (Some("gateway"), "limits.memory")
+        );
         assert_eq!(env["MLFLOW_EXPERIMENT_ID"].value.as_deref(), Some("42"));
         assert_eq!(
             env["MLFLOW_TRACKING_URI"].value.as_deref(),
