@@ -629,7 +629,10 @@ spec:
             ("llm-keys", "openai")
         );
         assert!(env.contains_key("GATEWAY_API_KEY_CLAUDE_BACKUP"));
-        let limit = env["GATEWAY_MEMORY_LIMIT_BYTES"].value_from.as_ref().unwrap();
+        let limit = env["GATEWAY_MEMORY_LIMIT_BYTES"]
+            .value_from
+            .as_ref()
+            .unwrap();
         let limit = limit.resource_field_ref.as_ref().unwrap();
         assert_eq!(
             (limit.container_name.as_deref(), limit.resource.as_str()),
