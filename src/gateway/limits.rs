@@ -139,17 +139,6 @@ impl Guard {
     pub fn fits(&self, bytes: usize) -> bool {
         units(bytes) <= self.memory_units
     }
-
-    /// Why the gateway cannot take a request now, if it cannot: no place left, or no memory.
-    pub fn saturated(&self) -> Option<&'static str> {
-        if self.slots.available_permits() == 0 {
-            Some("every request slot is taken (GATEWAY_MAX_CONCURRENT_REQUESTS)")
-        } else if self.memory.available_permits() == 0 {
-            Some("the memory budget is spent (GATEWAY_MEMORY_BUDGET_BYTES)")
-        } else {
-            None
-        }
-    }
 }
 
 /// The gateway is at capacity: 503 with `Retry-After`, in OpenAI's error shape.
@@ -351,7 +340,6 @@ mod tests {
         let mut b = Charge::default();
         assert!(!g.charge(&mut b, 2 * UNIT));
         assert!(g.charge(&mut b, UNIT));
-        assert!(g.saturated().is_some());
         drop(a);
         assert!(g.charge(&mut b, 2 * UNIT));
         assert!(!g.fits(5 * UNIT));

@@ -84,10 +84,9 @@ impl Gateway {
         if self.draining.load(Ordering::Relaxed) {
             return Some("shutting down".into());
         }
-        if let Some(why) = &self.unservable {
-            return Some(why.clone());
-        }
-        self.guard.saturated().map(str::to_string)
+        // Not "at capacity": with one replica, a Service left without ready endpoints would
+        // refuse everything for longer than the saturation lasts; capacity is answered with 503.
+        self.unservable.clone()
     }
 }
 

@@ -151,6 +151,34 @@ mod tests {
     }
 
     #[test]
+    fn routing_without_a_model_that_can_build_a_request_says_why() {
+        let routing = Routing::new(RoutingConfig {
+            models: vec![(model("a"), 1)],
+            fallbacks: vec![],
+            max_attempts: 1,
+        });
+        assert_eq!(routing.unservable(Operation::Chat), None);
+        let mut settings = ModelSettings {
+            name: "claude".into(),
+            provider: Provider::Anthropic,
+            model: "m".into(),
+            api_base: None,
+            api_version: None,
+            deployment: None,
+        };
+        let claude = ModelConfig::new(&settings, Some("k".into())).unwrap();
+        settings.name = "claude-2".into();
+        let claude2 = ModelConfig::new(&settings, Some("k".into())).unwrap();
+        let routing = Routing::new(RoutingConfig {
+            models: vec![(claude, 1)],
+            fallbacks: vec![claude2],
+            max_attempts: 2,
+        });
+        let why = routing.unservable(Operation::Embeddings).unwrap();
+        assert!(why.contains("claude") && why.contains("claude-2"), "{why}");
+    }
+
+    #[test]
     fn models_left_out_of_the_split_are_never_picked() {
         let routing = Routing::new(RoutingConfig {
             models: vec![(model("a"), 1), (model("b"), 1), (model("c"), 1)],

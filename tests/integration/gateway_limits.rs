@@ -201,7 +201,7 @@ async fn hostile_inputs_get_clear_errors_memory_stays_bounded_and_normal_request
 }
 
 #[tokio::test]
-async fn beyond_its_slots_the_gateway_answers_503_and_is_not_ready_until_one_frees() {
+async fn beyond_its_slots_the_gateway_answers_503_and_serves_again_once_one_frees() {
     let bad = HostileLlm::start(HUGE).await;
     let env = [
         ("GATEWAY_API_KEY_MAIN", KEY),
@@ -231,15 +231,11 @@ async fn beyond_its_slots_the_gateway_answers_503_and_is_not_ready_until_one_fre
             .contains("GATEWAY_MAX_CONCURRENT_REQUESTS"),
         "{error}"
     );
+    // Capacity is no reason to leave the Service: /readyz stays 200.
     let readyz = reqwest::get(format!("{}/readyz", gw.url)).await.unwrap();
-    assert_eq!(readyz.status(), 503, "not ready while every slot is taken");
-    // The stream ends (idle timeout): the slot is free again.
+    assert_eq!(readyz.status(), 200);
+    // The stream ends (idle timeout): its slot is free again.
     let _ = holder.text().await;
-    support::eventually(30, "/readyz answers 200 again", || async {
-        let r = reqwest::get(format!("{}/readyz", gw.url)).await.ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
     served(&gw, "the slot was freed").await;
 }
 
