@@ -19,6 +19,7 @@ UNIT_TESTS := crd:: \
 	gateway::a_tracking_server_answering_500_or_taking_10_s_changes_nothing_for_clients \
 	gateway::usage_tracking_off_exports_nothing \
 	callers::an_endpoint_without_access_refuses_every_call_and_open_admits_all \
+	gateway_limits:: \
 	telemetry_mlflow::tiny_queue_drops_and_counts
 unit:
 	cargo fmt --all -- --check

@@ -84,6 +84,27 @@ impl UpstreamResponse {
         }
     }
 
+    /// The next piece of the body, `None` at its end (for a caller that bounds what it reads).
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, TransportError> {
+        match &mut self.body {
+            Body::Hyper(body) => loop {
+                match body.frame().await {
+                    None => return Ok(None),
+                    Some(Err(e)) => return Err(TransportError::of(&e)),
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            return Ok(Some(data));
+                        }
+                    }
+                }
+            },
+            Body::Reqwest(resp) => resp
+                .chunk()
+                .await
+                .map_err(|e| TransportError::of_reqwest(&e)),
+        }
+    }
+
     /// The body as it arrives.
     pub fn into_stream(self) -> ByteStream {
         match self.body {

@@ -70,6 +70,29 @@ struct GatewayArgs {
     /// Seconds one attempt at a provider may take (to the first event, for streams).
     #[arg(long, env = "GATEWAY_ATTEMPT_TIMEOUT_SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     attempt_timeout_seconds: u64,
+    /// Invocations in flight, streams included, beyond which requests are answered 503.
+    #[arg(long, env = "GATEWAY_MAX_CONCURRENT_REQUESTS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    max_concurrent_requests: u64,
+    /// Bytes of request bodies (with their parsed form) and buffered upstream answers held at
+    /// once; beyond, requests are answered 503 (413 for one body larger than it all). Default:
+    /// 3/8 of GATEWAY_MEMORY_LIMIT_BYTES, else 96 MiB.
+    #[arg(long, env = "GATEWAY_MEMORY_BUDGET_BYTES")]
+    memory_budget_bytes: Option<usize>,
+    /// The container's memory limit (the Deployment sets it from `limits.memory`).
+    #[arg(long, env = "GATEWAY_MEMORY_LIMIT_BYTES")]
+    memory_limit_bytes: Option<u64>,
+    /// Largest upstream answer, whole or streamed, in bytes (502 beyond).
+    #[arg(long, env = "GATEWAY_MAX_ANSWER_BYTES", default_value_t = 32 * 1024 * 1024)]
+    max_answer_bytes: usize,
+    /// Longest line or event of an upstream event stream, in bytes (502 beyond).
+    #[arg(long, env = "GATEWAY_MAX_SSE_LINE_BYTES", default_value_t = 1024 * 1024)]
+    max_sse_line_bytes: usize,
+    /// Seconds an upstream stream may stay silent after its first event.
+    #[arg(long, env = "GATEWAY_STREAM_IDLE_TIMEOUT_SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    stream_idle_timeout_seconds: u64,
+    /// Seconds a client has to send its request headers, and then its body (408 for a body).
+    #[arg(long, env = "GATEWAY_REQUEST_READ_TIMEOUT_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    request_read_timeout_seconds: u64,
 }
 
 #[derive(clap::Args)]
@@ -136,18 +159,29 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     };
     let settings = gateway::ServerSettings {
         listen: args.listen,
-        max_body_bytes: args.max_body_bytes,
         attempt_timeout: Duration::from_secs(args.attempt_timeout_seconds),
     };
-    let gw = Arc::new(gateway::Gateway {
-        endpoint: config.endpoint,
-        routing: gateway::routing::Routing::new(config.routing),
-        http: UpstreamClient::new().context("HTTP client for providers")?,
+    let limits = gateway::limits::Limits {
+        max_concurrent_requests: usize::try_from(args.max_concurrent_requests)
+            .unwrap_or(usize::MAX),
+        memory_budget_bytes: args
+            .memory_budget_bytes
+            .unwrap_or_else(|| gateway::limits::budget_for(args.memory_limit_bytes)),
+        max_body_bytes: args.max_body_bytes,
+        max_answer_bytes: args.max_answer_bytes,
+        max_sse_line_bytes: args.max_sse_line_bytes,
+        stream_idle_timeout: Duration::from_secs(args.stream_idle_timeout_seconds),
+        request_read_timeout: Duration::from_secs(args.request_read_timeout_seconds),
+    };
+    let gw = Arc::new(gateway::Gateway::new(
+        config.endpoint,
+        gateway::routing::Routing::new(config.routing),
+        UpstreamClient::new().context("HTTP client for providers")?,
         telemetry,
-        metrics: Default::default(),
-        attempt_timeout: settings.attempt_timeout,
+        settings.attempt_timeout,
+        limits,
         access,
-    });
+    ));
     gateway::serve(gw, &settings)
         .await
         .with_context(|| format!("serving on {}", args.listen))

@@ -12,8 +12,9 @@ use futures::StreamExt;
 use serde_json::Value;
 
 use super::access::Identity;
+use super::limits::{Accumulator, Charge, Slot, parse_cost};
 use super::tracing::{Attempt, Invocation, RequestType, TokenUsage};
-use super::{Gateway, JsonBody, Shared, openai_error};
+use super::{Admitted, Gateway, JsonBody, Shared, openai_error};
 use crate::gateway::config::{ModelConfig, ProviderConfig};
 use crate::gateway::providers::{Operation, ProviderError, StreamConverter, usage_of};
 use crate::http_client::{ByteStream, TransportError};
@@ -90,8 +91,21 @@ struct Failure {
     /// Connection errors, timeouts, 429 and 5xx: try the next model. Other 4xx: answer now.
     retryable: bool,
     status: Option<StatusCode>,
-    /// For metrics: connect, timeout, status_429, status_5xx, status_4xx, bad_response, stream.
+    /// For metrics: connect, timeout, status_429, status_5xx, status_4xx, bad_response, stream,
+    /// too_large, overloaded, request (the request could not be built for this model).
     kind: &'static str,
+}
+
+impl Failure {
+    /// A failure of this attempt that another model may not have.
+    fn retryable(kind: &'static str, message: String) -> Self {
+        Failure {
+            message,
+            retryable: true,
+            status: None,
+            kind,
+        }
+    }
 }
 
 /// How a request reaches the provider: the unified (OpenAI-shaped) conversion, or Anthropic's
@@ -158,9 +172,10 @@ async fn execute(
     call: Call,
     identity: Option<&Identity>,
     headers: &HeaderMap,
-    JsonBody(body, text): JsonBody,
+    JsonBody(body, text, admitted): JsonBody,
     mode: Mode,
 ) -> Response {
+    let Admitted { slot, mut charge } = admitted;
     let started = Instant::now();
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     if stream && call.op == Operation::Embeddings {
@@ -171,7 +186,7 @@ async fn execute(
             "embeddings cannot be streamed",
         );
     }
-    let attempts = g.routing.attempts();
+    let attempts = g.routing.attempts_without(0);
     let anthropic = |u: &&ModelConfig| matches!(u.provider, ProviderConfig::Anthropic { .. });
     // Pass-through only makes sense when the chosen model speaks the Messages API.
     if mode == Mode::AnthropicPassthrough && attempts.clone().next().is_none_or(|u| !anthropic(&u))
@@ -183,7 +198,7 @@ async fn execute(
             "the Anthropic Messages pass-through needs the chosen model to be provider anthropic; use /v1/chat/completions",
         );
     }
-    let attempts = attempts.filter(|u| mode == Mode::Unified || anthropic(u));
+    let mut attempts = attempts;
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let caller = if g.telemetry.is_enabled() {
         super::tracing::caller_from_headers(headers)
@@ -210,9 +225,17 @@ async fn execute(
     let mut upstream_time = Duration::ZERO;
     let mut last: Option<(String, Failure)> = None;
     let mut tried = 0;
-    for (i, up) in attempts.enumerate() {
+    // Whether every attempt so far failed because the request could not be built for its model
+    // (then the client's request is at fault: 400 rather than 502).
+    let mut all_refused = true;
+    // Models of the split that could not take this request.
+    let mut left_out = 0u64;
+    while let Some(up) = attempts.next() {
+        if mode == Mode::AnthropicPassthrough && !anthropic(&up) {
+            continue;
+        }
         tried += 1;
-        if i > 0 {
+        if tried > 1 {
             g.metrics.fallbacks.inc();
         }
         let attempt = invocation.start_attempt(
@@ -228,25 +251,31 @@ async fn execute(
         let request = match request {
             Ok(r) => r,
             Err(e) => {
-                // The client's request cannot be sent as is: no other model will do better.
-                let message = e.to_string();
-                attempt.fail("InvalidRequest", &message, None);
-                invocation.finish(None, Some(&message));
-                let status = match e {
-                    ProviderError::InvalidRequest(_) | ProviderError::Unsupported(_) => {
-                        StatusCode::BAD_REQUEST
-                    }
-                    _ => StatusCode::INTERNAL_SERVER_ERROR,
-                };
-                record(g, call.route, status, Some(started));
-                return openai_error(status, "invalid_request_error", message);
+                // This model cannot take the request as is (a field its provider refuses, a
+                // key that is no header value): its attempt failed, another model may do.
+                all_refused &= matches!(
+                    e,
+                    ProviderError::InvalidRequest(_) | ProviderError::Unsupported(_)
+                );
+                let f = Failure::retryable("request", e.to_string());
+                g.metrics.upstream_error(up.provider_name(), f.kind);
+                attempt.fail("InvalidRequest", &f.message, None);
+                last = Some((label(up), f));
+                if let Some(bit) = g.routing.primary_bit(up) {
+                    // The draw again among the split's other models, then the fallbacks.
+                    left_out |= bit;
+                    attempts = g.routing.attempts_without(left_out);
+                }
+                continue;
             }
         };
+        all_refused = false;
         let t0 = Instant::now();
         if stream {
             match open_stream(g, up, call.op, request, wants_usage, mode).await {
-                Ok(opened) => {
+                Ok(mut opened) => {
                     upstream_time += t0.elapsed();
+                    opened.slot = Some(slot);
                     return stream_response(
                         g.clone(),
                         call,
@@ -269,7 +298,7 @@ async fn execute(
             }
             continue;
         }
-        let outcome = unary(g, up, call.op, &body, request, mode).await;
+        let outcome = unary(g, up, call.op, &body, request, mode, &mut charge).await;
         upstream_time += t0.elapsed();
         match outcome {
             Ok(answer) => {
@@ -303,12 +332,18 @@ async fn execute(
         }
     }
     let message = match &last {
+        Some((who, f)) if tried == 1 => format!("{who}: {}", f.message),
         Some((who, f)) => format!("all {tried} attempts failed; last: {who}: {}", f.message),
         None => "no model to try".to_string(),
     };
     invocation.finish(None, Some(&message));
-    record(g, call.route, StatusCode::BAD_GATEWAY, Some(started));
-    openai_error(StatusCode::BAD_GATEWAY, "upstream_error", message)
+    let (status, kind) = if all_refused && last.is_some() {
+        (StatusCode::BAD_REQUEST, "invalid_request_error")
+    } else {
+        (StatusCode::BAD_GATEWAY, "upstream_error")
+    };
+    record(g, call.route, status, Some(started));
+    openai_error(status, kind, message)
 }
 
 fn label(up: &ModelConfig) -> String {
@@ -467,11 +502,12 @@ async fn unary(
     body: &Value,
     request: Request<Bytes>,
     mode: Mode,
+    charge: &mut Charge,
 ) -> Result<Answer, Failure> {
     let call = async {
-        let resp = g.http.send(request).await.map_err(transport_failure)?;
+        let mut resp = g.http.send(request).await.map_err(transport_failure)?;
         let status = resp.status;
-        let bytes = resp.bytes().await.map_err(transport_failure)?;
+        let bytes = read_answer(g, &mut resp, charge).await?;
         Ok::<_, Failure>((status, bytes))
     };
     let (status, bytes) = tokio::time::timeout(g.attempt_timeout, call)
@@ -484,6 +520,16 @@ async fn unary(
         && let Some(check) = up.check_verbatim(op, &bytes)
     {
         return Ok(Answer::Checked { bytes, check });
+    }
+    // Parsed whole from here: its tree is charged first.
+    if !g.guard.charge(charge, parse_cost(&bytes) - bytes.len()) {
+        return Err(Failure::retryable(
+            "overloaded",
+            format!(
+                "the answer ({} bytes) is more than the gateway's memory budget has left to parse it (GATEWAY_MEMORY_BUDGET_BYTES)",
+                bytes.len()
+            ),
+        ));
     }
     let (parsed, verbatim) = match mode {
         // The client's request tells how to encode embeddings (float or base64).
@@ -511,6 +557,43 @@ async fn unary(
     }
 }
 
+/// An upstream answer, whole, within the answer cap and the memory budget.
+async fn read_answer(
+    g: &Gateway,
+    resp: &mut crate::http_client::UpstreamResponse,
+    charge: &mut Charge,
+) -> Result<Bytes, Failure> {
+    let max = g.guard.limits.max_answer_bytes;
+    let too_large = || {
+        Failure::retryable(
+            "too_large",
+            format!("the answer is larger than {max} bytes (GATEWAY_MAX_ANSWER_BYTES)"),
+        )
+    };
+    let declared = resp
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let mut acc = Accumulator::new(declared, max);
+    while let Some(data) = resp.chunk().await.map_err(transport_failure)? {
+        if acc.held() + data.len() > max {
+            return Err(too_large());
+        }
+        if !g.guard.charge(charge, data.len()) {
+            return Err(Failure::retryable(
+                "overloaded",
+                "the gateway's memory budget is spent (GATEWAY_MEMORY_BUDGET_BYTES)".into(),
+            ));
+        }
+        acc.push(data);
+    }
+    Ok(acc.finish())
+}
+
 /// A stream whose provider answered 2xx and sent its first bytes: from here on, no fallback.
 struct Opened {
     upstream: ByteStream,
@@ -519,6 +602,24 @@ struct Opened {
     pending: VecDeque<Bytes>,
     mode: Mode,
     provider: &'static str,
+    /// Bytes received from the provider so far (capped by GATEWAY_MAX_ANSWER_BYTES).
+    received: usize,
+    /// The invocation's place among those in flight, held until the stream ends.
+    slot: Option<Slot>,
+}
+
+impl Opened {
+    /// Counts `bytes` against the answer cap.
+    fn count(&mut self, bytes: &Bytes, max: usize) -> Result<(), Failure> {
+        self.received += bytes.len();
+        if self.received > max {
+            return Err(Failure::retryable(
+                "too_large",
+                format!("the stream is longer than {max} bytes (GATEWAY_MAX_ANSWER_BYTES)"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn sse_event(v: &Value) -> Bytes {
@@ -539,20 +640,32 @@ async fn open_stream(
     wants_usage: bool,
     mode: Mode,
 ) -> Result<Opened, Failure> {
+    let max = g.guard.limits.max_answer_bytes;
     let open = async {
-        let resp = g.http.send(request).await.map_err(transport_failure)?;
+        let mut resp = g.http.send(request).await.map_err(transport_failure)?;
         let status = resp.status;
         if !status.is_success() {
-            let bytes = resp.bytes().await.map_err(transport_failure)?;
+            let bytes = read_answer(g, &mut resp, &mut Charge::default()).await?;
             return Err(classify_status(up, status, &bytes));
         }
         let mut upstream = resp.into_stream();
         let mut converter = up.stream_converter(op, wants_usage);
+        converter.limit_lines(g.guard.limits.max_sse_line_bytes);
         let mut pending = VecDeque::new();
+        let mut received = 0usize;
         // Read until there is something to send: only then is the client committed to this model.
         while pending.is_empty() {
             match upstream.next().await {
                 Some(Ok(bytes)) => {
+                    received += bytes.len();
+                    if received > max {
+                        return Err(Failure::retryable(
+                            "too_large",
+                            format!(
+                                "the stream is longer than {max} bytes (GATEWAY_MAX_ANSWER_BYTES)"
+                            ),
+                        ));
+                    }
                     let chunks = converter.push(&bytes).map_err(|e| Failure {
                         message: e.to_string(),
                         retryable: true,
@@ -585,6 +698,8 @@ async fn open_stream(
             pending,
             mode,
             provider: up.provider_name(),
+            received,
+            slot: None,
         })
     };
     tokio::time::timeout(g.attempt_timeout, open)
@@ -602,6 +717,9 @@ struct Streaming {
     invocation: Option<Invocation>,
     started: Instant,
     done: bool,
+    /// Ends a stream whose provider fell silent (GATEWAY_STREAM_IDLE_TIMEOUT_SECONDS); reset at
+    /// each piece received.
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Streaming {
@@ -665,6 +783,7 @@ fn stream_response(
     trace_id: Option<String>,
     started: Instant,
 ) -> Response {
+    let idle = g.guard.limits.stream_idle_timeout;
     let state = Streaming {
         g,
         call,
@@ -673,6 +792,7 @@ fn stream_response(
         invocation: Some(invocation),
         started,
         done: false,
+        idle: Box::pin(tokio::time::sleep(idle)),
     };
     let body = futures::stream::unfold(state, |mut st| async move {
         loop {
@@ -682,14 +802,34 @@ fn stream_response(
             if st.done {
                 return None;
             }
-            match st.opened.upstream.next().await {
-                Some(Ok(bytes)) => match st.opened.converter.push(&bytes) {
-                    Ok(chunks) => match st.opened.mode {
-                        Mode::Unified => st.opened.pending.extend(chunks.iter().map(sse_event)),
-                        Mode::AnthropicPassthrough => st.opened.pending.push_back(bytes),
-                    },
-                    Err(e) => st.fail("stream", e.to_string()),
-                },
+            let next = tokio::select! {
+                next = st.opened.upstream.next() => next,
+                () = st.idle.as_mut() => {
+                    let after = st.g.guard.limits.stream_idle_timeout;
+                    st.fail("timeout", format!(
+                        "the provider sent nothing for {} s (GATEWAY_STREAM_IDLE_TIMEOUT_SECONDS)",
+                        after.as_secs()
+                    ));
+                    continue;
+                }
+            };
+            match next {
+                Some(Ok(bytes)) => {
+                    let idle = st.g.guard.limits.stream_idle_timeout;
+                    st.idle.as_mut().reset(tokio::time::Instant::now() + idle);
+                    let max = st.g.guard.limits.max_answer_bytes;
+                    if let Err(f) = st.opened.count(&bytes, max) {
+                        st.fail(f.kind, f.message);
+                        continue;
+                    }
+                    match st.opened.converter.push(&bytes) {
+                        Ok(chunks) => match st.opened.mode {
+                            Mode::Unified => st.opened.pending.extend(chunks.iter().map(sse_event)),
+                            Mode::AnthropicPassthrough => st.opened.pending.push_back(bytes),
+                        },
+                        Err(e) => st.fail("stream", e.to_string()),
+                    }
+                }
                 Some(Err(e)) => st.fail("stream", e.message),
                 None => st.complete(),
             }

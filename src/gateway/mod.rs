@@ -4,6 +4,7 @@
 pub mod access;
 pub mod config;
 mod invoke;
+pub mod limits;
 pub mod metrics;
 pub mod providers;
 pub mod routing;
@@ -11,6 +12,7 @@ pub mod tracing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -32,8 +34,6 @@ use routing::Routing;
 #[derive(Clone, Debug)]
 pub struct ServerSettings {
     pub listen: SocketAddr,
-    /// Largest request body accepted (413 beyond).
-    pub max_body_bytes: usize,
     /// Time allowed for one attempt at a provider (to the whole answer; to the first event for
     /// streams).
     pub attempt_timeout: Duration,
@@ -48,11 +48,58 @@ pub struct Gateway {
     pub attempt_timeout: Duration,
     /// Who may call (`spec.access`).
     pub access: Access,
+    /// Requests in flight and the memory budget ([`limits`]).
+    pub guard: limits::Guard,
+    /// Set on SIGTERM: /readyz fails from then on, so the Service stops sending new requests.
+    pub draining: AtomicBool,
+    /// Why no model can take a request, found when the gateway starts (each model builds a
+    /// minimal request of the endpoint's operation).
+    unservable: Option<String>,
+}
+
+impl Gateway {
+    pub fn new(
+        endpoint: EndpointConfig,
+        routing: Routing,
+        http: crate::http_client::UpstreamClient,
+        telemetry: Telemetry,
+        attempt_timeout: Duration,
+        limits: limits::Limits,
+        access: Access,
+    ) -> Self {
+        let unservable = routing.unservable(endpoint.operation);
+        if let Some(why) = &unservable {
+            ::tracing::error!(reason = %why, "no model can serve this endpoint; /readyz fails");
+        }
+        Gateway {
+            endpoint,
+            routing,
+            http,
+            telemetry,
+            metrics: GatewayMetrics::default(),
+            attempt_timeout,
+            access,
+            guard: limits::Guard::new(limits),
+            draining: AtomicBool::new(false),
+            unservable,
+        }
+    }
+
+    /// Why the gateway cannot serve a request now, if it cannot (what /readyz answers).
+    pub fn unready(&self) -> Option<String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Some("shutting down".into());
+        }
+        // Not "at capacity": with one replica, a Service left without ready endpoints would
+        // refuse everything for longer than the saturation lasts; capacity is answered with 503.
+        self.unservable.clone()
+    }
 }
 
 pub type Shared = Arc<Gateway>;
 
-pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
+pub fn router(gateway: Shared) -> Router {
+    let max_body_bytes = gateway.guard.limits.max_body_bytes;
     let mut router = Router::<Shared>::new();
     // OpenAI's routes, one per operation (an endpoint answers the others with a 400 naming its own).
     for op in Operation::ALL {
@@ -100,28 +147,74 @@ pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
             access::guard,
         ))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Bodies are read within the limits by `JsonBody`; this caps any other extractor.
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(gateway)
 }
 
-/// Serves until SIGTERM or Ctrl-C, then flushes traces.
+/// Read buffer of one connection, and so the largest request head (hyper's default is ~400 KiB;
+/// hundreds of slow connections each holding that much would be memory spent on nothing).
+const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
+
+/// Serves until SIGTERM or Ctrl-C (then finishes what is in flight), then flushes traces. hyper's
+/// server is driven here rather than through `axum::serve`, which has no header read timeout.
 pub async fn serve(gateway: Shared, settings: &ServerSettings) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     ::tracing::info!(
         addr = %settings.listen,
         endpoint = %gateway.endpoint.name,
         "gateway listening"
     );
-    let app = router(gateway.clone(), settings.max_body_bytes);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(crate::shutdown::signal())
-        .await?;
+    let app = router(gateway.clone());
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(gateway.guard.limits.request_read_timeout)
+        .max_buf_size(MAX_CONNECTION_BUFFER);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let signal = crate::shutdown::signal();
+    tokio::pin!(signal);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    ::tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut signal => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    gateway.draining.store(true, Ordering::Relaxed);
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        ::tracing::warn!("requests still in flight after 30 s of shutdown; ending them");
+    }
     gateway.telemetry.shutdown(Duration::from_secs(5)).await;
     Ok(())
+}
+
+async fn readyz(State(g): State<Shared>) -> Response {
+    match g.unready() {
+        None => "ok".into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -132,28 +225,29 @@ pub fn openai_error(status: StatusCode, kind: &str, message: impl Into<String>) 
     (status, axum::Json(body)).into_response()
 }
 
-/// A JSON request body (parsed, and its text), with body and JSON errors answered in OpenAI's
-/// shape (400, 413).
-pub struct JsonBody(pub Value, pub Bytes);
+/// A JSON request body (parsed, and its text), read within the [`limits`], with body and JSON
+/// errors answered in OpenAI's shape (400, 408, 413, 503). It holds the invocation's place among
+/// those in flight and the body's memory charge until the invocation ends.
+pub struct JsonBody(pub Value, pub Bytes, pub Admitted);
 
-impl<S: Send + Sync> FromRequest<S> for JsonBody {
+/// What an admitted request holds while it is served.
+pub struct Admitted {
+    pub slot: limits::Slot,
+    pub charge: limits::Charge,
+}
+
+impl FromRequest<Shared> for JsonBody {
     type Rejection = Response;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            let status = rejection.status();
-            if status == StatusCode::PAYLOAD_TOO_LARGE {
-                openai_error(
-                    status,
-                    "invalid_request_error",
-                    "request body is larger than the gateway accepts (GATEWAY_MAX_BODY_BYTES)",
-                )
-            } else {
-                openai_error(status, "invalid_request_error", rejection.body_text())
-            }
+    async fn from_request(req: Request, g: &Shared) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        // A slow client holds memory for what it sent, but no place among the invocations.
+        let (bytes, charge) = limits::read_body(&g.guard, &parts.headers, body).await?;
+        let slot = g.guard.slot().ok_or_else(|| {
+            limits::overloaded("every request slot is taken (GATEWAY_MAX_CONCURRENT_REQUESTS)")
         })?;
         match serde_json::from_slice::<Value>(&bytes) {
-            Ok(v @ Value::Object(_)) => Ok(JsonBody(v, bytes)),
+            Ok(v @ Value::Object(_)) => Ok(JsonBody(v, bytes, Admitted { slot, charge })),
             Ok(_) => Err(openai_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",

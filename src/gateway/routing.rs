@@ -7,7 +7,9 @@
 //! traced and its failure classified there, and a stream commits to its model at its first
 //! bytes; a plan is an iterator, so routing costs no allocation or dynamic call per request.
 
-use super::config::{ModelConfig, RoutingConfig};
+use serde_json::json;
+
+use super::config::{ModelConfig, Operation, RoutingConfig};
 
 /// The endpoint's routing, ready for requests.
 #[derive(Debug)]
@@ -39,24 +41,72 @@ impl Routing {
     /// order, at most `max_attempts`. The choice is made here, once: clones of the iterator
     /// repeat it.
     pub fn attempts(&self) -> impl Iterator<Item = &ModelConfig> + Clone {
-        self.pick()
+        self.attempts_without(0)
+    }
+
+    /// [`Self::attempts`] with the primary models of the bit set `left_out` (bit i: the i-th
+    /// model) out of the choice: a model that cannot take the request as the client sent it (a
+    /// field its provider refuses) leaves the choice to the others of the split, so the same
+    /// request does not succeed or fail by the draw.
+    pub fn attempts_without(&self, left_out: u64) -> impl Iterator<Item = &ModelConfig> + Clone {
+        self.pick(left_out)
             .into_iter()
             .chain(self.fallbacks.iter())
             .take(self.max_attempts)
     }
 
-    fn pick(&self) -> Option<&ModelConfig> {
-        if self.total_weight == 0 {
+    /// The bit of `model` for [`Self::attempts_without`], if it is a primary model.
+    pub fn primary_bit(&self, model: &ModelConfig) -> Option<u64> {
+        self.models
+            .iter()
+            .position(|(m, _)| std::ptr::eq(m, model))
+            .filter(|i| *i < 64)
+            .map(|i| 1 << i)
+    }
+
+    /// Why no model could take a request of `op`, if none can: each builds a minimal request
+    /// (a key that is no header value, an unusable URL fail here).
+    pub fn unservable(&self, op: Operation) -> Option<String> {
+        let probe = match op {
+            Operation::Chat => json!({"messages": [{"role": "user", "content": "ping"}]}),
+            Operation::Completions => json!({"prompt": "ping"}),
+            Operation::Embeddings => json!({"input": "ping"}),
+        };
+        let mut why = Vec::new();
+        for m in self.models.iter().map(|(m, _)| m).chain(&self.fallbacks) {
+            match m.build_request(op, &probe) {
+                Ok(_) => return None,
+                Err(e) => why.push(e.to_string()),
+            }
+        }
+        Some(format!("no model can serve a request: {}", why.join("; ")))
+    }
+
+    fn pick(&self, left_out: u64) -> Option<&ModelConfig> {
+        let total = if left_out == 0 {
+            self.total_weight
+        } else {
+            self.candidates(left_out).map(|(_, w)| w).sum()
+        };
+        if total == 0 {
             return None;
         }
-        let mut pick = fastrand::u64(0..self.total_weight);
-        for (model, w) in &self.models {
-            if pick < *w {
+        let mut pick = fastrand::u64(0..total);
+        for (model, w) in self.candidates(left_out) {
+            if pick < w {
                 return Some(model);
             }
             pick -= w;
         }
         None
+    }
+
+    fn candidates(&self, left_out: u64) -> impl Iterator<Item = (&ModelConfig, u64)> {
+        self.models
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| *i >= 64 || left_out & (1 << i) == 0)
+            .map(|(_, (m, w))| (m, *w))
     }
 }
 
@@ -98,6 +148,50 @@ mod tests {
             }
         });
         assert_eq!(names(routing.attempts()), ["a", "f1"]);
+    }
+
+    #[test]
+    fn routing_without_a_model_that_can_build_a_request_says_why() {
+        let routing = Routing::new(RoutingConfig {
+            models: vec![(model("a"), 1)],
+            fallbacks: vec![],
+            max_attempts: 1,
+        });
+        assert_eq!(routing.unservable(Operation::Chat), None);
+        let mut settings = ModelSettings {
+            name: "claude".into(),
+            provider: Provider::Anthropic,
+            model: "m".into(),
+            api_base: None,
+            api_version: None,
+            deployment: None,
+        };
+        let claude = ModelConfig::new(&settings, Some("k".into())).unwrap();
+        settings.name = "claude-2".into();
+        let claude2 = ModelConfig::new(&settings, Some("k".into())).unwrap();
+        let routing = Routing::new(RoutingConfig {
+            models: vec![(claude, 1)],
+            fallbacks: vec![claude2],
+            max_attempts: 2,
+        });
+        let why = routing.unservable(Operation::Embeddings).unwrap();
+        assert!(why.contains("claude") && why.contains("claude-2"), "{why}");
+    }
+
+    #[test]
+    fn models_left_out_of_the_split_are_never_picked() {
+        let routing = Routing::new(RoutingConfig {
+            models: vec![(model("a"), 1), (model("b"), 1), (model("c"), 1)],
+            fallbacks: vec![model("f")],
+            max_attempts: 2,
+        });
+        let a = routing.primary_bit(&routing.models[0].0).unwrap();
+        let c = routing.primary_bit(&routing.models[2].0).unwrap();
+        assert!(routing.primary_bit(&routing.fallbacks[0]).is_none());
+        for _ in 0..200 {
+            assert_eq!(names(routing.attempts_without(a | c)), ["b", "f"]);
+        }
+        assert_eq!(names(routing.attempts_without(0b111)), ["f"]);
     }
 
     #[test]

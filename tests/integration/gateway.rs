@@ -1056,3 +1056,77 @@ async fn usage_tracking_off_exports_nothing() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn a_split_model_that_refuses_a_field_leaves_the_request_to_the_other_with_the_failure_traced()
+ {
+    let ml = support::mlflow();
+    let claude = FakeLlm::start("claude", KEY).await;
+    let gpt = FakeLlm::start("gpt", KEY).await;
+    let exp = experiment(ml, "gw-split-refusal").await;
+    // Anthropic almost always drawn; it cannot take `n: 2`, OpenAI can.
+    let models = format!(
+        "{}{}",
+        model("claude", "anthropic", &claude, ", weight: 1000"),
+        model("gpt", "openai", &gpt, ", weight: 1")
+    );
+    let gw = start(
+        &manifest("llm/v1/chat", &models, ""),
+        &env(ml, &exp, &["claude", "gpt"]),
+    )
+    .await;
+    let mut body = chat_body("two please");
+    body["n"] = json!(2);
+    let mut refused_first = None;
+    for _ in 0..5 {
+        let resp = post(&format!("{}/v1/chat/completions", gw.url), &body).await;
+        assert_eq!(
+            resp.status(),
+            200,
+            "the same request succeeds whatever the draw"
+        );
+        let trace_id = trace_id_of(&resp);
+        let answer: Value = resp.json().await.unwrap();
+        assert_eq!(
+            answer["choices"][0]["message"]["content"],
+            "reply from gpt to: two please"
+        );
+        if gw.metric("mlflow_gateway_fallbacks_total", &[]).await >= 1.0 {
+            refused_first = Some(trace_id);
+            break;
+        }
+    }
+    let trace_id = refused_first.expect("anthropic drawn first at least once in 5 (weight 1000:1)");
+    assert_eq!(
+        claude.request_count(),
+        0,
+        "nothing reached the refusing provider"
+    );
+    let trace = read_trace(ml, &trace_id, 3).await;
+    let kids = children(&trace);
+    assert_eq!(kids.len(), 2, "{kids:?}");
+    assert_eq!(kids[0]["name"], "provider/anthropic/anthropic-model");
+    assert_eq!(
+        kids[0]["status"]["code"], "STATUS_CODE_ERROR",
+        "{}",
+        kids[0]
+    );
+    assert!(
+        kids[0]["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("`n` must be 1")),
+        "the failed attempt says why: {}",
+        kids[0]
+    );
+    assert_eq!(kids[1]["name"], "provider/openai/openai-model");
+    assert_ne!(kids[1]["status"]["code"], "STATUS_CODE_ERROR");
+    assert_eq!(trace["trace_info"]["state"], "OK");
+    assert_eq!(
+        gw.metric(
+            "mlflow_gateway_upstream_errors_total",
+            &["provider=\"anthropic\"", "kind=\"request\""]
+        )
+        .await,
+        1.0
+    );
+}

@@ -5,7 +5,7 @@
 //! the MLflow server a binary starts for itself (when `make test` passes none in) are started once.
 //! Run one area with `cargo test --test integration gateway::`, one test by its name.
 //!
-//! Which areas need which outside service: `crd` needs none; `smoke`, `e2e_*`, `helm`,
+//! Which areas need which outside service: `crd` and `gateway_limits` need none; `smoke`, `e2e_*`, `helm`,
 //! `leader_election` and `gitops` need the cluster (most of them MLflow too, `gitops` also Go for
 //! Argo CD's Lua runtime); `mlflow_client`, `telemetry_mlflow` and `gateway` need MLflow (`tenancy` needs
 //! both), except
@@ -23,6 +23,7 @@ mod e2e_experiment;
 mod e2e_pods;
 mod e2e_validation;
 mod gateway;
+mod gateway_limits;
 mod gitops;
 mod helm;
 mod leader_election;

@@ -47,6 +47,7 @@ spec:
       model: gpt-4o-mini
       apiBase: "{base}"
       apiKeySecretRef: {{name: llm-keys, key: openai}}
+  access: {{open: true}}
 {extra_spec}"#
     )
 }

@@ -11,8 +11,8 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    ResourceFieldSelector, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -318,6 +318,19 @@ pub fn environment(
         ),
         plain_env("GATEWAY_LISTEN", &format!("0.0.0.0:{CONTAINER_PORT}")),
         plain_env("LOG_FORMAT", "json"),
+        // The gateway sizes its memory budget from its container's limit (Downward API).
+        EnvVar {
+            name: "GATEWAY_MEMORY_LIMIT_BYTES".into(),
+            value_from: Some(EnvVarSource {
+                resource_field_ref: Some(ResourceFieldSelector {
+                    container_name: Some("gateway".into()),
+                    resource: "limits.memory".into(),
+                    divisor: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
     ];
     for m in ep.spec.all_models() {
         if let Some(r) = &m.api_key_secret_ref {
@@ -648,6 +661,15 @@ spec:
             ("llm-keys", "openai")
         );
         assert!(env.contains_key("GATEWAY_API_KEY_CLAUDE_BACKUP"));
+        let limit = env["GATEWAY_MEMORY_LIMIT_BYTES"]
+            .value_from
+            .as_ref()
+            .unwrap();
+        let limit = limit.resource_field_ref.as_ref().unwrap();
+        assert_eq!(
+            (limit.container_name.as_deref(), limit.resource.as_str()),
+            (Some("gateway"), "limits.memory")
+        );
         assert_eq!(env["MLFLOW_EXPERIMENT_ID"].value.as_deref(), Some("42"));
         assert_eq!(
             env["MLFLOW_TRACKING_URI"].value.as_deref(),

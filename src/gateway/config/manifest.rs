@@ -89,7 +89,20 @@ pub fn from_resource(
     let operation = operation(spec.endpoint_type);
     let model_config = |m: &Model| -> Result<ModelConfig, ConfigError> {
         let var = m.api_key_env();
-        let key = env(&var).filter(|k| !k.is_empty());
+        // Trimmed: a Secret made with `kubectl create secret --from-file` keeps the file's
+        // trailing newline. What is left must be a valid header value (checked here, so a bad key
+        // stops the gateway at start naming the variable, never failing each request).
+        let key = env(&var)
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty());
+        if let Some(k) = &key
+            && axum::http::HeaderValue::from_str(k).is_err()
+        {
+            return Err(ConfigError::Env(format!(
+                "model {}: the API key in {var} has characters not allowed in an HTTP header (control characters or a line break inside it)",
+                m.name
+            )));
+        }
         let provider = provider(m.provider);
         if key.is_none() && provider.needs_api_key() {
             return Err(ConfigError::Env(format!(
@@ -333,6 +346,37 @@ spec:
         assert_eq!(t.experiment_id, "7");
         assert_eq!(t.endpoint_id, "1234-abcd");
         assert!(t.capture_content);
+    }
+
+    #[test]
+    fn keys_are_trimmed_and_a_key_that_is_no_header_value_names_its_variable() {
+        let pairs = [
+            ("GATEWAY_API_KEY_MINI", "sk-1\n"),
+            ("GATEWAY_API_KEY_OFF", " sk-2 "),
+            ("GATEWAY_API_KEY_CLAUDE_X", "sk-3\r\n"),
+            KEYS[3],
+            KEYS[4],
+        ];
+        let env = env_of(&pairs);
+        let Ok(config) = from_resource(&resource(CHAT), "f", &env) else {
+            panic!("keys with surrounding whitespace are accepted");
+        };
+        assert_eq!(config.routing.models[0].0.api_key(), Some("sk-1"));
+        assert_eq!(config.routing.fallbacks[0].api_key(), Some("sk-3"));
+        let pairs = [
+            ("GATEWAY_API_KEY_MINI", "sk-1\nsecret-tail"),
+            ("GATEWAY_API_KEY_OFF", "sk-2"),
+            ("GATEWAY_API_KEY_CLAUDE_X", "sk-3"),
+            KEYS[3],
+            KEYS[4],
+        ];
+        let env = env_of(&pairs);
+        let err = from_resource(&resource(CHAT), "f", &env)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("GATEWAY_API_KEY_MINI"), "{err}");
+        assert!(!err.contains("secret-tail"), "{err}");
     }
 
     #[test]

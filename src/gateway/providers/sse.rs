@@ -29,6 +29,10 @@ pub struct SseParser {
     event: Option<String>,
     data: String,
     has_data: bool,
+    /// Longest line, and longest data of one event, accepted (0: no limit).
+    max_line: usize,
+    /// Set when a line or an event went beyond `max_line`: the stream is broken from then on.
+    overflowed: bool,
 }
 
 impl SseParser {
@@ -36,8 +40,22 @@ impl SseParser {
         Self::default()
     }
 
+    /// Bounds the lines (and each event's data) to `max` bytes: beyond, [`Self::overflowed`]
+    /// turns true and what was held is dropped, so a line that never ends holds no memory.
+    pub fn limit_lines(&mut self, max: usize) {
+        self.max_line = max;
+    }
+
+    /// Whether a line or an event went beyond the limit of [`Self::limit_lines`].
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
     /// Feeds the next bytes of the stream; returns the events they complete.
     pub fn push(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
+        if self.overflowed {
+            return Vec::new();
+        }
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
         if !self.started {
@@ -77,6 +95,12 @@ impl SseParser {
         }
         self.buf.drain(..consumed);
         self.scan_from = i - consumed;
+        if self.max_line > 0 && (self.buf.len() > self.max_line || self.data.len() > self.max_line)
+        {
+            self.overflowed = true;
+            self.buf = Vec::new();
+            self.data = String::new();
+        }
         out
     }
 
@@ -205,6 +229,21 @@ mod tests {
     fn multi_byte_characters_split_across_pushes_survive() {
         let input = "data: héllo ✓\n\n".as_bytes();
         assert_eq!(parse_in_pieces(input, 1), vec![ev(None, "héllo ✓")]);
+    }
+
+    #[test]
+    fn a_line_or_an_event_beyond_the_limit_overflows_and_frees_what_it_held() {
+        let mut p = SseParser::new();
+        p.limit_lines(16);
+        assert_eq!(p.push(b"data: short\n\n").len(), 1);
+        assert!(p.push(b"data: 0123456789").is_empty());
+        assert!(!p.overflowed());
+        assert!(p.push(b"0123456789").is_empty());
+        assert!(p.overflowed() && p.buf.capacity() == 0);
+        let mut p = SseParser::new();
+        p.limit_lines(16);
+        assert!(p.push(b"data: 0123456789\ndata: 0123456789\n").is_empty());
+        assert!(p.overflowed());
     }
 
     #[test]

@@ -155,7 +155,18 @@ impl StreamConverter {
             return Err(e);
         }
         let events = self.parser.push(bytes);
+        if self.parser.overflowed() {
+            return Err(ProviderError::BadUpstreamResponse(
+                "an event-stream line or event is longer than the gateway accepts (GATEWAY_MAX_SSE_LINE_BYTES)"
+                    .into(),
+            ));
+        }
         self.process(events)
+    }
+
+    /// Bounds the stream's lines and events to `max` bytes ([`sse::SseParser::limit_lines`]).
+    pub fn limit_lines(&mut self, max: usize) {
+        self.parser.limit_lines(max);
     }
 
     /// End of upstream stream: remaining chunks (the gateway then sends `data: [DONE]`).

@@ -725,6 +725,11 @@ impl GatewayProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The process id (e.g. to read its peak memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The sum of a metric's samples whose labels contain every `label="value"` given.
     pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
         let text = reqwest::get(format!("{}/metrics", self.url))

@@ -175,7 +175,8 @@ impl DeclaredGateway {
 }
 
 /// A container's environment as its pod `pod_name` in `ns` would get it: plain values, the pod's
-/// name and namespace (`fieldRef`), and Secret keys read through the API server (a missing
+/// name and namespace (`fieldRef`), a declared limit (`resourceFieldRef`), and Secret keys read
+/// through the API server (a missing
 /// Secret or key is skipped when the reference is `optional`, an error otherwise).
 pub async fn container_env(
     client: &kube::Client,
@@ -224,9 +225,41 @@ pub async fn container_env(
                     e.name
                 ),
             }
+        } else if let Some(r) = &from.resource_field_ref {
+            // A limit the container declares, in bytes (divisor 1); undeclared, the variable is
+            // left out (the kubelet would give the node's capacity).
+            let limit = container
+                .resources
+                .as_ref()
+                .and_then(|res| res.limits.as_ref())
+                .and_then(|l| l.get(r.resource.trim_start_matches("limits.")))
+                .and_then(|q| quantity_bytes(&q.0));
+            if let Some(v) = limit {
+                env.push((e.name.clone(), v.to_string()));
+            }
         } else {
             bail!("{}: unsupported valueFrom", e.name);
         }
     }
     Ok(env)
+}
+
+/// A memory quantity (`256Mi`, `1G`, `1048576`) in bytes; `None` for other forms.
+fn quantity_bytes(q: &str) -> Option<u64> {
+    const UNITS: &[(&str, u64)] = &[
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("k", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+    ];
+    for (suffix, factor) in UNITS {
+        if let Some(n) = q.strip_suffix(suffix) {
+            return n.parse::<u64>().ok()?.checked_mul(*factor);
+        }
+    }
+    q.parse().ok()
 }
