@@ -248,6 +248,21 @@ async fn an_endpoint_may_reference_only_secrets_its_author_may_get() {
         &err,
         "spec.fallbacks[f2].apiKeySecretRef, spec.tracing.credentialsSecretRef names Secret private-key, which alice may not get",
     );
+    // A caller's API key (spec.access.apiKeys) is a Secret reference like the others.
+    let err = refused(
+        "alice",
+        &ns,
+        "create",
+        &endpoint(
+            "keys",
+            &[("mini", "team-key")],
+            "  access:\n    apiKeys: [{name: ci, secretRef: {name: team-key, key: ci}}, {name: ops, secretRef: {name: private-key, key: ops}}]\n",
+        ),
+    );
+    assert_says(
+        &err,
+        "spec.access.apiKeys[ops].secretRef names Secret private-key, which alice may not get",
+    );
     // A Secret that does not exist is judged like any other: no get, no reference.
     let err = refused(
         "alice",
@@ -574,9 +589,9 @@ fn the_admission_policy_needs_kubernetes_1_30() {
     let docs = documents(&out);
     let policy = find(&docs, "ValidatingAdmissionPolicy")[0];
     let validations = policy["spec"]["validations"].as_sequence().unwrap();
-    // The size guard, one per possible Secret reference (16 models, 16 fallbacks, 1 credential),
-    // the image rule.
-    assert_eq!(validations.len(), 1 + 33 + 1);
+    // The size guard, one per possible Secret reference (16 models, 16 fallbacks, 1 credential,
+    // 64 callers' API keys), the image rule.
+    assert_eq!(validations.len(), 1 + 97 + 1);
     assert!(find(&docs, "ValidatingAdmissionPolicyBinding")[0]["spec"]["matchResources"].is_null());
     let chart = chart();
     let (ok, _, err) = cluster().helm(&[
