@@ -30,11 +30,8 @@ fn manifest(fake: &FakeLlm, access: &str, tracking: bool) -> String {
 
 async fn experiment(ml: &Mlflow) -> String {
     use mlflow_gateway_operator::mlflow::{MlflowClient, MlflowConfig};
-    MlflowClient::new(&MlflowConfig::new(ml.uri.parse().unwrap()).unwrap())
-        .unwrap()
-        .create_experiment(&format!("callers-{}", support::suffix()), &[])
-        .await
-        .unwrap()
+    let client = MlflowClient::new(&MlflowConfig::new(ml.uri.parse().unwrap()).unwrap()).unwrap();
+    support::new_experiment(&client, &format!("callers-{}", support::suffix())).await
 }
 
 async fn call(url: &str, bearer: Option<&str>) -> reqwest::Response {

@@ -17,10 +17,7 @@ fn tracking(ml: &Mlflow) -> MlflowClient {
 }
 
 async fn experiment(ml: &Mlflow, prefix: &str) -> String {
-    tracking(ml)
-        .create_experiment(&format!("{prefix}-{}", support::suffix()), &[])
-        .await
-        .unwrap()
+    support::new_experiment(&tracking(ml), &format!("{prefix}-{}", support::suffix())).await
 }
 
 /// One model line of a manifest, pointed at a fake.

@@ -442,7 +442,7 @@ async fn basic_auth_server_credentials_outage_and_recovery() {
         username: admin.clone(),
         password: password.clone(),
     });
-    let id = admin_client.create_experiment(&name, &[]).await.unwrap();
+    let id = support::new_experiment(&admin_client, &name).await;
     assert_eq!(admin_client.get_experiment(&id).await.unwrap().name, name);
 
     // A user without permission on the admin's experiment: 403 (a plain-text body).

@@ -829,3 +829,27 @@ pub fn python() -> PathBuf {
     })
     .clone()
 }
+
+/// Creates an experiment of a new, unique name and returns its id. On a loaded machine an
+/// attempt can be stored while its answer times out, and the client's retry then hears "already
+/// exists": with a name nobody else uses, that experiment is this call's own.
+pub async fn new_experiment(
+    client: &mlflow_gateway_operator::mlflow::MlflowClient,
+    name: &str,
+) -> String {
+    use mlflow_gateway_operator::mlflow::{ErrorCode, MlflowError};
+    match client.create_experiment(name, &[]).await {
+        Ok(id) => id,
+        Err(MlflowError::Api {
+            code: ErrorCode::ResourceAlreadyExists,
+            ..
+        }) => {
+            client
+                .get_experiment_by_name(name)
+                .await
+                .expect("the experiment a timed-out attempt created")
+                .experiment_id
+        }
+        Err(e) => panic!("creating experiment {name}: {e:?}"),
+    }
+}
