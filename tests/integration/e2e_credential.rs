@@ -7,8 +7,6 @@
 use crate::mlflow_users::start_trace;
 use crate::support;
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
@@ -25,24 +23,6 @@ const QUICK: &[(&str, &str)] = &[
 ];
 const API_KEY: &str = "sk-e2e-cred-0123456789";
 const SECRET: &str = "chat-mlflow-credentials";
-
-fn endpoint_yaml(base: &str, extra_spec: &str) -> String {
-    format!(
-        r#"apiVersion: mlflow-gateway.dev/v1alpha1
-kind: GatewayEndpoint
-metadata:
-  name: chat
-spec:
-  models:
-    - name: mini
-      provider: openai
-      model: gpt-4o-mini
-      apiBase: "{base}"
-      apiKeySecretRef: {{name: llm-keys, key: openai}}
-  access: {{open: true}}
-{extra_spec}"#
-    )
-}
 
 struct Team {
     ns: String,
@@ -72,37 +52,6 @@ async fn credential(t: &Team) -> (String, String) {
     let data = s.data.expect("its data");
     let text = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
     (text("username"), text("password"))
-}
-
-fn config_hash(d: &Deployment) -> String {
-    d.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .annotations
-        .as_ref()
-        .unwrap()["mlflow-gateway.dev/config-hash"]
-        .clone()
-}
-
-fn env_of(d: &Deployment) -> BTreeMap<String, Value> {
-    d.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .env
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|e| (e.name.clone(), serde_json::to_value(&e).unwrap()))
-        .collect()
 }
 
 fn operator_env(admin: &(String, String)) -> Vec<(&str, &str)> {
@@ -159,7 +108,7 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
     let fake = FakeLlm::start("openai-fake", API_KEY).await;
     let op_a = Operator::start(&a.ns, &ml.uri, &operator_env(&admin));
     let _op_b = Operator::start(&b.ns, &ml.uri, &operator_env(&admin));
-    let yaml = endpoint_yaml(&format!("{}/v1", fake.url), "");
+    let yaml = support::endpoint_yaml("chat", &format!("{}/v1", fake.url), "");
     apply(&a.ns, &yaml);
     apply(&b.ns, &yaml);
 
@@ -184,7 +133,7 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
         assert_eq!(password.len(), 32);
         // The pods read it.
         let d = t.deployments.get("chat").await.unwrap();
-        let vars = env_of(&d);
+        let vars = support::env_of(&d);
         for (var, key) in [
             ("MLFLOW_TRACKING_USERNAME", "username"),
             ("MLFLOW_TRACKING_PASSWORD", "password"),
@@ -236,7 +185,7 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
     drop(gw);
 
     // Rotation: a new annotation value gives a new password; the old one is refused, the pods roll.
-    let before = config_hash(&a.deployments.get("chat").await.unwrap());
+    let before = support::config_hash(&a.deployments.get("chat").await.unwrap());
     a.endpoints
         .patch(
             "chat",
@@ -253,7 +202,7 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
     .await;
     eventually(180, "the pods rolled to the new password", || async {
         let d = a.deployments.get("chat").await.ok()?;
-        (config_hash(&d) != before).then_some(())
+        (support::config_hash(&d) != before).then_some(())
     })
     .await;
     saw_event(&client, &a.ns, "TraceCredentialRotated").await;
@@ -271,7 +220,8 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
     let exp_other = other["experiment_id"].as_str().unwrap().to_string();
     apply(
         &a.ns,
-        &endpoint_yaml(
+        &support::endpoint_yaml(
+            "chat",
             &format!("{}/v1", fake.url),
             &format!("  experimentId: \"{exp_other}\"\n"),
         ),
@@ -320,7 +270,8 @@ async fn each_team_endpoint_writes_traces_to_its_own_experiment_only() {
     support::secret(&client, &a.ns, "team-writer", &[("token", "tok-team")]).await;
     apply(
         &a.ns,
-        &endpoint_yaml(
+        &support::endpoint_yaml(
+            "chat",
             &format!("{}/v1", fake.url),
             &format!(
                 "  experimentId: \"{exp_other}\"\n  tracing: {{credentialsSecretRef: {{name: team-writer}}}}\n"
@@ -377,7 +328,10 @@ async fn without_an_admin_account_the_mirrored_credential_is_used_and_said() {
         ("POD_NAMESPACE", op_ns.as_str()),
     ]);
     let _op = Operator::start(&t.ns, &ml.uri, &vars);
-    apply(&t.ns, &endpoint_yaml("http://127.0.0.1:9/v1", ""));
+    apply(
+        &t.ns,
+        &support::endpoint_yaml("chat", "http://127.0.0.1:9/v1", ""),
+    );
 
     let ep = condition(&t, "TraceCredentialReady", "True", "MirroredCredential").await;
     let msg = ep
@@ -407,7 +361,10 @@ async fn a_tracking_server_without_users_api_is_said_in_the_condition() {
     let client = cluster().client().await;
     let t = team(&client, "e2e-cred-noauth").await;
     let _op = Operator::start(&t.ns, &ml.uri, QUICK);
-    apply(&t.ns, &endpoint_yaml("http://127.0.0.1:9/v1", ""));
+    apply(
+        &t.ns,
+        &support::endpoint_yaml("chat", "http://127.0.0.1:9/v1", ""),
+    );
     let ep = condition(&t, "TraceCredentialReady", "True", "NoCredential").await;
     let msg = ep
         .status

@@ -3,7 +3,6 @@
 
 use crate::support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -22,24 +21,6 @@ const QUICK: &[(&str, &str)] = &[
     ("GATEWAY_IMAGE", "registry.example.com/mgo:test"),
 ];
 const API_KEY: &str = "sk-e2e-pods-0123456789";
-
-fn endpoint_yaml(name: &str, base: &str, extra_spec: &str) -> String {
-    format!(
-        r#"apiVersion: mlflow-gateway.dev/v1alpha1
-kind: GatewayEndpoint
-metadata:
-  name: {name}
-spec:
-  models:
-    - name: mini
-      provider: openai
-      model: gpt-4o-mini
-      apiBase: "{base}"
-      apiKeySecretRef: {{name: llm-keys, key: openai}}
-  access: {{open: true}}
-{extra_spec}"#
-    )
-}
 
 struct Env {
     client: kube::Client,
@@ -100,37 +81,6 @@ async fn running_pods(env: &Env, name: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn config_hash(d: &Deployment) -> String {
-    d.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .annotations
-        .as_ref()
-        .unwrap()["mlflow-gateway.dev/config-hash"]
-        .clone()
-}
-
-fn env_of(d: &Deployment) -> BTreeMap<String, Value> {
-    d.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .env
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|e| (e.name.clone(), serde_json::to_value(&e).unwrap()))
-        .collect()
-}
-
 /// Waits until every Running pod of the endpoint carries `hash`, and there are `n` of them.
 async fn pods_rolled_to(env: &Env, name: &str, hash: &str, n: usize) {
     eventually(
@@ -180,7 +130,7 @@ async fn an_endpoint_runs_as_a_configmap_a_deployment_and_a_service_with_running
     let _op = Operator::start(&env.ns, &ml.uri, QUICK);
     apply(
         &env.ns,
-        &endpoint_yaml(
+        &support::endpoint_yaml(
             "chat",
             "https://api.openai.com/v1",
             "  replicas: 2\n  gateway:\n    podLabels: {team: a}\n    resources: {requests: {cpu: 50m}, limits: {memory: 128Mi}}\n",
@@ -236,7 +186,7 @@ async fn an_endpoint_runs_as_a_configmap_a_deployment_and_a_service_with_running
         ("GatewayEndpoint", ep.uid().as_ref())
     );
     assert_eq!(owner.controller, Some(true));
-    let vars = env_of(&d);
+    let vars = support::env_of(&d);
     assert_eq!(
         vars["GATEWAY_API_KEY_MINI"]["valueFrom"]["secretKeyRef"],
         json!({"name": "llm-keys", "key": "openai", "optional": false})
@@ -315,7 +265,7 @@ async fn a_request_through_the_gateway_the_deployment_declares_is_traced_into_th
     let _op = Operator::start(&env.ns, &ml.uri, QUICK);
     apply(
         &env.ns,
-        &endpoint_yaml("chat", &format!("{}/v1", fake.url), ""),
+        &support::endpoint_yaml("chat", &format!("{}/v1", fake.url), ""),
     );
     let ep = ready(&env, "chat").await;
     let experiment_id = ep.status.clone().unwrap().experiment_id.unwrap();
@@ -370,20 +320,20 @@ async fn a_changed_model_or_a_rotated_secret_rolls_the_pods_and_scaling_does_not
     let _op = Operator::start(&env.ns, &ml.uri, QUICK);
     apply(
         &env.ns,
-        &endpoint_yaml("chat", "https://api.openai.com/v1", ""),
+        &support::endpoint_yaml("chat", "https://api.openai.com/v1", ""),
     );
     ready(&env, "chat").await;
-    let first = config_hash(&env.deployments.get("chat").await.unwrap());
+    let first = support::config_hash(&env.deployments.get("chat").await.unwrap());
     pods_rolled_to(&env, "chat", &first, 1).await;
 
     // A changed model: a new config, new pods.
     apply(
         &env.ns,
-        &endpoint_yaml("chat", "https://api.openai.com/v1", "")
+        &support::endpoint_yaml("chat", "https://api.openai.com/v1", "")
             .replace("gpt-4o-mini", "gpt-4.1-mini"),
     );
     let second = eventually(60, "a new config hash", || async {
-        let h = config_hash(&env.deployments.get("chat").await.ok()?);
+        let h = support::config_hash(&env.deployments.get("chat").await.ok()?);
         (h != first).then_some(h)
     })
     .await;
@@ -413,7 +363,7 @@ async fn a_changed_model_or_a_rotated_secret_rolls_the_pods_and_scaling_does_not
     )
     .await;
     let third = eventually(60, "a config hash after rotation", || async {
-        let h = config_hash(&env.deployments.get("chat").await.ok()?);
+        let h = support::config_hash(&env.deployments.get("chat").await.ok()?);
         (h != second).then_some(h)
     })
     .await;
@@ -422,12 +372,12 @@ async fn a_changed_model_or_a_rotated_secret_rolls_the_pods_and_scaling_does_not
     // Scaling: more pods, same config.
     apply(
         &env.ns,
-        &endpoint_yaml("chat", "https://api.openai.com/v1", "  replicas: 3\n")
+        &support::endpoint_yaml("chat", "https://api.openai.com/v1", "  replicas: 3\n")
             .replace("gpt-4o-mini", "gpt-4.1-mini"),
     );
     pods_rolled_to(&env, "chat", &third, 3).await;
     assert_eq!(
-        config_hash(&env.deployments.get("chat").await.unwrap()),
+        support::config_hash(&env.deployments.get("chat").await.unwrap()),
         third
     );
     // Progressing may still show the last rollout's RolloutComplete: wait for the 3 replicas too.
@@ -448,7 +398,7 @@ async fn owned_objects_edited_or_deleted_are_put_back() {
     let _op = Operator::start(&env.ns, &ml.uri, QUICK);
     apply(
         &env.ns,
-        &endpoint_yaml("chat", "https://api.openai.com/v1", "  replicas: 2\n"),
+        &support::endpoint_yaml("chat", "https://api.openai.com/v1", "  replicas: 2\n"),
     );
     ready(&env, "chat").await;
     let original = env.deployments.get("chat").await.unwrap();
@@ -519,7 +469,7 @@ async fn a_deleted_endpoint_takes_its_objects_with_it() {
     let _op = Operator::start(&env.ns, &ml.uri, QUICK);
     apply(
         &env.ns,
-        &endpoint_yaml("chat", "https://api.openai.com/v1", ""),
+        &support::endpoint_yaml("chat", "https://api.openai.com/v1", ""),
     );
     ready(&env, "chat").await;
     let (ok, _, err) = cluster().kubectl_run(
@@ -555,7 +505,7 @@ async fn a_missing_secret_or_key_is_named_leaves_the_pods_alone_and_heals_when_f
     let _op = Operator::start(&env.ns, &ml.uri, QUICK);
     apply(
         &env.ns,
-        &endpoint_yaml("chat", "https://api.openai.com/v1", ""),
+        &support::endpoint_yaml("chat", "https://api.openai.com/v1", ""),
     );
 
     // No Secret: named in the condition and an Event; no pods that would crash.
@@ -613,7 +563,7 @@ async fn a_missing_secret_or_key_is_named_leaves_the_pods_alone_and_heals_when_f
         after.metadata.generation, running.metadata.generation,
         "no rollout into a crash loop"
     );
-    assert_eq!(config_hash(&after), config_hash(&running));
+    assert_eq!(support::config_hash(&after), support::config_hash(&running));
     assert!(
         !running_pods(&env, "chat").await.is_empty(),
         "the pods still run"
@@ -623,7 +573,10 @@ async fn a_missing_secret_or_key_is_named_leaves_the_pods_alone_and_heals_when_f
     support::secret(&env.client, &env.ns, "llm-keys", &[("openai", API_KEY)]).await;
     ready(&env, "chat").await;
     let healed = env.deployments.get("chat").await.unwrap();
-    assert_ne!(config_hash(&healed), config_hash(&running));
+    assert_ne!(
+        support::config_hash(&healed),
+        support::config_hash(&running)
+    );
 }
 
 #[tokio::test]
@@ -642,7 +595,7 @@ async fn an_object_of_the_same_name_that_is_not_ours_is_left_untouched() {
     let _op = Operator::start(&env.ns, &ml.uri, QUICK);
     apply(
         &env.ns,
-        &endpoint_yaml("chat", "https://api.openai.com/v1", ""),
+        &support::endpoint_yaml("chat", "https://api.openai.com/v1", ""),
     );
     let ep = wait_condition(&env, "chat", "Available", "False", Some("NameConflict")).await;
     let msg = ep
@@ -714,7 +667,7 @@ async fn gateway_pods_write_traces_with_their_own_credential_never_the_operators
     let op = Operator::start(&env.ns, &ml.uri, &vars);
     apply(
         &env.ns,
-        &endpoint_yaml("chat", &format!("{}/v1", fake.url), ""),
+        &support::endpoint_yaml("chat", &format!("{}/v1", fake.url), ""),
     );
     let ep = ready(&env, "chat").await;
     let experiment_id = ep.status.clone().unwrap().experiment_id.unwrap();
@@ -723,7 +676,7 @@ async fn gateway_pods_write_traces_with_their_own_credential_never_the_operators
     let mirror = env.secrets.get("chat-mlflow-credentials").await.unwrap();
     assert_eq!(mirror.owner_references()[0].uid, ep.uid().unwrap());
     let d = env.deployments.get("chat").await.unwrap();
-    let vars = env_of(&d);
+    let vars = support::env_of(&d);
     assert_eq!(
         vars["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"]["name"],
         "chat-mlflow-credentials"
@@ -769,7 +722,7 @@ async fn gateway_pods_write_traces_with_their_own_credential_never_the_operators
     .await;
 
     // Rotating the operator-wide credential rolls the pods.
-    let before = config_hash(&d);
+    let before = support::config_hash(&d);
     support::secret(
         &env.client,
         &op_ns,
@@ -785,7 +738,7 @@ async fn gateway_pods_write_traces_with_their_own_credential_never_the_operators
         "the pods rolled after the credential rotation",
         || async {
             let d = env.deployments.get("chat").await.ok()?;
-            (config_hash(&d) != before).then_some(())
+            (support::config_hash(&d) != before).then_some(())
         },
     )
     .await;
@@ -805,7 +758,7 @@ async fn gateway_pods_write_traces_with_their_own_credential_never_the_operators
     .await;
     apply(
         &env.ns,
-        &endpoint_yaml(
+        &support::endpoint_yaml(
             "own",
             &format!("{}/v1", fake.url),
             "  tracing: {credentialsSecretRef: {name: team-writer}}\n",
@@ -813,7 +766,7 @@ async fn gateway_pods_write_traces_with_their_own_credential_never_the_operators
     );
     ready(&env, "own").await;
     let d = env.deployments.get("own").await.unwrap();
-    let vars = env_of(&d);
+    let vars = support::env_of(&d);
     assert_eq!(
         vars["MLFLOW_TRACKING_TOKEN"]["valueFrom"]["secretKeyRef"]["name"],
         "team-writer"
@@ -840,7 +793,7 @@ async fn usage_tracking_off_runs_pods_without_any_mlflow_setting() {
     let _op = Operator::start(&env.ns, &ml.uri, QUICK);
     apply(
         &env.ns,
-        &endpoint_yaml(
+        &support::endpoint_yaml(
             "chat",
             "https://api.openai.com/v1",
             "  usageTracking: false\n",
@@ -849,7 +802,7 @@ async fn usage_tracking_off_runs_pods_without_any_mlflow_setting() {
     let ep = ready(&env, "chat").await;
     assert_eq!(ep.status.unwrap().experiment_id, None);
     let d = env.deployments.get("chat").await.unwrap();
-    assert!(!env_of(&d).keys().any(|k| k.starts_with("MLFLOW_")));
+    assert!(!support::env_of(&d).keys().any(|k| k.starts_with("MLFLOW_")));
     assert!(d.meta().owner_references.is_some());
 }
 
@@ -888,14 +841,14 @@ async fn the_gateway_pods_get_the_ca_bundle_the_operator_is_given() {
     let _op = Operator::start(&env.ns, &ml.uri, &vars);
     apply(
         &env.ns,
-        &endpoint_yaml("chat", "https://api.openai.com/v1", ""),
+        &support::endpoint_yaml("chat", "https://api.openai.com/v1", ""),
     );
     ready(&env, "chat").await;
     let cm = env.config_maps.get("chat").await.unwrap();
     assert_eq!(cm.data.as_ref().unwrap()["mlflow-ca.crt"], pem);
     let d = env.deployments.get("chat").await.unwrap();
     assert_eq!(
-        env_of(&d)["MLFLOW_TRACKING_SERVER_CERT_PATH"]["value"],
+        support::env_of(&d)["MLFLOW_TRACKING_SERVER_CERT_PATH"]["value"],
         "/etc/mlflow-gateway/mlflow-ca.crt"
     );
     let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();

@@ -7,6 +7,7 @@
 //! Every MLflow write is checked by its answer, read back as the admin with the workspace header.
 
 use crate::support;
+use mlflow_gateway_operator::mlflow::WORKSPACE_HEADER;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
@@ -22,25 +23,6 @@ const QUICK: &[(&str, &str)] = &[
 ];
 const API_KEY: &str = "sk-e2e-wsauth-0123456789";
 const SECRET: &str = "chat-mlflow-credentials";
-const WORKSPACE_HEADER: &str = "X-MLFLOW-WORKSPACE";
-
-fn endpoint_yaml(base: &str) -> String {
-    format!(
-        r#"apiVersion: mlflow-gateway.dev/v1alpha1
-kind: GatewayEndpoint
-metadata:
-  name: chat
-spec:
-  models:
-    - name: mini
-      provider: openai
-      model: gpt-4o-mini
-      apiBase: "{base}"
-      apiKeySecretRef: {{name: llm-keys, key: openai}}
-  access: {{open: true}}
-"#
-    )
-}
 
 /// A team namespace (its name is also its MLflow workspace) with the LLM key Secret.
 struct Team {
@@ -204,7 +186,7 @@ async fn with_auth_and_workspaces_each_teams_user_is_granted_in_its_own_workspac
     ]);
     let op_a = Operator::start(&a.ns, &ml.uri, &vars);
     let op_b = Operator::start(&b.ns, &ml.uri, &vars);
-    let yaml = endpoint_yaml(&format!("{}/v1", fake.url));
+    let yaml = support::endpoint_yaml("chat", &format!("{}/v1", fake.url), "");
     apply(&a.ns, &yaml);
     apply(&b.ns, &yaml);
 

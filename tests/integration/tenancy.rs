@@ -34,24 +34,6 @@ fn client(uri: &str) -> MlflowClient {
     MlflowClient::new(&config).unwrap()
 }
 
-fn endpoint_yaml(name: &str, base: &str, extra_spec: &str) -> String {
-    format!(
-        r#"apiVersion: mlflow-gateway.dev/v1alpha1
-kind: GatewayEndpoint
-metadata:
-  name: {name}
-spec:
-  models:
-    - name: mini
-      provider: openai
-      model: gpt-4o-mini
-      apiBase: "{base}"
-      apiKeySecretRef: {{name: llm-keys, key: openai}}
-  access: {{open: true}}
-{extra_spec}"#
-    )
-}
-
 /// A namespace of the test's own, with the LLM key Secret.
 async fn team(kube: &kube::Client, prefix: &str) -> (String, Api<GatewayEndpoint>) {
     let ns = support::namespace(kube, prefix).await;
@@ -174,7 +156,7 @@ async fn another_namespaces_experiment_or_prefix_is_refused_until_an_admin_share
     // Team b's endpoint and its experiment.
     apply(
         &ns_b,
-        &endpoint_yaml("chat", "https://api.openai.com/v1", ""),
+        &support::endpoint_yaml("chat", "https://api.openai.com/v1", ""),
     );
     let chat_b = support::wait_condition(&eps_b, "chat", "ExperimentReady", "True", None, 90).await;
     let id_b = chat_b.status.unwrap().experiment_id.unwrap();
@@ -184,7 +166,7 @@ async fn another_namespaces_experiment_or_prefix_is_refused_until_an_admin_share
     let squatted = format!("gateway/{ns_b}/later");
     apply(
         &ns_a,
-        &endpoint_yaml(
+        &support::endpoint_yaml(
             "squat",
             "https://api.openai.com/v1",
             &format!("  experimentName: {squatted}\n"),
@@ -216,7 +198,7 @@ async fn another_namespaces_experiment_or_prefix_is_refused_until_an_admin_share
     // Team a points experimentId at team b's experiment: refused, the experiment untouched.
     apply(
         &ns_a,
-        &endpoint_yaml(
+        &support::endpoint_yaml(
             "borrow",
             "https://api.openai.com/v1",
             &format!("  experimentId: \"{id_b}\"\n"),
@@ -304,7 +286,10 @@ async fn with_workspaces_an_endpoint_and_its_traces_live_in_its_namespaces_works
     .await;
     let fake = FakeLlm::start("openai-fake", API_KEY).await;
     let _op = Operator::start(&ns, &ml.uri, QUICK);
-    apply(&ns, &endpoint_yaml("chat", &format!("{}/v1", fake.url), ""));
+    apply(
+        &ns,
+        &support::endpoint_yaml("chat", &format!("{}/v1", fake.url), ""),
+    );
     // Generous: a private MLflow on a loaded machine may take minutes to answer its first writes.
     let ep = support::wait_condition(&eps, "chat", "Ready", "True", None, 300).await;
     let status = ep.status.clone().unwrap();

@@ -853,3 +853,58 @@ pub async fn new_experiment(
         Err(e) => panic!("creating experiment {name}: {e:?}"),
     }
 }
+
+/// An endpoint with one OpenAI-style model at `base` (key in the Secret `llm-keys`), open to any
+/// caller, plus `extra_spec` lines under `spec`.
+pub fn endpoint_yaml(name: &str, base: &str, extra_spec: &str) -> String {
+    format!(
+        r#"apiVersion: mlflow-gateway.dev/v1alpha1
+kind: GatewayEndpoint
+metadata:
+  name: {name}
+spec:
+  models:
+    - name: mini
+      provider: openai
+      model: gpt-4o-mini
+      apiBase: "{base}"
+      apiKeySecretRef: {{name: llm-keys, key: openai}}
+  access: {{open: true}}
+{extra_spec}"#
+    )
+}
+
+/// The config hash of a gateway Deployment's pod template (what rolls the pods).
+pub fn config_hash(d: &k8s_openapi::api::apps::v1::Deployment) -> String {
+    d.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap()["mlflow-gateway.dev/config-hash"]
+        .clone()
+}
+
+/// The gateway container's environment, by variable name.
+pub fn env_of(
+    d: &k8s_openapi::api::apps::v1::Deployment,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    d.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.name.clone(), serde_json::to_value(&e).unwrap()))
+        .collect()
+}
