@@ -380,7 +380,7 @@ impl Telemetry {
         if !inner.queue.has_room() {
             // Shed before any work: a trace that would not fit is not built at all. Its spans
             // (the root now, each attempt as it starts) are counted as dropped.
-            inner.counters.drop_trace(1);
+            inner.counters.drop_trace(0);
             return Invocation {
                 inner: None,
                 shed: Some(Shed {
