@@ -62,6 +62,8 @@ pub(super) struct Counters {
     /// for the second to reach the first.
     pub(super) pushed: AtomicU64,
     pub(super) settled: AtomicU64,
+    /// Pauses before sending a request again (MLflow down or failing).
+    pub(super) retries: AtomicU64,
     /// Log state: a warning at the start of a streak, not per trace.
     dropping: AtomicBool,
     pub(super) export_failing: AtomicBool,

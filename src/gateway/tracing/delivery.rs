@@ -250,6 +250,7 @@ impl Delivery {
                 Err(reason) => reason,
             };
             self.counters.otlp(false, &self.experiment_id, &reason);
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(LONGEST_PAUSE);
         }
@@ -299,9 +300,10 @@ impl ExportThread {
     }
 }
 
-/// Whether an OTLP request failed since `errors_before` was read (flush stops waiting then).
-pub(super) fn failed_since(counters: &Counters, errors_before: u64) -> bool {
-    counters.otlp_error.load(Ordering::Relaxed) > errors_before
+/// Whether the delivery paused to try again since `retries_before` was read (MLflow is down or
+/// failing: flush stops waiting then).
+pub(super) fn retried_since(counters: &Counters, retries_before: u64) -> bool {
+    counters.retries.load(Ordering::Relaxed) > retries_before
 }
 
 #[cfg(test)]

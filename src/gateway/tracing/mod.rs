@@ -103,7 +103,7 @@ use crate::mlflow::{ConfigError, MlflowConfig, Transport};
 use capture::{content_attribute, cut_content, error_message, record_error, summary_of};
 use context::clean_caller;
 use counters::Counters;
-use delivery::{Delivery, ExportThread, failed_since};
+use delivery::{Delivery, ExportThread, retried_since};
 use http::ExportHttp;
 use queue::{QueueConfig, TraceQueue};
 use record::{
@@ -444,16 +444,16 @@ impl Telemetry {
         }
     }
 
-    /// Waits until the traces finished so far are delivered (stored or refused), or until an
-    /// export request fails (MLflow is down: they wait in the queue), at most about three
-    /// export timeouts.
+    /// Waits until the traces finished so far are delivered (stored or refused), or until the
+    /// delivery pauses to try again (MLflow is down: they wait in the queue), at most about
+    /// three export timeouts.
     pub async fn flush(&self) {
         let Some(inner) = &self.inner else { return };
         let target = inner.counters.pushed.load(Ordering::Relaxed);
-        let errors = inner.counters.otlp_error.load(Ordering::Relaxed);
+        let retries = inner.counters.retries.load(Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + inner.export_timeout.saturating_mul(3);
         while inner.counters.settled.load(Ordering::Relaxed) < target
-            && !failed_since(&inner.counters, errors)
+            && !retried_since(&inner.counters, retries)
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
