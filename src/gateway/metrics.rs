@@ -228,7 +228,10 @@ impl GatewayMetrics {
             ("queue_full", stats.dropped_traces),
             ("rejected", stats.rejected_traces),
         ] {
-            catch_up(&self.traces_dropped.get_or_create(&DropReason { reason }), total);
+            catch_up(
+                &self.traces_dropped.get_or_create(&DropReason { reason }),
+                total,
+            );
         }
         for (kind, result, total) in [
             ("otlp", "ok", stats.otlp_ok),

@@ -661,7 +661,10 @@ async fn mlflow_down_changes_nothing_for_clients_and_drops_are_counted() {
     // Every trace is counted: waiting in the queue, or dropped whole beyond its bound.
     support::eventually(60, "all 200 traces queued or dropped", || async {
         let dropped = gw
-            .metric("mlflow_gateway_traces_dropped_total", &[r#"reason="queue_full""#])
+            .metric(
+                "mlflow_gateway_traces_dropped_total",
+                &[r#"reason="queue_full""#],
+            )
             .await;
         let queued = gw.metric("mlflow_gateway_trace_queue_traces", &[]).await;
         (dropped > 0.0 && dropped + queued == 200.0).then_some(())

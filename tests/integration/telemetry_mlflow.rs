@@ -686,10 +686,14 @@ async fn stopped_server_never_blocks_requests() {
 
     // Back up: the waiting traces are delivered, oldest first, then new ones.
     private.resume();
-    support::eventually(120, "the queue delivered after the server is back", || async {
-        let stats = telemetry.stats();
-        (stats.delivered_traces() == u64::from(N) && stats.queued == 0).then_some(())
-    })
+    support::eventually(
+        120,
+        "the queue delivered after the server is back",
+        || async {
+            let stats = telemetry.stats();
+            (stats.delivered_traces() == u64::from(N) && stats.queued == 0).then_some(())
+        },
+    )
     .await;
     let invocation = telemetry.start_invocation(RequestType::UnifiedChat, None, None, &request);
     let trace_id = invocation.trace_id().expect("trace id");

@@ -419,14 +419,8 @@ impl Telemetry {
         }
         root.str(ATTR_INPUTS, &inputs);
         if let Some(parent) = traceparent.and_then(parse_traceparent) {
-            root.str(
-                ATTR_LINKED_TRACE_ID,
-                &mlflow_trace_id(parent.trace_id()),
-            );
-            root.link(
-                &parent.trace_id().to_bytes(),
-                &parent.span_id().to_bytes(),
-            );
+            root.str(ATTR_LINKED_TRACE_ID, &mlflow_trace_id(parent.trace_id()));
+            root.link(&parent.trace_id().to_bytes(), &parent.span_id().to_bytes());
         }
         Invocation {
             inner: Some(Box::new(InvocationInner {

@@ -389,12 +389,21 @@ mod tests {
         root.str("mlflow.spanInputs", "{\"a\":\"é\"}");
         root.attribute("streaming", Value::Bool(true));
         root.link(&[9; 16], &[8; 8]);
-        let mut child =
-            SpanBuf::start(&trace_id, &[2; 8], Some(&[1; 8]), "provider/x", KIND_CLIENT, 64);
+        let mut child = SpanBuf::start(
+            &trace_id,
+            &[2; 8],
+            Some(&[1; 8]),
+            "provider/x",
+            KIND_CLIENT,
+            64,
+        );
         child.attribute("http.response.status_code", Value::Int(429));
         child.exception("UpstreamError", &"m".repeat(300));
         let mut children = Vec::new();
-        append_child(&mut children, &child.end(STATUS_ERROR, "UpstreamError: boom"));
+        append_child(
+            &mut children,
+            &child.end(STATUS_ERROR, "UpstreamError: boom"),
+        );
         let root = root.end(STATUS_OK, "");
         let head = Head {
             trace_id,

@@ -58,7 +58,10 @@ pub fn open(config: QueueConfig) -> Result<(TraceQueue, QueueReader), QueueError
 
 impl TraceQueue {
     pub fn has_room(&self) -> bool {
-        self.0.state.lock().is_ok_and(|s| s.bytes < self.0.max_bytes)
+        self.0
+            .state
+            .lock()
+            .is_ok_and(|s| s.bytes < self.0.max_bytes)
     }
 
     pub fn push(&self, payload: Vec<u8>) -> Result<(), Full> {

@@ -200,7 +200,10 @@ async fn span_tree_shape() {
         Some("tr-4bf92f3577b34da6a3ce929d0e0e4736")
     );
     assert_eq!(root.links.len(), 1);
-    assert_eq!(hex(&root.links[0].trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(
+        hex(&root.links[0].trace_id),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
     assert_eq!(attr(root, META_CALLER).as_deref(), Some("agent"));
     assert_eq!(attr(root, ATTR_USER_ID).as_deref(), Some("apikey:ci"));
     assert_eq!(
@@ -430,7 +433,12 @@ async fn a_refused_batch_is_sent_again() {
     );
     let s = telemetry.stats();
     assert_eq!(
-        (s.exported_traces, s.otlp_error, s.otlp_ok, s.rejected_traces),
+        (
+            s.exported_traces,
+            s.otlp_error,
+            s.otlp_ok,
+            s.rejected_traces
+        ),
         (1, 2, 1, 0)
     );
 }
