@@ -1,8 +1,8 @@
 //! The gateway's MLflow traces: one trace per LLM invocation, in the shape MLflow's own AI gateway
-//! writes, exported in the background so that a slow or dead tracking server never fails or slows
-//! a request. This file is the trace API request handling calls (start an invocation, its
-//! attempts, record outputs and usage) and is longer than 800 lines as one cohesive thing: the
-//! pieces it drives live beside it (schema, capture, context, counters, export, trace_info).
+//! writes, queued and delivered in the background so that a slow or dead tracking server never
+//! fails or slows a request, and loses no trace within the queue's bound. This file is the trace
+//! API request handling calls (start an invocation, its attempts, record outputs and usage); the
+//! pieces it drives live beside it.
 //!
 //! # Shape
 //!
@@ -12,69 +12,78 @@
 //!  |- provider/<provider>/<model>  one per attempt: mlflow.spanType=LLM, mlflow.llm.provider,
 //!  '- provider/<provider>/<model>  mlflow.llm.model, method (+ streaming=true), mlflow.chat.tokenUsage;
 //!                                  a failed attempt has status ERROR and an "exception" event
-//! trace metadata: mlflow.gateway.endpointId, mlflow.gateway.requestType, mlflow.gateway.caller,
+//! gateway metadata: mlflow.gateway.endpointId, mlflow.gateway.requestType, mlflow.gateway.caller,
 //! and for an authenticated caller mlflow.auth.username, mlflow.auth.userId, mlflow.trace.user
-//! (written by the trace-info request, see below); mlflow.trace.tokenUsage (summed by the server)
+//! (also user.id on the root): trace metadata or tags by the export mode (see below);
+//! mlflow.trace.tokenUsage and mlflow.trace.cost (summed by the server)
 //! trace tag: mlflow.traceName = gateway/<endpoint>
 //! ```
 //!
 //! # Pipeline
 //!
-//! A trace started while the queue is full is dropped whole at its start: no span is built and
-//! nothing is serialized for it; it keeps a trace id, and it and its spans are counted as dropped
-//! (`dropped_traces`, `dropped_spans`). Otherwise spans are OpenTelemetry SDK spans. When one
-//! ends, [`GateProcessor`](export::GateProcessor) admits it only while fewer
-//! than `max_queue_spans` spans are in flight (ended, not yet exported or failed), else it drops
-//! and counts it; admitted spans go to the SDK's tokio `BatchSpanProcessor`
-//! (`span_processor_with_async_runtime`), whose queue is larger than the gate so that it never
-//! drops on its own. Its exporter is [`CountingExporter`](export::CountingExporter) around the
-//! OTLP/HTTP protobuf exporter, which posts to `<tracking uri>/v1/traces` through the MLflow
-//! transport ([`crate::mlflow::Transport`]: the tracking server's TLS, the User-Agent and the
-//! credentials, which live only there, as sensitive header values) with `x-mlflow-experiment-id`.
-//! `CountingExporter` counts exported and failed spans and releases the gate, also when the batch
-//! processor abandons an export at its timeout.
+//! No OpenTelemetry SDK span is built: each span is one buffer that grows into the body of an
+//! OTLP protobuf `Span` as the request goes ([`record::SpanBuf`]). When the root and every attempt
+//! have ended, the trace is written once as a queue *record* (the gateway metadata, the framed
+//! attempts, the root's body: [`record`]) and pushed into the trace queue ([`queue`]), which never
+//! blocks a request: it keeps records in memory and, with `GATEWAY_TRACE_QUEUE_DIR`, on disk, up
+//! to `GATEWAY_TRACE_QUEUE_MAX_BYTES`. A trace started while the queue is full is dropped whole
+//! at its start (nothing is built; it keeps a trace id), one that no longer fits at its end is
+//! dropped then; both are counted (`traces_dropped_total{reason="queue_full"}`).
 //!
-//! The batch processor's task, its OTLP requests and the trace-info requests run on a
-//! current-thread tokio runtime on a thread of its own ([`ExportThread`](export::ExportThread)): encoding and sending
-//! a batch never holds up a runtime thread that serves requests.
+//! The delivery task ([`delivery`], on a thread of its own) takes records oldest first, batches
+//! them into one `ExportTraceServiceRequest` by copying bytes (a few length prefixes, no
+//! decoding), and posts it to `<tracking uri>/v1/traces` through the MLflow transport
+//! ([`crate::mlflow::Transport`]: TLS, User-Agent and the credentials, which live only there) with
+//! `x-mlflow-experiment-id`. While MLflow is down or failing the same batch is sent again after a
+//! pause (0.5 s doubling to 30 s); a batch refused with a 4xx is split down to the trace MLflow
+//! refuses, which is dropped and counted (`reason="rejected"`). A batch is acknowledged to the
+//! queue (its durable cursor) only once settled. On SIGTERM ([`Telemetry::shutdown`]) new
+//! invocations are not traced, the queue is written to disk, and delivery goes on until the grace
+//! period is up; the rest is delivered by the next process.
 //!
-//! Why the async-runtime batch processor: the default (thread-based) one drives the exporter's
-//! future with `futures_executor::block_on` on its own OS thread, where reqwest's async client
-//! has no tokio reactor, so it only works with reqwest's blocking client (another hidden runtime
-//! thread per client). The async-runtime flavour is one task on our tokio runtime that awaits the
-//! async client; `on_end` is a non-blocking `try_send`. Its `force_flush` and `shutdown` do block
-//! the calling thread (`block_on` on a oneshot), so they are only ever called from
-//! `spawn_blocking` ([`Telemetry::flush`], [`Telemetry::shutdown`]), never on a runtime thread,
-//! and the SDK's shutdown-on-drop is turned into a detached best-effort flush.
+//! # Export modes (`GATEWAY_TRACE_EXPORT_MODE`)
 //!
-//! # Trace metadata
+//! MLflow's OTLP handler (`mlflow/server/otel_api.py` → `SqlAlchemyStore.log_spans`) derives the
+//! trace's state, times, previews, token usage, cost, the user from `user.id`, and tags from
+//! root-span attributes `mlflow.traceTag.<key>`, but turns no other span attribute into trace
+//! metadata; `mlflow.gateway.*` metadata needs one StartTraceV3 request per trace.
 //!
-//! The OTLP handler of the tracking server (`mlflow/server/otel_api.py` →
-//! `SqlAlchemyStore.log_spans`) derives the trace's state, times, previews, token usage, cost,
-//! `user.id`/`session.id` and `mlflow.traceTag.*` tags from the spans, but turns no other span
-//! attribute into trace metadata. So one `POST /api/3.0/mlflow/traces` (StartTraceV3) per trace
-//! carries the trace info with the gateway metadata.
+//! * `info-then-spans`: per batch of at most 32 traces, their trace infos (StartTraceV3, 4 at a
+//!   time, for at most 1 s), then their spans: a trace shows complete within about a second of its
+//!   info; MLflow creates it from the info (about 26 ms of its CPU instead of 45 for the other
+//!   order). Infos that had no time go after their spans.
+//! * `spans-only` (the default): one OTLP request per batch (up to 512 traces, 8 MiB); every
+//!   gateway metadata key rides on the root span as `mlflow.traceTag.<key>`; a new trace appears
+//!   complete at once.
+//! * `adaptive`: `info-then-spans` while the queue keeps up; `spans-only` while it is behind
+//!   (its oldest trace older than 2 s, or more than 32 traces waiting); infos that had no time in
+//!   their stage go as tags with their spans.
 //!
-//! Order: `CountingExporter` posts the infos of the batch's root spans (a few at a time, within
-//! `export_timeout`) *before* the batch. MLflow then creates each trace from its info (marked
-//! final: `mlflow.trace.infoFinalized`) and adds the spans to it, filling in the previews and
-//! token usage: the same stored trace as the other order (MLflow's Python SDK sends spans first),
-//! for about 26 ms of server CPU instead of 45 on this project's benchmark machine, because the
-//! other order makes `start_trace` take its `IntegrityError` merge path. An info stored before a
-//! batch that is then lost would leave a trace without spans, so such a batch is sent a second
-//! time. Infos the stage had no time for, or skipped because one failed on a transient error
-//! after its retries (the MLflow transport's one retry policy; the server is struggling), are posted after the spans were stored, as the
-//! Python SDK does, on a bounded background queue ([`trace_info::trace_info_worker`]). A root whose children
-//! went in an earlier batch also takes the merge path: both orders store the same trace.
+//! Where each key lives, as MLflow 3.17.2 stores it (checked by
+//! `tests/integration/telemetry_mlflow.rs`, `*_mode_stores_*`):
+//!
+//! | key | info-then-spans (and adaptive keeping up) | spans-only (and adaptive behind) |
+//! |---|---|---|
+//! | `mlflow.gateway.endpointId`, `.requestType`, `.caller` | trace metadata | trace tags |
+//! | `mlflow.auth.username`, `mlflow.auth.userId` | trace metadata | trace tags |
+//! | `mlflow.trace.user` | trace metadata | trace metadata (from `user.id`) and a tag |
+//! | `mlflow.trace_schema.version` = 3, `mlflow.trace.infoFinalized` | trace metadata | absent |
+//! | `mlflow.trace.tokenUsage`, `mlflow.trace.cost` | trace metadata (server) | trace metadata (server) |
+//! | `mlflow.traceName` | tag | tag |
+//! | previews, state, times, spans | trace info | trace info |
+//!
+//! Search by the metadata of MLflow's own gateway (`metadata.\`mlflow.gateway.caller\``) in the
+//! first mode, by tags (`tags.\`mlflow.gateway.caller\``) in the second.
 //!
 //! # Files
 //!
 //! This file is the trace API that request handling uses ([`Telemetry`], [`Invocation`],
 //! [`Attempt`]); [`context`] what a trace takes from the request (caller, `traceparent`);
 //! [`schema`] holds the names MLflow reads and [`RequestType`], [`capture`] what
-//! of the content goes into spans, [`counters`] the queue's accounting, [`export`] the pipeline,
-//! [`trace_info`] the StartTraceV3 client, [`http`] the export's requests (through the MLflow
-//! transport). Nothing here imports from the rest of the gateway.
+//! of the content goes into spans, [`record`] the protobuf spans and queue records, [`counters`]
+//! the accounting, [`delivery`] the delivery task and the modes, [`trace_info`] the StartTraceV3
+//! client, [`http`] the export's requests (through the MLflow transport). Nothing here imports
+//! from the rest of the gateway.
 
 mod capture;
 mod context;
@@ -83,6 +92,7 @@ mod delivery;
 mod http;
 mod record;
 mod schema;
+mod settings;
 // THROWAWAY until the queue (helper `q`) is merged: then `mod queue;`.
 mod standin;
 use standin as queue;
@@ -92,14 +102,11 @@ mod trace_info;
 
 use std::borrow::Cow;
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::HeaderValue;
-
-use crate::mlflow::{ConfigError, MlflowConfig, Transport};
+use crate::mlflow::Transport;
 use capture::{content_attribute, cut_content, error_message, record_error, summary_of};
 use context::clean_caller;
 use counters::Counters;
@@ -118,82 +125,8 @@ pub use context::{caller_from, caller_from_headers, parse_traceparent};
 pub use counters::ExportStats;
 pub use delivery::ExportMode;
 pub use schema::{CALLER_HEADER, EXPERIMENT_ID_HEADER, RequestType};
-
-/// Bytes of records per OTLP request, at most (a single larger trace goes alone).
-pub const MAX_BATCH_BYTES: usize = 8 << 20;
-
-/// Where and how one endpoint's invocations are traced.
-#[derive(Clone, Debug)]
-pub struct TelemetryConfig {
-    /// Tracking server, auth and TLS.
-    pub mlflow: MlflowConfig,
-    pub experiment_id: String,
-    /// The MLflow workspace the experiment is in (`X-MLFLOW-WORKSPACE` on every export request);
-    /// `None` for a server without workspaces.
-    pub workspace: Option<String>,
-    /// `<endpoint>` in the root span's name `gateway/<endpoint>`.
-    pub endpoint_name: String,
-    /// Trace metadata `mlflow.gateway.endpointId` (the resource uid).
-    pub endpoint_id: String,
-    /// `false`: no request or response text anywhere in the trace. Inputs and outputs become
-    /// summaries such as `{"content_omitted":true,"messages":3}` (counts of the top-level arrays
-    /// `messages`, `input`, `contents`, `choices`, `data`, `content`, `candidates`, `output`), and
-    /// error messages (which may quote an upstream answer) are replaced by their error type and
-    /// HTTP status.
-    pub capture_content: bool,
-    /// How traces reach MLflow (`GATEWAY_TRACE_EXPORT_MODE`).
-    pub export_mode: ExportMode,
-    /// The queue's directory (`GATEWAY_TRACE_QUEUE_DIR`); None: in memory only.
-    pub queue_dir: Option<PathBuf>,
-    /// Bytes the queue holds at most (`GATEWAY_TRACE_QUEUE_MAX_BYTES`); traces beyond are
-    /// dropped whole and counted.
-    pub queue_max_bytes: u64,
-    /// Traces per OTLP request, at most.
-    pub max_export_batch: usize,
-    /// Time limit of one OTLP request (and of one trace-info request).
-    pub export_timeout: Duration,
-}
-
-impl TelemetryConfig {
-    pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 256 << 20;
-    pub const DEFAULT_MAX_EXPORT_BATCH: usize = 512;
-    pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
-
-    /// Content captured, the default mode, a memory queue, default batch and timeout.
-    pub fn new(
-        mlflow: MlflowConfig,
-        experiment_id: impl Into<String>,
-        endpoint_name: impl Into<String>,
-        endpoint_id: impl Into<String>,
-    ) -> Self {
-        TelemetryConfig {
-            mlflow,
-            experiment_id: experiment_id.into(),
-            workspace: None,
-            endpoint_name: endpoint_name.into(),
-            endpoint_id: endpoint_id.into(),
-            capture_content: true,
-            export_mode: ExportMode::default(),
-            queue_dir: None,
-            queue_max_bytes: Self::DEFAULT_QUEUE_MAX_BYTES,
-            max_export_batch: Self::DEFAULT_MAX_EXPORT_BATCH,
-            export_timeout: Self::DEFAULT_EXPORT_TIMEOUT,
-        }
-    }
-}
-
-/// A setting that cannot work.
-#[derive(Debug, thiserror::Error)]
-pub enum TelemetryError {
-    #[error("Telemetry::new must be called inside a tokio runtime")]
-    NoRuntime,
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("invalid telemetry setting: {0}")]
-    Invalid(String),
-    #[error("cannot open the trace queue: {0}")]
-    Queue(String),
-}
+use settings::Settings;
+pub use settings::{MAX_BATCH_BYTES, TelemetryConfig, TelemetryError};
 
 /// One endpoint's trace export. Cheap to clone; clones share the export pipeline.
 #[derive(Clone)]
@@ -724,11 +657,11 @@ impl Invocation {
             inv.root.str(ATTR_OUTPUTS, outputs);
         }
         match error {
-            None => inv.end(STATUS_OK, ""),
+            None => (*inv).end(STATUS_OK, ""),
             Some(message) => {
                 let message = error_message(message, "GatewayError", None, capture);
                 let status = record_error(&mut inv.root, "GatewayError", message);
-                inv.end(STATUS_ERROR, &status);
+                (*inv).end(STATUS_ERROR, &status);
             }
         }
     }
@@ -736,12 +669,12 @@ impl Invocation {
 
 impl InvocationInner {
     /// Ends the root: the trace's record goes to the queue now, or when its last attempt ends.
-    fn end(self: Box<Self>, code: u64, message: &str) {
+    fn end(self, code: u64, message: &str) {
         let InvocationInner {
             root,
             metadata,
             trace,
-        } = *self;
+        } = self;
         let body = root.end(code, message);
         if let Ok(mut parts) = trace.parts.lock() {
             parts.root = Some(body);
@@ -877,61 +810,5 @@ impl TokenUsage {
             r#"{{"input_tokens":{},"output_tokens":{},"total_tokens":{}}}"#,
             self.input_tokens, self.output_tokens, self.total_tokens
         )
-    }
-}
-
-/// A [`TelemetryConfig`], checked, as the pipeline uses it.
-struct Settings {
-    capture_content: bool,
-    export_mode: ExportMode,
-    queue_dir: Option<PathBuf>,
-    queue_max_bytes: u64,
-    max_export_batch: usize,
-    export_timeout: Duration,
-    experiment_id: String,
-    endpoint_id: String,
-    endpoint_name: String,
-    root_name: String,
-}
-
-impl Settings {
-    fn from_config(config: &TelemetryConfig) -> Result<Self, TelemetryError> {
-        if config.experiment_id.trim().is_empty() {
-            return Err(TelemetryError::Invalid(
-                "experiment_id is empty".to_string(),
-            ));
-        }
-        if HeaderValue::from_str(&config.experiment_id).is_err() {
-            return Err(TelemetryError::Invalid(
-                "experiment_id is not usable in an HTTP header".to_string(),
-            ));
-        }
-        if config.endpoint_name.is_empty() {
-            return Err(TelemetryError::Invalid(
-                "endpoint_name is empty".to_string(),
-            ));
-        }
-        if config.queue_max_bytes == 0 || config.max_export_batch == 0 {
-            return Err(TelemetryError::Invalid(
-                "queue_max_bytes and max_export_batch must be at least 1".to_string(),
-            ));
-        }
-        if config.export_timeout.is_zero() {
-            return Err(TelemetryError::Invalid(
-                "export_timeout must be positive".to_string(),
-            ));
-        }
-        Ok(Settings {
-            capture_content: config.capture_content,
-            export_mode: config.export_mode,
-            queue_dir: config.queue_dir.clone(),
-            queue_max_bytes: config.queue_max_bytes,
-            max_export_batch: config.max_export_batch,
-            export_timeout: config.export_timeout,
-            experiment_id: config.experiment_id.clone(),
-            endpoint_id: crate::text::clip(&config.endpoint_id, MAX_METADATA_BYTES).to_string(),
-            endpoint_name: config.endpoint_name.clone(),
-            root_name: format!("gateway/{}", config.endpoint_name),
-        })
     }
 }

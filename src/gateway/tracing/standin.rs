@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
 pub struct QueueConfig {
+    #[allow(dead_code)]
     pub dir: Option<PathBuf>,
     pub max_bytes: u64,
 }

@@ -3,7 +3,7 @@
 //! order, retries, a refused trace split out of its batch, drops at a full queue.
 
 use super::*;
-use crate::mlflow::Auth;
+use crate::mlflow::{Auth, MlflowConfig};
 use axum::http::StatusCode;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value;
