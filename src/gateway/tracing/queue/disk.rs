@@ -29,7 +29,7 @@ use super::{Ages, QueueError, QueueReader, ReaderKind, Record, Shared, TraceQueu
 pub(super) const SEGMENT_BYTES: u64 = 4 << 20;
 /// How long the writer, after a write, keeps looking for new records before it sleeps until
 /// woken: under load, pushes never pay for a wakeup (a futex syscall).
-pub(super) const LINGER: Duration = Duration::from_millis(5);
+pub(super) const LINGER: Duration = Duration::from_millis(2);
 /// The reader reads segments this much at a time.
 const READ_CHUNK: usize = 256 << 10;
 const CURSOR_FILE: &str = "cursor";
@@ -354,13 +354,15 @@ impl Writer {
                 n += 1;
             }
             self.file.write_all_at(&self.buf, self.len)?;
-            self.len += self.buf.len() as u64;
+            let written = self.buf.len() as u64;
+            self.len += written;
             {
                 let mut st = self.shared.lock();
                 if let Some(segment) = st.segments.back_mut() {
                     segment.len = self.len;
                 }
                 st.written += n as u64;
+                st.handoff_bytes = st.handoff_bytes.saturating_sub(written);
                 if st.flush_waiters > 0 {
                     self.shared.written_cv.notify_all();
                 }
@@ -399,6 +401,7 @@ impl Writer {
         self.shared.release(n, bytes);
         let mut st = self.shared.lock();
         st.written += n;
+        st.handoff_bytes = st.handoff_bytes.saturating_sub(bytes);
         self.shared.written_cv.notify_all();
     }
 }

@@ -49,6 +49,11 @@ use tokio::sync::Notify;
 
 use frame::FRAME_HEADER;
 
+/// With a directory, records pushed but not yet written take at most this much memory: the
+/// writer keeps it near empty (hundreds of MB/s), so it only fills while the disk fails, and
+/// pushes are then refused rather than held in memory up to `max_bytes`.
+pub const MAX_HANDOFF_BYTES: u64 = 16 << 20;
+
 /// Where the queue keeps records and how much it may hold.
 #[derive(Clone, Debug)]
 pub struct QueueConfig {
@@ -172,6 +177,15 @@ impl TraceQueue {
         let enqueued_us = now_us();
         let wake_writer = {
             let mut st = shared.lock();
+            if shared.durable {
+                // A disk that fails must not turn the queue into memory held until the bound.
+                if st.handoff_bytes + size > MAX_HANDOFF_BYTES {
+                    drop(st);
+                    shared.bytes.fetch_sub(size, Ordering::Relaxed);
+                    return Err(Full);
+                }
+                st.handoff_bytes += size;
+            }
             st.pending.push_back(Record {
                 enqueued_us,
                 payload,
@@ -321,6 +335,9 @@ struct State {
     /// Undelivered records.
     traces: u64,
     ages: Ages,
+    /// With a directory: bytes (with headers) pushed and not yet written, at most
+    /// [`MAX_HANDOFF_BYTES`].
+    handoff_bytes: u64,
     /// Records pushed and written since open, for `flush`.
     pushed: u64,
     written: u64,
