@@ -108,6 +108,11 @@ async fn memory_mode_delivers_oldest_first_and_forgets_acked_records() {
         (stats.traces, stats.bytes, stats.durable),
         (10, size_of(10), false)
     );
+    assert!(
+        stats
+            .oldest_age
+            .is_some_and(|age| age < Duration::from_secs(60))
+    );
     assert_eq!(batch(&mut reader, 4).await, records(0..4));
     reader.ack(4).unwrap();
     assert_eq!(drain(&mut reader, 6, 100).await, records(4..10));
