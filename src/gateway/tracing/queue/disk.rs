@@ -477,11 +477,8 @@ impl DiskReader {
                         pos.offset += frame;
                         self.batch.push((pos, frame));
                     }
-                    Err(e) if !out.is_empty() => {
-                        // Deliver what was read; the next batch starts at the bad record.
-                        let _ = e;
-                        return (out, false);
-                    }
+                    // Deliver what was read; the next batch starts at the bad record.
+                    Err(_) if !out.is_empty() => return (out, false),
                     Err(e) => {
                         self.skip_unreadable(shared, pos, len, &e);
                         pos = self.cursor;

@@ -21,7 +21,10 @@
 //! trace takes its `IntegrityError` merge path.
 //!
 //! Durability is against the process dying (SIGKILL, OOM, a crash): the page cache survives it,
-//! so there is no `fsync`. A node's power loss loses the pod's `emptyDir` anyway.
+//! so there is no `fsync`. A node's power loss loses the pod's `emptyDir` anyway. A record is
+//! on disk within about [`disk::LINGER`] plus one write of its push; a SIGKILL inside that window
+//! loses it (writing on the request path is what would close it). [`TraceQueue::flush`], on
+//! SIGTERM, leaves none behind.
 //! Without a directory the queue is memory only, with the same API and semantics but for the
 //! restart.
 //!
@@ -280,7 +283,8 @@ impl fmt::Debug for QueueReader {
 
 impl QueueReader {
     /// The oldest undelivered records, at least one: at most `max_records` and, beyond the
-    /// first, at most `max_bytes` of payload. Records of the last batch that were not acked come
+    /// first, at most `max_bytes` of payload; what is there now (on disk: written), not waiting
+    /// for a full batch. Records of the last batch that were not acked come
     /// first again. Waits until there is one; empty only once every [`TraceQueue`] is dropped
     /// and nothing is left.
     pub async fn next_batch(&mut self, max_records: usize, max_bytes: usize) -> Vec<Vec<u8>> {
@@ -296,6 +300,11 @@ impl QueueReader {
             // A notify_one that came after `take` looked left a permit: no wakeup is lost.
             self.shared.readable.notified().await;
         }
+    }
+
+    /// What the queue holds now (as [`TraceQueue::stats`]), e.g. the backlog's age.
+    pub fn stats(&self) -> QueueStats {
+        self.shared.stats()
     }
 
     /// The first `n` records of the last batch are done (stored or rejected for good): they
