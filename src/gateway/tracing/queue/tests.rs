@@ -500,6 +500,58 @@ fn ages_count_records_per_bucket() {
     assert_eq!(ages.oldest(), None);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_producers_and_partial_acks_deliver_each_record_once_in_order() {
+    const THREADS: u64 = 4;
+    const PER_THREAD: u64 = 1500;
+    let dir = TempDir::new("concurrent");
+    let (queue, mut reader) = on_disk(&dir, 64 << 20);
+    // (producer, sequence) in the first 16 bytes, then filler: 100 B to 20 kB, so the
+    // records span several segments.
+    let producers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let queue = queue.clone();
+            std::thread::spawn(move || {
+                for i in 0..PER_THREAD {
+                    let mut r = vec![0u8; 100 + ((i * 7919 + t * 104_729) % 20_000) as usize];
+                    r[..8].copy_from_slice(&t.to_le_bytes());
+                    r[8..16].copy_from_slice(&i.to_le_bytes());
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while queue.push(r.clone()).is_err() {
+                        assert!(Instant::now() < deadline, "the queue stayed full");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(queue);
+    let mut next = [0u64; THREADS as usize];
+    let mut round = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while next.iter().sum::<u64>() < THREADS * PER_THREAD {
+        assert!(Instant::now() < deadline, "delivered {next:?} in 60 s");
+        let b = batch(&mut reader, 1 + round % 50).await;
+        // Ack all, all but one, or none of the batch, in turn.
+        let acked = b.len().saturating_sub(round % 3).min(b.len());
+        round += 1;
+        for r in &b[..acked] {
+            let t = u64::from_le_bytes(r[..8].try_into().unwrap()) as usize;
+            let i = u64::from_le_bytes(r[8..16].try_into().unwrap());
+            assert_eq!(i, next[t], "producer {t}: record {i} after {}", next[t]);
+            next[t] += 1;
+        }
+        reader.ack(acked).unwrap();
+    }
+    for p in producers {
+        p.join().unwrap();
+    }
+    assert!(batch(&mut reader, 10).await.is_empty());
+    assert_eq!(reader.stats().traces, 0);
+    assert_eq!(reader.stats().bytes, 0);
+    assert!(dir.segments().len() <= 2, "{:?}", dir.segments());
+}
+
 /// The cost of a push on the request path, and the writer's throughput to disk. A benchmark,
 /// not a test (nothing is asserted about time); run it optimised:
 /// `cargo test --release --lib gateway::tracing::queue::tests::push_cost -- --ignored --nocapture`
