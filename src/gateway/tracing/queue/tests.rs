@@ -552,6 +552,41 @@ async fn concurrent_producers_and_partial_acks_deliver_each_record_once_in_order
     assert!(dir.segments().len() <= 2, "{:?}", dir.segments());
 }
 
+#[tokio::test]
+async fn a_restart_mid_delivery_resumes_at_the_cursor_across_segments() {
+    let dir = TempDir::new("resume");
+    let sized = |i: usize| {
+        let mut r = vec![0u8; 20_000 + (i * 7919) % 40_000];
+        r[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        r
+    };
+    let id = |r: &[u8]| u64::from_le_bytes(r[..8].try_into().unwrap()) as usize;
+    let mut delivered = Vec::new();
+    {
+        let (queue, mut reader) = on_disk(&dir, 256 << 20);
+        for i in 0..300 {
+            queue.push(sized(i)).unwrap();
+            if i % 50 == 49 {
+                settle(&queue);
+            }
+        }
+        settle(&queue);
+        assert!(dir.segments().len() > 2, "{:?}", dir.segments());
+        for _ in 0..20 {
+            let b = batch(&mut reader, 9).await;
+            let acked = b.len() - b.len() / 3;
+            delivered.extend(b[..acked].iter().map(|r| id(r)));
+            reader.ack(acked).unwrap();
+        }
+    }
+    let (queue, mut reader) = on_disk(&dir, 256 << 20);
+    let left = 300 - delivered.len();
+    assert_eq!(queue.stats().traces, left as u64);
+    delivered.extend(drain(&mut reader, left, 13).await.iter().map(|r| id(r)));
+    assert_eq!(delivered, (0..300).collect::<Vec<_>>());
+    assert!(dir.segments().len() <= 2, "{:?}", dir.segments());
+}
+
 /// The cost of a push on the request path, and the writer's throughput to disk. A benchmark,
 /// not a test (nothing is asserted about time); run it optimised:
 /// `cargo test --release --lib gateway::tracing::queue::tests::push_cost -- --ignored --nocapture`
