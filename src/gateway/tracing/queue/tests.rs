@@ -588,9 +588,10 @@ async fn a_restart_mid_delivery_resumes_at_the_cursor_across_segments() {
 }
 
 /// The cost of a push on the request path, and the writer's throughput to disk. A benchmark,
-/// not a test (nothing is asserted about time); run it optimised:
-/// `cargo test --release --lib gateway::tracing::queue::tests::push_cost -- --ignored --nocapture`
-/// (2 KiB records; MB/s: from the first push until every record is written, pushes included).
+/// not a test (nothing is asserted about time); run it optimised with `hack/bench-queue.sh`
+/// (this module alone, release), or `cargo test --release --lib queue::tests::push_cost --
+/// --ignored --nocapture`. 2 KiB records; MB/s: from the first push until every record is
+/// written, pushes included.
 /// Best of 3 rounds per line: the machine's other load only ever adds time.
 #[test]
 #[ignore = "a benchmark: run it by hand, optimised"]
