@@ -5,7 +5,7 @@
 //!   with one atomic, then moves the `Vec` into an in-memory handoff under a mutex held for a
 //!   `VecDeque::push_back`. No syscall on a busy queue: the disk writer is only woken (a futex)
 //!   when it is fully idle; while busy it polls the handoff every [`disk::LINGER`].
-//! - **Nothing that reached the queue is lost to a container restart.** With a directory (the
+//! - **A container restart loses nothing written.** With a directory (the
 //!   pod's `emptyDir`), one writer thread appends records to segment files, every record framed
 //!   with its length, a CRC-32C and its enqueue time ([`frame`]), many records per `write`. The
 //!   reader reads them back from the files; [`QueueReader::ack`] writes a cursor (write a
@@ -25,6 +25,7 @@
 //! on disk within about [`disk::LINGER`] plus one write of its push; a SIGKILL inside that window
 //! loses it (writing on the request path is what would close it). [`TraceQueue::flush`], on
 //! SIGTERM, leaves none behind.
+//!
 //! Without a directory the queue is memory only, with the same API and semantics but for the
 //! restart.
 //!
