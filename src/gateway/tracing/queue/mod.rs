@@ -287,7 +287,7 @@ impl QueueReader {
     /// first, at most `max_bytes` of payload; what is there now (on disk: written), not waiting
     /// for a full batch. Records of the last batch that were not acked come
     /// first again. Waits until there is one; empty only once every [`TraceQueue`] is dropped
-    /// and nothing is left.
+    /// and nothing is left. Cancel-safe: a dropped call takes nothing out of the queue.
     pub async fn next_batch(&mut self, max_records: usize, max_bytes: usize) -> Vec<Vec<u8>> {
         let max_records = max_records.max(1);
         loop {
