@@ -90,12 +90,10 @@ mod context;
 mod counters;
 mod delivery;
 mod http;
+pub mod queue;
 mod record;
 mod schema;
 mod settings;
-// THROWAWAY until the queue (helper `q`) is merged: then `mod queue;`.
-mod standin;
-use standin as queue;
 #[cfg(test)]
 mod tests;
 mod trace_info;
