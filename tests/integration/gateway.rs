@@ -55,6 +55,8 @@ fn env<'a>(ml: &'a Mlflow, exp: &'a str, names: &[&str]) -> Vec<(String, String)
         .collect();
     v.push(("MLFLOW_TRACKING_URI".into(), ml.uri.clone()));
     v.push(("MLFLOW_EXPERIMENT_ID".into(), exp.to_string()));
+    // These tests read the gateway metadata as trace metadata (trace_delivery:: covers the modes).
+    v.push(("GATEWAY_TRACE_EXPORT_MODE".into(), "info-then-spans".into()));
     v
 }
 

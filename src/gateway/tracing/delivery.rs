@@ -3,7 +3,9 @@
 //! cursor) only once every record in it is settled, stored or refused for good.
 //!
 //! * No answer, a 5xx, 408 or 429: the same request again after a pause (0.5 s doubling to 30 s),
-//!   for as long as it takes: records wait in the queue, which drops only when full.
+//!   for as long as it takes: records wait in the queue, which drops only when full. A batch not
+//!   answered within the export timeout is sent again in halves (MLflow upserts spans, so a batch
+//!   it stored after all is stored once).
 //! * Any other 4xx (a malformed or unauthorized batch, a deleted experiment): the batch is split in
 //!   halves and each sent alone, down to single traces; a trace refused alone is dropped and
 //!   counted (`traces_dropped_total{reason="rejected"}`). 401 and 403 are in this class: a
@@ -98,6 +100,9 @@ pub(super) struct Delivery {
 enum Answer {
     Stored,
     Refused(String),
+    /// No answer within the export timeout: the batch is sent again in halves (a batch MLflow
+    /// cannot store within the timeout would otherwise be sent again forever).
+    TooSlow,
 }
 
 impl Delivery {
@@ -196,8 +201,16 @@ impl Delivery {
             for i in lo..hi {
                 append_resource_spans(&mut body, &records[i], with_tags[i]);
             }
-            match self.post_until_answered(Bytes::from(body)).await {
+            match self
+                .post_until_answered(Bytes::from(body), hi - lo > 1)
+                .await
+            {
                 Answer::Stored => {}
+                Answer::TooSlow => {
+                    let mid = lo + (hi - lo) / 2;
+                    parts.push((mid, hi));
+                    parts.push((lo, mid));
+                }
                 Answer::Refused(reason) if hi - lo == 1 => {
                     stored[lo] = false;
                     tracing::warn!(
@@ -216,10 +229,12 @@ impl Delivery {
         stored
     }
 
-    /// Posts one OTLP body until MLflow stores or refuses it for good.
-    async fn post_until_answered(&self, body: Bytes) -> Answer {
+    /// Posts one OTLP body until MLflow stores or refuses it for good (or, `splittable`, does
+    /// not answer it within the export timeout).
+    async fn post_until_answered(&self, body: Bytes, splittable: bool) -> Answer {
         let mut pause = FIRST_PAUSE;
         loop {
+            let sent = tokio::time::Instant::now();
             let mut request = Request::new(body.clone());
             *request.method_mut() = Method::POST;
             *request.uri_mut() = self.otlp_uri.clone();
@@ -247,7 +262,13 @@ impl Delivery {
                     }
                     reason
                 }
-                Err(reason) => reason,
+                Err(reason) => {
+                    if splittable && sent.elapsed() >= self.export_timeout.mul_f64(0.9) {
+                        self.counters.otlp(false, &self.experiment_id, &reason);
+                        return Answer::TooSlow;
+                    }
+                    reason
+                }
             };
             self.counters.otlp(false, &self.experiment_id, &reason);
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
