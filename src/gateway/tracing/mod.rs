@@ -387,7 +387,7 @@ impl Telemetry {
 
     /// On SIGTERM: new invocations are not traced from now on; the queue is written to disk
     /// (what is not delivered then survives a restart); delivery goes on until everything is
-    /// delivered or `timeout` is up, then stops.
+    /// delivered or `timeout` is up (or, with the queue on disk, until MLflow fails), then stops.
     pub async fn shutdown(&self, timeout: Duration) {
         let Some(inner) = &self.inner else { return };
         if inner.closed.swap(true, Ordering::SeqCst) {
@@ -398,8 +398,12 @@ impl Telemetry {
         let flush_by = std::time::Instant::now() + timeout;
         let _ = tokio::task::spawn_blocking(move || queue.flush(flush_by)).await;
         let target = inner.counters.pushed.load(Ordering::Relaxed);
+        // With the queue on disk, MLflow failing ends the wait: the next process delivers.
+        let durable = inner.queue.stats().durable;
+        let retries = inner.counters.retries.load(Ordering::Relaxed);
         while inner.counters.settled.load(Ordering::Relaxed) < target
             && tokio::time::Instant::now() < deadline
+            && !(durable && retried_since(&inner.counters, retries))
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
