@@ -190,10 +190,12 @@ pub(super) async fn post_infos(
         };
         outcomes[index] = match &result {
             Ok(()) => InfoOutcome::Stored,
-            Err(failure) => {
-                struggling |= failure.transient;
-                InfoOutcome::Failed
+            // The server down or struggling: tried again after the spans (which wait for it).
+            Err(failure) if failure.transient => {
+                struggling = true;
+                InfoOutcome::Late
             }
+            Err(_) => InfoOutcome::Failed,
         };
         note_info_result(poster, counters, &jobs[index], result.as_ref().err());
     }
