@@ -77,7 +77,7 @@ build_kubernetes
 build_node
 
 # One directory with every tool, for PATH.
-bin=$CACHE_DIR/bin-k8s$KUBERNETES_VERSION-etcd$ETCD_VERSION-kwok$KWOK_VERSION-helm$HELM_VERSION
+bin=$TOOLS_BIN_DIR
 mkdir -p "$bin"
 for f in "$k8s_bin"/* "$node_bin"/* "$etcd_bin/etcd" "$kwok_bin/kwok" "$helm_bin/helm"; do ln -sf "$f" "$bin/"; done
 echo "$bin"
