@@ -328,7 +328,8 @@ pids_with_arg() {
 }
 
 down() {
-  CLUSTER_DIR=$1; NODE_DIR=$CLUSTER_DIR/node
+  # Locals: `up` calls this for a stale node of another cluster and goes on with its own.
+  local CLUSTER_DIR=$1; local NODE_DIR=$CLUSTER_DIR/node
   local owner=""; [ -f "$MARKER" ] && owner=$(cat "$MARKER")
   [ -d "$NODE_DIR" ] || [ "$owner" = "$CLUSTER_DIR" ] || return 0
   local sock=$NODE_DIR/containerd.sock bin=$TOOLS_BIN_DIR kc=$CLUSTER_DIR/kubeconfig
@@ -380,7 +381,9 @@ down() {
   rm -rf "$NODE_DIR"
   if [ "$owner" = "$CLUSTER_DIR" ]; then
     if [ -f "$MARKER_DIR/run-containerd.ours" ]; then
-      rmdir /run/containerd/s /run/containerd 2>/dev/null || true
+      # Killed shims leave their sockets; the directory was ours, and no containerd runs now.
+      pgrep -x containerd >/dev/null || pgrep -f '^/usr/bin/containerd-shim' >/dev/null \
+        || rm -rf /run/containerd
       rm -f "$MARKER_DIR/run-containerd.ours"
     fi
     rm -f "$MARKER"
