@@ -27,6 +27,7 @@ mod gateway;
 mod gateway_limits;
 mod gitops;
 mod helm;
+mod image;
 mod leader_election;
 mod mlflow_client;
 mod mlflow_users;

@@ -14,6 +14,8 @@
 
 pub use mgo_dev::fake_llm;
 
+pub mod image;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
