@@ -15,6 +15,7 @@
 pub use mgo_dev::fake_llm;
 
 pub mod image;
+pub mod pods;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
