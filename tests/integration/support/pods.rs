@@ -99,3 +99,30 @@ pub fn product_image(sock: &Path) -> &'static str {
         tag
     })
 }
+
+/// Makes the API server reachable from pods the way in-cluster clients find it: the `kubernetes`
+/// Service (10.96.0.1:443, whose address the serving certificate names) gets an EndpointSlice
+/// pointing at a forwarder on the node's host address (the control plane runs with
+/// `--endpoint-reconciler-type none` and listens on 127.0.0.1 only). Once per test binary.
+pub fn api_server_for_pods(host_ip: Ipv4Addr) -> SocketAddr {
+    static FORWARDER: OnceLock<Exposed> = OnceLock::new();
+    FORWARDER
+        .get_or_init(|| {
+            let c = super::cluster();
+            let url: url::Url = c.api_url.parse().expect("API server URL");
+            let port = url.port().expect("API server port");
+            let exposed = expose(host_ip, SocketAddr::from(([127, 0, 0, 1], port)));
+            let slice = format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: kubernetes-for-pods\n  \
+                 namespace: default\n  labels:\n    kubernetes.io/service-name: kubernetes\n    \
+                 endpointslice.kubernetes.io/managed-by: mlflow-gateway-operator-tests\naddressType: IPv4\n\
+                 endpoints:\n- addresses: [\"{}\"]\n  conditions: {{ready: true}}\nports:\n- name: https\n  port: {}\n  protocol: TCP\n",
+                exposed.addr.ip(),
+                exposed.addr.port()
+            );
+            let (ok, _, err) = c.kubectl_run(&["apply", "-f", "-"], Some(&slice));
+            assert!(ok, "apply the kubernetes Service's EndpointSlice: {err}");
+            exposed
+        })
+        .addr
+}
