@@ -22,6 +22,7 @@ mod e2e_admission;
 mod e2e_credential;
 mod e2e_experiment;
 mod e2e_pods;
+mod e2e_real_pods;
 mod e2e_validation;
 mod e2e_workspace_auth;
 mod gateway;
