@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A real MLflow tracking server for tests and the demo.
 #   hack/mlflow.sh install              create/reuse the cached venv, print its bin directory
-#   hack/mlflow.sh up RUN_DIR [--auth] [--workspaces] [--owner-pid PID]
+#   hack/mlflow.sh up RUN_DIR [--auth] [--workspaces] [--host ADDR] [--owner-pid PID]
 #       start `mlflow server` on a free 127.0.0.1 port with a fresh sqlite database in RUN_DIR,
+#       or on ADDR instead of 127.0.0.1 (an address of the local stack that pods reach: the real
+#       node's bridge, KUBE_NODE_HOST_IP; never a public interface),
 #       wait for /health, write RUN_DIR/env (MLFLOW_TRACKING_URI=..., MLFLOW_PID=...) and print it.
 #       --auth: MLflow's basic-auth app, admin user `admin` with password $MLFLOW_ADMIN_PASSWORD
 #       (default: a random one, written to RUN_DIR/env as MLFLOW_ADMIN_PASSWORD). --workspaces: MLflow workspaces
@@ -39,11 +41,12 @@ install() {
 
 up() {
   local dir=$1; shift
-  local auth="" owner="" workspaces=""
+  local auth="" owner="" workspaces="" host=127.0.0.1
   while [ $# -gt 0 ]; do
     case $1 in
       --auth) auth=1 ;;
       --workspaces) workspaces=1 ;;
+      --host) host=$2; shift ;;
       --owner-pid) owner=$2; shift ;;
       *) die "unknown option $1" ;;
     esac; shift
@@ -53,6 +56,7 @@ up() {
   [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null && die "an MLflow server already runs in $dir"
   rm -rf "$dir/db" "$dir/artifacts"; mkdir -p "$dir/db" "$dir/artifacts"
   free_port > "$dir/port"
+  echo "$host" > "$dir/host"
   if [ -n "$auth" ]; then
     (umask 077; echo "${MLFLOW_ADMIN_PASSWORD:-$(openssl rand -hex 12)}" > "$dir/auth")
   else rm -f "$dir/auth"; fi
@@ -64,7 +68,8 @@ up() {
 launch() {
   local dir=$1 bin port auth=""
   bin=$(install); port=$(cat "$dir/port"); [ -f "$dir/auth" ] && auth=$(cat "$dir/auth")
-  local args=(server --host 127.0.0.1 --port "$port" --workers 2
+  local host=127.0.0.1; [ -f "$dir/host" ] && host=$(cat "$dir/host")
+  local args=(server --host "$host" --port "$port" --workers 2
     --backend-store-uri "sqlite:///$dir/db/mlflow.db" --default-artifact-root "$dir/artifacts")
   if [ -n "$auth" ]; then
     args+=(--app-name basic-auth)
@@ -85,7 +90,7 @@ INI
   setsid "$bin/mlflow" "${args[@]}" >>"$dir/mlflow.log" 2>&1 < /dev/null &
   local pid=$!
   echo "$pid" > "$dir/pid"
-  local url=http://127.0.0.1:$port
+  local url=http://$host:$port
   # A deadline, not a count of tries: on a busy machine a cold start takes over a minute.
   local deadline=$((SECONDS + 180))
   while [ "$SECONDS" -lt "$deadline" ]; do
@@ -125,7 +130,7 @@ stop() {
 
 down() {
   stop "$1"
-  rm -rf "$1/db" "$1/artifacts" "$1/env" "$1/port" "$1/auth" "$1/auth.ini"
+  rm -rf "$1/db" "$1/artifacts" "$1/env" "$1/port" "$1/auth" "$1/auth.ini" "$1/host"
 }
 
 case ${1:-} in

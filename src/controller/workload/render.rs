@@ -10,9 +10,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceFieldSelector, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    EnvVar, EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceFieldSelector, ResourceRequirements, SeccompProfile, Secret,
+    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -379,6 +380,9 @@ pub fn environment(
     env
 }
 
+/// How long a gateway pod keeps serving after it is marked for deletion (see the preStop hook).
+pub const PRE_STOP_SLEEP_SECONDS: i64 = 5;
+
 fn probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -424,6 +428,20 @@ pub fn deployment(
         ),
         liveness_probe: Some(probe("/healthz", 10, 3)),
         readiness_probe: Some(probe("/readyz", 5, 2)),
+        // A deleted pod leaves the Service's endpoints at once, but kube-proxy on every node
+        // applies that a moment later: until then new connections still arrive. The gateway
+        // closes its listener on SIGTERM, so the kubelet holds SIGTERM back this long (the
+        // sleep action needs no shell, which the image has none of); a rollout then fails no
+        // request. Within terminationGracePeriodSeconds, which also covers the drain.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: PRE_STOP_SLEEP_SECONDS,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -757,6 +775,9 @@ spec:
         );
         assert_eq!(pod.automount_service_account_token, Some(false));
         assert!(c.liveness_probe.is_some() && c.readiness_probe.is_some());
+        let pre_stop = c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap();
+        assert_eq!(pre_stop.sleep.as_ref().unwrap().seconds, 5);
+        assert!(pre_stop.exec.is_none(), "the image has no shell");
         assert_eq!(pod.node_selector.as_ref().unwrap()["pool"], "llm");
         assert_eq!(pod.tolerations.as_ref().unwrap().len(), 1);
         let meta = spec.template.metadata.as_ref().unwrap();

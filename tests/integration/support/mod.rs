@@ -14,6 +14,9 @@
 
 pub use mgo_dev::fake_llm;
 
+pub mod image;
+pub mod pods;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -107,6 +107,17 @@ impl FakeLlm {
 
     /// [`FakeLlm::start`] on `127.0.0.1:port` (0: a free port).
     pub async fn start_on_port(port: u16, name: &str, api_key: &str) -> FakeLlm {
+        Self::start_on(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            name,
+            api_key,
+        )
+        .await
+    }
+
+    /// [`FakeLlm::start`] on `addr`: loopback, or an address pods reach (the local stack's
+    /// bridge, for the demo's real pods).
+    pub async fn start_on(addr: std::net::SocketAddr, name: &str, api_key: &str) -> FakeLlm {
         use axum::serve::ListenerExt;
         let inner = Arc::new(Inner {
             name: name.to_string(),
@@ -121,7 +132,7 @@ impl FakeLlm {
             recording: AtomicBool::new(true),
             log: Mutex::new(VecDeque::new()),
         });
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind the fake LLM's port");
         let addr = listener.local_addr().expect("fake LLM address");

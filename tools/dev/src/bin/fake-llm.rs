@@ -1,5 +1,6 @@
-//! `fake-llm`: serves one fake LLM provider ([`mgo_dev::fake_llm`]) on 127.0.0.1 until stopped,
-//! for the demo and for trying the gateway by hand. Prints its base URL on the first line.
+//! `fake-llm`: serves one fake LLM provider ([`mgo_dev::fake_llm`]) on 127.0.0.1 (or the address
+//! given: the demo's real pods reach it on the local stack's bridge) until stopped, for the demo
+//! and for trying the gateway by hand. Prints its base URL on the first line.
 
 use clap::Parser;
 use mgo_dev::fake_llm::FakeLlm;
@@ -9,7 +10,10 @@ use mgo_dev::fake_llm::FakeLlm;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Port on 127.0.0.1 (0: a free one).
+    /// Address to listen on: 127.0.0.1, or one pods reach (the local stack's bridge).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0: a free one).
     #[arg(long, default_value_t = 0)]
     port: u16,
     /// The only API key it accepts.
@@ -23,7 +27,8 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
-    let fake = FakeLlm::start_on_port(args.port, &args.name, &args.api_key).await;
+    let addr = std::net::SocketAddr::new(args.host, args.port);
+    let fake = FakeLlm::start_on(addr, &args.name, &args.api_key).await;
     println!("{}", fake.url);
     // Runs until a signal ends the process (the demo stops it with SIGTERM).
     std::future::pending::<()>().await;
