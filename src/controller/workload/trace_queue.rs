@@ -84,7 +84,7 @@ pub fn volume_mount(traced: bool) -> Option<VolumeMount> {
 fn size_limit(max_bytes: u64) -> Quantity {
     let bytes = max_bytes.saturating_add(SLACK_BYTES);
     let mi = 1 << 20;
-    Quantity(if bytes % mi == 0 {
+    Quantity(if bytes.is_multiple_of(mi) {
         format!("{}Mi", bytes / mi)
     } else {
         bytes.to_string()
