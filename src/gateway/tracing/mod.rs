@@ -81,6 +81,7 @@ mod context;
 mod counters;
 mod export;
 mod http;
+pub mod queue;
 mod schema;
 #[cfg(test)]
 mod tests;
