@@ -85,7 +85,7 @@ ctr_() { ctr --address "$NODE_DIR/containerd.sock" --namespace k8s.io "$@"; }
 
 start() { # name args...
   local name=$1; shift
-  setsid "$@" >"$NODE_DIR/logs/$name.log" 2>&1 < /dev/null &
+  setsid "$@" >"$NODE_DIR/logs/$name.log" 2>&1 < /dev/null 8>&- &  # 8: up's lock, not theirs
   echo $! > "$NODE_DIR/pids/$name"
 }
 
@@ -250,12 +250,15 @@ up() {
   [ -f "$CLUSTER_DIR/env" ] && [ -f "$CLUSTER_DIR/kubeconfig" ] \
     || die "no cluster runs in $CLUSTER_DIR (start it with hack/cluster.sh up $CLUSTER_DIR)"
   local t0=$SECONDS
+  # Two `up`s at once must not both find the machine free.
+  mkdir -p "$CACHE_DIR"; exec 8>"$CACHE_DIR/node.lock"; flock 8
   if [ -f "$MARKER" ]; then
-    local owner; owner=$(cat "$MARKER")
-    if [ "$owner" = "$CLUSTER_DIR" ] && grep -q '^KUBE_REAL_NODE=' "$CLUSTER_DIR/env"; then
+    local owner; owner=$(cat "$MARKER") alive=""
+    [ -f "$owner/node/pids/kubelet" ] && kill -0 "$(cat "$owner/node/pids/kubelet")" 2>/dev/null && alive=1
+    if [ -n "$alive" ] && [ "$owner" = "$CLUSTER_DIR" ] && grep -q '^KUBE_REAL_NODE=' "$CLUSTER_DIR/env"; then
       log "the real node already runs in $CLUSTER_DIR"; grep -e '^KUBE_REAL_NODE' -e '^KUBE_NODE_' -e '^KUBE_CONTAINERD_' "$CLUSTER_DIR/env"; return
     fi
-    if [ -f "$owner/node/pids/kubelet" ] && kill -0 "$(cat "$owner/node/pids/kubelet")" 2>/dev/null; then
+    if [ -n "$alive" ]; then
       die "a real node already runs on this machine, for the cluster in $owner (one per machine:
 the bridge and kube-proxy's iptables rules are machine-wide). Stop it with hack/cluster.sh down $owner"
     fi
