@@ -100,7 +100,7 @@ pub struct GatewayEndpointSpec {
     #[serde(default)]
     pub experiment_deletion_policy: ExperimentDeletionPolicy,
 
-    /// What the traces contain.
+    /// What the traces contain, and how they reach MLflow.
     #[serde(default)]
     pub tracing: TracingSpec,
 
@@ -460,8 +460,8 @@ pub enum ExperimentDeletionPolicy {
     Delete,
 }
 
-/// What the traces contain.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+/// What the traces contain, and how they reach MLflow.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct TracingSpec {
     /// Record prompts and responses in traces (default true). false: they never leave the pod;
@@ -474,6 +474,107 @@ pub struct TracingSpec {
     /// pods use the operator-wide gateway credential, if the operator has one, or none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+
+    /// How much each gateway pod keeps of the traces MLflow has not stored yet (slow, failing or
+    /// down), on disk in an emptyDir: a size in bytes such as 256Mi (default) or 1Gi, from 1Mi
+    /// to 1Ti. Traces wait there and are delivered oldest first; only beyond it are new traces
+    /// dropped (whole, counted). The pods' emptyDir is given this plus 16Mi.
+    #[serde(default = "default_queue_size")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(
+        validation = Rule::new(format!("self.matches(r'{QUEUE_SIZE_PATTERN}')"))
+            .message("queueSize must be a size in bytes: a whole or decimal number with an optional suffix Ki, Mi, Gi, Ti (powers of 1024) or k, M, G, T (powers of 1000), such as 256Mi or 1Gi"),
+        validation = Rule::new(format!("!self.matches(r'{QUEUE_SIZE_PATTERN}') || (quantity(self).compareTo(quantity('{MIN_QUEUE_SIZE}')) >= 0 && quantity(self).compareTo(quantity('{MAX_QUEUE_SIZE}')) <= 0)"))
+            .message("queueSize must be from 1Mi to 1Ti")
+    )]
+    pub queue_size: String,
+
+    /// How the pods send traces to MLflow (see [`ExportMode`]; the CRD shows the type's text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_mode: Option<ExportMode>,
+}
+
+/// The grammar of `spec.tracing.queueSize`: a Kubernetes quantity of bytes, in the forms people
+/// write (no exponent, no milli), so that the CRD's rule and [`quantity_bytes`] agree.
+pub const QUEUE_SIZE_PATTERN: &str = "^[0-9]{1,13}([.][0-9]{1,9})?(Ki|Mi|Gi|Ti|k|M|G|T)?$";
+pub const DEFAULT_QUEUE_SIZE: &str = "256Mi";
+const MIN_QUEUE_SIZE: &str = "1Mi";
+const MAX_QUEUE_SIZE: &str = "1Ti";
+
+fn default_queue_size() -> String {
+    DEFAULT_QUEUE_SIZE.to_string()
+}
+
+/// Bytes of a quantity of the [`QUEUE_SIZE_PATTERN`] grammar (a fraction of a byte rounds up);
+/// None for any other form.
+pub fn quantity_bytes(q: &str) -> Option<u64> {
+    const UNITS: &[(&str, u64)] = &[
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("k", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+    ];
+    let (number, factor) = UNITS
+        .iter()
+        .find_map(|(suffix, f)| q.strip_suffix(suffix).map(|n| (n, *f)))
+        .unwrap_or((q, 1));
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let digits = |s: &str, max: usize| s.len() <= max && s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole, 13) || !digits(fraction, 9) || number.ends_with('.') {
+        return None;
+    }
+    let whole: u64 = whole.parse().ok()?;
+    let mut bytes = whole.checked_mul(factor)?;
+    if !fraction.is_empty() {
+        let scale = 10u128.pow(fraction.len() as u32);
+        let part = u128::from(fraction.parse::<u64>().ok()?) * u128::from(factor);
+        bytes = bytes.checked_add(u64::try_from(part.div_ceil(scale)).ok()?)?;
+    }
+    Some(bytes)
+}
+
+/// How the pods send traces to MLflow: InfoThenSpans (one trace-info request per trace, then the
+/// spans in batches; the gateway metadata as trace metadata), SpansOnly (the spans in batches
+/// only; the gateway metadata as trace tags), or Adaptive (InfoThenSpans while MLflow keeps up,
+/// SpansOnly for a backlog). Default: the operator's setting (GATEWAY_TRACE_EXPORT_MODE), else
+/// the gateway's own default.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum ExportMode {
+    /// One trace-info request (StartTraceV3) per trace with the gateway metadata, then the spans
+    /// in batches.
+    InfoThenSpans,
+    /// The spans in batches only; the gateway metadata rides as trace tags.
+    SpansOnly,
+    /// InfoThenSpans while MLflow keeps up, SpansOnly for the backlog when it falls behind.
+    Adaptive,
+}
+
+impl ExportMode {
+    /// The value of `GATEWAY_TRACE_EXPORT_MODE`.
+    pub fn env_value(self) -> &'static str {
+        match self {
+            ExportMode::InfoThenSpans => "info-then-spans",
+            ExportMode::SpansOnly => "spans-only",
+            ExportMode::Adaptive => "adaptive",
+        }
+    }
+
+    /// From the variable's value (or the CRD's spelling).
+    pub fn from_env_value(s: &str) -> Option<ExportMode> {
+        [
+            ExportMode::InfoThenSpans,
+            ExportMode::SpansOnly,
+            ExportMode::Adaptive,
+        ]
+        .into_iter()
+        .find(|m| {
+            s == m.env_value() || serde_json::to_value(m).is_ok_and(|v| v.as_str() == Some(s))
+        })
+    }
 }
 
 /// A Secret in the endpoint's namespace.
@@ -492,6 +593,8 @@ impl Default for TracingSpec {
         TracingSpec {
             capture_content: true,
             credentials_secret_ref: None,
+            queue_size: default_queue_size(),
+            export_mode: None,
         }
     }
 }
@@ -562,12 +665,62 @@ mod tests {
         .unwrap();
         assert!(spec.usage_tracking);
         assert!(spec.tracing.capture_content);
+        assert_eq!(spec.tracing.queue_size, "256Mi");
+        assert_eq!(spec.tracing.export_mode, None);
         assert_eq!(spec.endpoint_type, EndpointType::Chat);
         assert_eq!(
             spec.experiment_deletion_policy,
             ExperimentDeletionPolicy::Retain
         );
         assert_eq!(spec.models[0].weight(), 1);
+    }
+
+    #[test]
+    fn queue_sizes_are_bytes_in_the_forms_the_crd_admits() {
+        let pattern = regex::Regex::new(QUEUE_SIZE_PATTERN).unwrap();
+        for (q, bytes) in [
+            ("256Mi", 256 << 20),
+            ("1Gi", 1 << 30),
+            ("1Ti", 1 << 40),
+            ("500M", 500_000_000),
+            ("2k", 2_000),
+            ("1048576", 1_048_576),
+            ("1.5Gi", 3 << 29),
+            ("0.5Ki", 512),
+            // A fraction of a byte rounds up.
+            ("1.0000001k", 1_001),
+        ] {
+            assert!(pattern.is_match(q), "{q}");
+            assert_eq!(quantity_bytes(q), Some(bytes), "{q}");
+        }
+        for q in [
+            "", "Mi", "1.Mi", ".5Mi", "1e9", "100m", "-1Mi", "1 Mi", "1mi", "1Pi",
+        ] {
+            assert!(!pattern.is_match(q), "{q}");
+            assert_eq!(quantity_bytes(q), None, "{q}");
+        }
+        assert_eq!(
+            quantity_bytes(DEFAULT_QUEUE_SIZE),
+            Some(268_435_456),
+            "the gateway's own default"
+        );
+    }
+
+    #[test]
+    fn export_modes_read_as_the_gateway_variable_or_the_crd_names() {
+        for (env, mode) in [
+            ("info-then-spans", ExportMode::InfoThenSpans),
+            ("spans-only", ExportMode::SpansOnly),
+            ("adaptive", ExportMode::Adaptive),
+        ] {
+            assert_eq!(mode.env_value(), env);
+            assert_eq!(ExportMode::from_env_value(env), Some(mode));
+        }
+        assert_eq!(
+            ExportMode::from_env_value("SpansOnly"),
+            Some(ExportMode::SpansOnly)
+        );
+        assert_eq!(ExportMode::from_env_value("spans_only"), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use url::Url;
 
 use super::workload::render::{GatewayDefaults, default_resources};
+use crate::api::ExportMode;
 use crate::mlflow::{self, ConfigError};
 
 /// The image this build of the operator is published as.
@@ -82,6 +83,10 @@ pub struct Args {
     /// that role only). Unset: such endpoints are refused with a message saying so.
     #[arg(long, env = "GATEWAY_TOKEN_REVIEW_CLUSTER_ROLE")]
     pub gateway_token_review_cluster_role: Option<String>,
+    /// How the gateway pods send traces to MLflow unless an endpoint says (spec.tracing.exportMode):
+    /// info-then-spans, spans-only or adaptive. Unset: the gateway's own default.
+    #[arg(long, env = "GATEWAY_TRACE_EXPORT_MODE", value_parser = parse_export_mode)]
+    pub gateway_trace_export_mode: Option<ExportMode>,
     /// The namespace the operator runs in (from the downward API in the Helm chart).
     #[arg(long, env = "POD_NAMESPACE")]
     pub operator_namespace: Option<String>,
@@ -95,6 +100,12 @@ pub enum TraceCredentials {
     Auto,
     /// Always the mirrored operator-wide credential (or none).
     Mirrored,
+}
+
+fn parse_export_mode(s: &str) -> Result<ExportMode, String> {
+    ExportMode::from_env_value(s).ok_or_else(|| {
+        format!("{s:?} is not an export mode: info-then-spans, spans-only or adaptive")
+    })
 }
 
 fn parse_resources(s: &str) -> Result<ResourceRequirements, String> {
@@ -167,6 +178,7 @@ impl Settings {
                 token_review_cluster_role: args
                     .gateway_token_review_cluster_role
                     .filter(|r| !r.is_empty()),
+                export_mode: args.gateway_trace_export_mode,
             },
             gateway_credentials,
             trace_credentials: args.trace_credentials,
@@ -374,6 +386,26 @@ mod tests {
         assert!(
             missing.to_string().contains(ENV_GATEWAY_CA_BUNDLE),
             "{missing}"
+        );
+    }
+
+    #[test]
+    fn the_export_mode_default_is_the_gateways_unless_set() {
+        let s = Settings::from_args(args(&[]), &tracking()).unwrap();
+        assert_eq!(s.gateway().export_mode, None);
+        let s = Settings::from_args(
+            args(&["--gateway-trace-export-mode", "spans-only"]),
+            &tracking(),
+        )
+        .unwrap();
+        assert_eq!(s.gateway().export_mode, Some(ExportMode::SpansOnly));
+        let err = Cli::try_parse_from(["controller", "--gateway-trace-export-mode", "fast"])
+            .err()
+            .expect("an unknown mode is refused")
+            .to_string();
+        assert!(
+            err.contains("info-then-spans, spans-only or adaptive"),
+            "{err}"
         );
     }
 

@@ -77,6 +77,65 @@ async fn an_experiment_name_over_256_characters_is_refused_naming_the_field() {
         .unwrap();
 }
 
+/// spec.tracing.queueSize: the API server admits exactly the sizes the operator can turn into the
+/// pods' bound, from 1Mi to 1Ti, and says what a size looks like otherwise.
+#[tokio::test]
+async fn a_queue_size_is_admitted_exactly_when_it_is_a_size_from_1mi_to_1ti() {
+    use mlflow_gateway_operator::api::quantity_bytes;
+    let (client, ns) = test_namespace("queue-size").await;
+    let api = Api::<GatewayEndpoint>::namespaced(client, &ns);
+    let spec = |q: &str| format!("  tracing: {{queueSize: {q:?}}}\n");
+    for q in [
+        "1Mi", "256Mi", "1.5Gi", "1Ti", "1048576", "2M", "0.001Gi", "1024Ki",
+    ] {
+        let b = quantity_bytes(q).unwrap_or_else(|| panic!("{q}: the operator cannot read it"));
+        assert!((1 << 20..=1 << 40).contains(&b), "{q}: {b}");
+        dry_run(&api, endpoint("chat", "", &spec(q)))
+            .await
+            .unwrap_or_else(|e| panic!("{q} refused: {e}"));
+    }
+    for q in ["1e9", "100m", "-1Mi", "1mi", "1Pi", "1.Mi", "256 Mi"] {
+        let err = dry_run(&api, endpoint("chat", "", &spec(q)))
+            .await
+            .expect_err(q);
+        assert!(
+            err.contains("spec.tracing.queueSize")
+                && err.contains("a size in bytes")
+                && err.contains("256Mi"),
+            "{q}: {err}"
+        );
+        assert_eq!(quantity_bytes(q), None, "{q}");
+    }
+    for q in ["512Ki", "1000k", "1023.9Ki", "2Ti", "1.5Ti"] {
+        let err = dry_run(&api, endpoint("chat", "", &spec(q)))
+            .await
+            .expect_err(q);
+        assert!(
+            err.contains("spec.tracing.queueSize") && err.contains("from 1Mi to 1Ti"),
+            "{q}: {err}"
+        );
+    }
+    // Left out, the API server stores 256Mi (the schema's default), and no mode.
+    let yaml = serde_yaml::to_string(&endpoint("chat", "", "")).unwrap();
+    apply(&ns, &yaml);
+    let (ok, out, err) = cluster().kubectl_run(
+        &[
+            "get",
+            "-n",
+            &ns,
+            "gwe",
+            "chat",
+            "-o",
+            "jsonpath={.spec.tracing}",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let tracing: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(tracing["queueSize"], "256Mi", "{tracing}");
+    assert!(tracing.get("exportMode").is_none(), "{tracing}");
+}
+
 /// The API server's verdict on every apiBase of the table is the gateway's: what it accepts, the
 /// gateway starts with; what it refuses, the gateway refuses; and its message names the field
 /// and says what is wrong as the gateway's check says it.

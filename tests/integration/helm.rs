@@ -151,6 +151,12 @@ fn the_values_schema_and_the_chart_reject_bad_values_with_clear_messages() {
             &["mlflow.insecureTls is true and mlflow.caBundle is set"],
         ),
         (
+            &["--set", "gateway.tracing.exportMode=fast"],
+            &[
+                "at '/gateway/tracing/exportMode': value must be one of '', 'info-then-spans', 'spans-only', 'adaptive'",
+            ],
+        ),
+        (
             &["--set", "leaderElection.enabled=false"],
             &["replicaCount is 2 with leaderElection.enabled false"],
         ),
@@ -219,6 +225,26 @@ fn the_gateway_pods_trust_the_operators_ca_bundle() {
     let (operator, gateway) = ca_path(&["--set", "gateway.insecureTls=true"]);
     assert!(operator.is_some());
     assert_eq!(gateway, None);
+}
+
+/// The gateway pods' export mode reaches the operator only when the chart sets one (else the
+/// gateway's own default applies).
+#[test]
+fn the_gateway_export_mode_is_passed_on_only_when_set() {
+    let mode = |extra: &[&str]| {
+        let values = ci_values("default-values.yaml");
+        let mut args = vec!["-f", values.as_str()];
+        args.extend_from_slice(extra);
+        let docs = documents(&template("ops", &args).unwrap());
+        let env = container_env(find(&docs, "Deployment")[0]);
+        env.get("GATEWAY_TRACE_EXPORT_MODE")
+            .map(|e| e["value"].as_str().unwrap().to_string())
+    };
+    assert_eq!(mode(&[]), None);
+    assert_eq!(
+        mode(&["--set", "gateway.tracing.exportMode=spans-only"]).as_deref(),
+        Some("spans-only")
+    );
 }
 
 #[test]

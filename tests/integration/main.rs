@@ -7,8 +7,8 @@
 //!
 //! Which areas need which outside service: `crd` and `gateway_limits` need none; `smoke`, `e2e_*`, `helm`,
 //! `leader_election` and `gitops` need the cluster (most of them MLflow too, `gitops` also Go for
-//! Argo CD's Lua runtime); `mlflow_client`, `telemetry_mlflow` and `gateway` need MLflow (`tenancy` needs
-//! both), except
+//! Argo CD's Lua runtime); `mlflow_client`, `telemetry_mlflow` and `gateway` need MLflow (`tenancy` and
+//! `trace_delivery` need both), except
 //! the tests the Makefile's `UNIT_TESTS` lists, which `make unit` runs with none. `real_node` needs
 //! the cluster's real node (root; `support::real_node` starts it when the cluster has none).
 //! The fake LLM providers the gateway tests use are `mgo_dev::fake_llm` (tools/dev), tested there.
@@ -38,3 +38,4 @@ mod real_node;
 mod smoke;
 mod telemetry_mlflow;
 mod tenancy;
+mod trace_delivery;

@@ -11,6 +11,7 @@ pub mod drift;
 pub mod render;
 pub mod rollout;
 pub mod secrets;
+pub mod trace_queue;
 
 use kube::ResourceExt;
 use kube::runtime::events::Event;

@@ -21,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::api::{GatewayEndpoint, GatewayPodSpec};
+use crate::api::{ExportMode, GatewayEndpoint, GatewayPodSpec};
 
 /// `app.kubernetes.io/managed-by` on every object the operator creates; its watches select on it.
 pub const MANAGED_BY: &str = "mlflow-gateway-operator";
@@ -46,6 +46,8 @@ pub const CONFIG_DIR: &str = "/etc/mlflow-gateway";
 pub const CONTAINER_PORT: i32 = 8080;
 /// The Service's port unless `spec.gateway.servicePort` says otherwise.
 pub const DEFAULT_SERVICE_PORT: i32 = 8080;
+/// Seconds a stopping gateway pod is given (SIGTERM to SIGKILL).
+pub const TERMINATION_GRACE_SECONDS: i64 = 30;
 /// Keys of a trace-credential Secret.
 pub const CREDENTIAL_USERNAME: &str = "username";
 pub const CREDENTIAL_PASSWORD: &str = "password";
@@ -68,6 +70,8 @@ pub struct GatewayDefaults {
     /// The ClusterRole bound to endpoints' ServiceAccounts for TokenReview (see
     /// [`super::callers`]); None: ServiceAccount callers cannot be declared.
     pub token_review_cluster_role: Option<String>,
+    /// The export mode of endpoints that name none (None: the gateway's own default).
+    pub export_mode: Option<ExportMode>,
 }
 
 /// Requests 100m CPU and 64Mi memory; limits 1 CPU and 256Mi.
@@ -376,6 +380,11 @@ pub fn environment(
             }
         }
     }
+    env.extend(super::trace_queue::environment(
+        ep,
+        defaults.export_mode,
+        inputs.experiment_id.is_some(),
+    ));
     env.extend(super::callers::environment(ep));
     env
 }
@@ -409,6 +418,8 @@ pub fn deployment(
     pod_labels.extend(labels(ep));
     let mut pod_annotations = overrides.pod_annotations.clone();
     pod_annotations.insert(ANNOTATION_CONFIG_HASH.into(), inputs.config_hash.clone());
+    // Traced pods keep undelivered traces on a volume of their own (see `trace_queue`).
+    let traced = inputs.experiment_id.is_some();
     let container = Container {
         name: "gateway".into(),
         image: Some(overrides.image.clone().unwrap_or(defaults.image.clone())),
@@ -467,6 +478,7 @@ pub fn deployment(
                 },
             ]
             .into_iter()
+            .chain(super::trace_queue::volume_mount(traced))
             .chain(super::callers::volume_mounts(ep))
             .collect(),
         ),
@@ -480,7 +492,9 @@ pub fn deployment(
         automount_service_account_token: Some(reviewer.is_some()),
         service_account_name: reviewer,
         enable_service_links: Some(false),
-        termination_grace_period_seconds: Some(30),
+        // Long enough for a stopping gateway to write its queue to disk and deliver what MLflow
+        // takes meanwhile; what is left stays on the volume for the next container.
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(65532),
@@ -514,6 +528,7 @@ pub fn deployment(
                 },
             ]
             .into_iter()
+            .chain(super::trace_queue::volume(ep, traced))
             .chain(super::callers::volumes(ep))
             .collect(),
         ),
@@ -616,6 +631,7 @@ spec:
             ca_bundle: None,
             resources: default_resources(),
             token_review_cluster_role: None,
+            export_mode: None,
         }
     }
 
@@ -725,6 +741,49 @@ spec:
         i.workspace = Some("team-a".into());
         let env = env_map(&deployment(&ep, &defaults(), &i));
         assert_eq!(env["MLFLOW_WORKSPACE"].value.as_deref(), Some("team-a"));
+    }
+
+    #[test]
+    fn traced_pods_queue_traces_on_an_emptydir_and_get_time_to_flush_it() {
+        let ep = endpoint("  tracing: {queueSize: 64Mi, exportMode: SpansOnly}\n");
+        let d = deployment(&ep, &defaults(), &inputs(TraceCredential::None));
+        let env = env_map(&d);
+        let value = |k: &str| env[k].value.clone().unwrap();
+        assert_eq!(
+            value("GATEWAY_TRACE_QUEUE_DIR"),
+            "/var/lib/mlflow-gateway/trace-queue"
+        );
+        assert_eq!(value("GATEWAY_TRACE_QUEUE_MAX_BYTES"), "67108864");
+        assert_eq!(value("GATEWAY_TRACE_EXPORT_MODE"), "spans-only");
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.termination_grace_period_seconds, Some(30));
+        let volume = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "trace-queue")
+            .unwrap();
+        assert_eq!(
+            volume.empty_dir.unwrap().size_limit,
+            Some(Quantity("80Mi".into()))
+        );
+        let mount = pod.containers[0]
+            .volume_mounts
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name == "trace-queue")
+            .unwrap();
+        assert_eq!(mount.mount_path, "/var/lib/mlflow-gateway/trace-queue");
+        assert_ne!(mount.read_only, Some(true));
+        // Without tracking there is nothing to queue: no volume, no variable.
+        let off = endpoint("  usageTracking: false\n");
+        let mut i = inputs(TraceCredential::None);
+        i.experiment_id = None;
+        let d = deployment(&off, &defaults(), &i);
+        assert!(!env_map(&d).keys().any(|k| k.starts_with("GATEWAY_TRACE_")));
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        assert!(!pod.volumes.unwrap().iter().any(|v| v.name == "trace-queue"));
     }
 
     #[test]

@@ -810,6 +810,37 @@ impl GatewayProcess {
         self.child.id()
     }
 
+    /// Asks the gateway to stop (SIGTERM), as the kubelet does.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {} failed", self.child.id());
+    }
+
+    /// Waits up to `secs` for the process to exit and returns its status.
+    pub async fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("gateway status") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the gateway did not exit within {secs}s:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Ends the process at once (SIGKILL), as a crash (or the kubelet after the grace period) does.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The sum of a metric's samples whose labels contain every `label="value"` given.
     pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
         let text = reqwest::get(format!("{}/metrics", self.url))

@@ -6,7 +6,8 @@
 //! what makes that run the same as a pod's: nothing is taken from the GatewayEndpoint, only from
 //! what the operator rendered. Environment values that are paths under the mount (the endpoint
 //! file, the CA bundle) are pointed at the local directory; Secret volumes (callers' API keys)
-//! are written under it too, with the variables that name their directories pointed there.
+//! are written under it too, and emptyDir volumes (the trace queue) are directories there, with
+//! the variables that name their directories pointed there.
 
 use std::path::{Path, PathBuf};
 
@@ -87,9 +88,26 @@ impl DeclaredGateway {
 
         // Secret volumes (the callers' API keys): each mount's items written under a local root
         // that stands for `/`, and variables naming a directory at or above a mount pointed there.
+        // emptyDir volumes (the trace queue) are empty directories under that root, kept across
+        // runs from the same `config_dir`, as a pod's emptyDir outlives its container's restarts.
         let root = config_dir.join("root");
-        let mut secret_mounts = Vec::new();
+        let mut mounts = Vec::new();
         for v in pod.volumes.iter().flatten() {
+            if v.empty_dir.is_some() {
+                let Some(mount) = container
+                    .volume_mounts
+                    .iter()
+                    .flatten()
+                    .find(|m| m.name == v.name)
+                else {
+                    continue;
+                };
+                let dir = root.join(mount.mount_path.trim_start_matches('/'));
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                mounts.push(mount.mount_path.trim_end_matches('/').to_string());
+                continue;
+            }
             let Some(src) = &v.secret else { continue };
             let Some(mount) = container
                 .volume_mounts
@@ -101,7 +119,7 @@ impl DeclaredGateway {
             };
             let dir = root.join(mount.mount_path.trim_start_matches('/'));
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            secret_mounts.push(mount.mount_path.trim_end_matches('/').to_string());
+            mounts.push(mount.mount_path.trim_end_matches('/').to_string());
             let secret_name = src.secret_name.clone().unwrap_or_default();
             let data = match Api::<Secret>::namespaced(client.clone(), ns)
                 .get_opt(&secret_name)
@@ -134,7 +152,7 @@ impl DeclaredGateway {
             .map(|(k, v)| match v.strip_prefix(&format!("{mount_path}/")) {
                 Some(file) => (k, format!("{local}/{file}")),
                 None if v.starts_with('/')
-                    && secret_mounts.iter().any(|m| {
+                    && mounts.iter().any(|m| {
                         *m == v || m.starts_with(&format!("{}/", v.trim_end_matches('/')))
                     }) =>
                 {
