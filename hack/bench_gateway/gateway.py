@@ -3,6 +3,7 @@ a sink. Each runs `mlflow-gateway-operator gateway` on a GatewayEndpoint manifes
 is the fake upstream, with a clean environment (no MLflow or gateway settings inherited)."""
 import os
 import time
+from pathlib import Path
 
 from . import cpu
 from .load import Load
@@ -15,7 +16,8 @@ from .web import answers, check_target, metric_sum, request
 # Variables the gateway reads that the caller's environment must not leak into a row.
 _UNSET = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_TOKEN",
           "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RUST_LOG", "LOG_FORMAT",
-          "GATEWAY_MAX_BODY_BYTES", "GATEWAY_ATTEMPT_TIMEOUT_SECONDS")
+          "GATEWAY_MAX_BODY_BYTES", "GATEWAY_ATTEMPT_TIMEOUT_SECONDS",
+          "GATEWAY_TRACE_QUEUE_DIR", "GATEWAY_TRACE_QUEUE_MAX_BYTES", "GATEWAY_TRACE_EXPORT_MODE")
 
 LABELS = {
     "off": "this gateway, tracing off",
@@ -45,17 +47,20 @@ class Gateway:
     """One running gateway process (for one row)."""
 
     def __init__(self, session: Session, settings: Settings, row: str, fake_port: int,
-                 usage_tracking: bool, **env: str):
+                 usage_tracking: bool, port: int | None = None, binary: Path | None = None,
+                 **env: str):
+        """`port`: listen there (a restarted gateway keeps its port); `binary`: another build
+        than BENCH_BIN's (today's export, for comparison)."""
         self.session = session
         endpoint = session.run / f"endpoint-{row}.yaml"
         endpoint.write_text(manifest(fake_port, usage_tracking))
-        self.port = free_port()
+        self.port = port or free_port()
         child_env = {k: v for k, v in os.environ.items() if k not in _UNSET}
         if settings.rust_log:
             child_env["RUST_LOG"] = settings.rust_log
         child_env.update(GATEWAY_API_KEY_FAKE="sk-bench", **env)
         name = f"gateway-{row}"
-        self.proc = session.start(name, [str(settings.binary), "gateway", "--endpoint",
+        self.proc = session.start(name, [str(binary or settings.binary), "gateway", "--endpoint",
                                          str(endpoint), "--listen", f"127.0.0.1:{self.port}"],
                                   env=child_env)
         self.url = f"http://127.0.0.1:{self.port}/gateway/mlflow/v1/chat/completions"

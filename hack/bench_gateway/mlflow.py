@@ -44,9 +44,37 @@ class MlflowServer:
         self.db = self.dir / "db/mlflow.db"
 
     def stop(self) -> None:
-        """Stops the server (and its workers), keeping its database."""
+        """Stops the server (and its workers, its process group), keeping its port and
+        database."""
         subprocess.run([MLFLOW_SH, "stop", str(self.dir)], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=60)
+
+    def resume(self) -> None:
+        """Starts the stopped server again on the same port with the same database (a new pid)."""
+        status = run_bounded([MLFLOW_SH, "resume", str(self.dir)], 300,
+                             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                             stdout=subprocess.DEVNULL)
+        if status != 0:
+            raise BenchError(f"hack/mlflow.sh resume {self.dir} failed "
+                             f"(log: {self.dir}/mlflow.log)")
+        self.pid = int((self.dir / "pid").read_text().strip())
+
+    def trace_infos(self, experiment: str, page: int = 500) -> list[dict]:
+        """Every trace info stored in `experiment`, through MLflow's search-traces API
+        (`POST /api/3.0/mlflow/traces/search`, 500 per page, its maximum): what a user sees."""
+        found, token = [], None
+        for _ in range(100_000):  # bounded: a page per 500 traces
+            body = {"locations": [{"type": "MLFLOW_EXPERIMENT",
+                                   "mlflow_experiment": {"experiment_id": experiment}}],
+                    "max_results": page}
+            if token:
+                body["page_token"] = token
+            answer = post_json(f"{self.uri}/api/3.0/mlflow/traces/search", body)
+            found += answer.get("traces", [])
+            token = answer.get("next_page_token")
+            if not token:
+                break
+        return found
 
     def _cleanup(self, keep: bool) -> None:
         # `down` deletes the database; a kept run keeps it as db.kept

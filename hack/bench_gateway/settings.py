@@ -102,3 +102,99 @@ def mlflow_version() -> str:
         if line.startswith("MLFLOW_VERSION="):
             return line.split("=", 1)[1].strip()
     return "?"
+
+
+# The delivery scenarios (`python3 -m hack.bench_gateway.delivery`, delivery.py).
+SCENARIOS = ("sustained", "outage", "restart")
+EXPORT_MODES = ("info-then-spans", "spans-only", "adaptive")
+SIGNALS = ("TERM", "KILL")
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """The delivery scenarios' settings; `base` holds the shared ones (BENCH_BIN, BENCH_BUILD,
+    BENCH_RUST_LOG, BENCH_JSON, BENCH_KEEP).
+
+    Environment (all optional):
+      BENCH_SCENARIOS="sustained outage restart"
+      BENCH_MODES="info-then-spans spans-only adaptive"  export modes of the sustained runs
+                               (GATEWAY_TRACE_EXPORT_MODE); "" runs none
+      BENCH_MODE=              the mode of the outage and restart runs (unset: the gateway's
+                               default)
+      BENCH_OLD_BIN=FILE       today's export (a build of commit 8846bd5, before issue #15): a
+                               sustained run of it too, the floor's reference (unset: none)
+      BENCH_FAKE_BIN=FILE      the fake upstream (default target/release/fake-llm, built by
+                               `cargo build --release -p mgo-dev --bin fake-llm` unless
+                               BENCH_BUILD=0)
+      BENCH_UPSTREAM_DELAY_MS=200   the fake's latency
+      BENCH_SUSTAIN_SECONDS=180     BENCH_SUSTAIN_CONNECTIONS=40
+      BENCH_OUTAGE_CONNECTIONS=4    BENCH_OUTAGE_SECONDS=120 (MLflow stopped)
+      BENCH_OUTAGE_LEAD=30          load before the outage and after MLflow is back
+      BENCH_RESTART_CONNECTIONS=20  BENCH_RESTART_SECONDS=60 (the gateway restarts half way)
+      BENCH_RESTART_SIGNALS="TERM KILL"
+      BENCH_RESTART_GRACE=30        s between SIGTERM and SIGKILL (a pod's grace period)
+      BENCH_DELIVERY_DRAIN=600      s at most to wait, after the load, for the queue to empty
+      BENCH_QUEUE_MAX_BYTES=        GATEWAY_TRACE_QUEUE_MAX_BYTES (unset: the gateway's default)
+    """
+    base: Settings
+    scenarios: tuple[str, ...]
+    modes: tuple[str, ...]
+    mode: str | None
+    old_binary: Path | None
+    fake_binary: Path
+    delay_ms: int
+    sustain_seconds: int
+    sustain_connections: int
+    outage_connections: int
+    outage_seconds: int
+    outage_lead: int
+    restart_connections: int
+    restart_seconds: int
+    restart_signals: tuple[str, ...]
+    restart_grace: int
+    drain: int
+    queue_max_bytes: int | None
+
+
+def _words(env, name, default, allowed) -> tuple[str, ...]:
+    words = tuple(env.get(name, " ".join(default)).split())
+    unknown = [w for w in words if w not in allowed]
+    if unknown:
+        raise SettingsError(f"{name}: unknown {' '.join(unknown)} (known: {' '.join(allowed)})")
+    return words
+
+
+def _path(env, name, default: Path | None) -> Path | None:
+    raw = env.get(name) or default
+    if raw is None:
+        return None
+    p = Path(raw)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def delivery_from_env(env=os.environ) -> DeliverySettings:
+    """Reads the delivery settings from `env`; raises SettingsError naming the variable."""
+    mode = env.get("BENCH_MODE", "").strip() or None
+    if mode is not None and mode not in EXPORT_MODES:
+        raise SettingsError(f"BENCH_MODE={mode!r} (modes: {' '.join(EXPORT_MODES)})")
+    queue = env.get("BENCH_QUEUE_MAX_BYTES", "").strip()
+    return DeliverySettings(
+        base=from_env(env),
+        scenarios=_words(env, "BENCH_SCENARIOS", SCENARIOS, SCENARIOS),
+        modes=_words(env, "BENCH_MODES", EXPORT_MODES, EXPORT_MODES),
+        mode=mode,
+        old_binary=_path(env, "BENCH_OLD_BIN", None),
+        fake_binary=_path(env, "BENCH_FAKE_BIN", REPO_ROOT / "target/release/fake-llm"),
+        delay_ms=_int(env, "BENCH_UPSTREAM_DELAY_MS", 200, 0),
+        sustain_seconds=_int(env, "BENCH_SUSTAIN_SECONDS", 180, 1),
+        sustain_connections=_int(env, "BENCH_SUSTAIN_CONNECTIONS", 40, 1),
+        outage_connections=_int(env, "BENCH_OUTAGE_CONNECTIONS", 4, 1),
+        outage_seconds=_int(env, "BENCH_OUTAGE_SECONDS", 120, 1),
+        outage_lead=_int(env, "BENCH_OUTAGE_LEAD", 30, 1),
+        restart_connections=_int(env, "BENCH_RESTART_CONNECTIONS", 20, 1),
+        restart_seconds=_int(env, "BENCH_RESTART_SECONDS", 60, 2),
+        restart_signals=_words(env, "BENCH_RESTART_SIGNALS", SIGNALS, SIGNALS),
+        restart_grace=_int(env, "BENCH_RESTART_GRACE", 30, 0),
+        drain=_int(env, "BENCH_DELIVERY_DRAIN", 600, 0),
+        queue_max_bytes=_int(env, "BENCH_QUEUE_MAX_BYTES", 0, 1) if queue else None,
+    )
