@@ -42,7 +42,7 @@ def per(numerator: float | None, denominator: int, scale: float) -> str:
 
 
 def label(r: dict) -> str:
-    return {"today": "today (8846bd5)", "default": "(gateway default)"}.get(r["mode"], r["mode"])
+    return {"today": "today (8846bd5)", "default": "default mode"}.get(r["mode"], r["mode"])
 
 
 def lost_line(r: dict) -> str:

@@ -69,7 +69,8 @@ class MlflowServer:
                     "max_results": page}
             if token:
                 body["page_token"] = token
-            answer = post_json(f"{self.uri}/api/3.0/mlflow/traces/search", body)
+            answer = _retried(lambda: post_json(f"{self.uri}/api/3.0/mlflow/traces/search",
+                                                body))
             found += answer.get("traces", [])
             token = answer.get("next_page_token")
             if not token:
@@ -164,6 +165,19 @@ def run_mlflow_gateway(session: Session, load: Load, fake_port: int, drain_timeo
                    (server.dir / "mlflow.log").read_text(errors="replace").splitlines())
     load.note_traces("mlflow", server.trace_stats(experiment),
                      dict(answered=answered, wrk_completed=sent, experiment=experiment))
+
+
+def _retried(call, attempts: int = 6, pause: float = 5.0):
+    """`call()`, tried again after a failure (a uvicorn worker that its supervisor restarts on a
+    loaded machine drops its connections): at most `attempts` times, `pause` s apart."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except BenchError as e:
+            if attempt == attempts - 1:
+                raise
+            log(f"warning: {e}; again in {pause:.0f} s")
+            time.sleep(pause)
 
 
 def _warm_up(url: str) -> None:

@@ -14,6 +14,10 @@ Environment (all optional):
   BENCH_RUST_LOG=          RUST_LOG of the gateway (default: unset, i.e. its default, info;
                            the gateway logs nothing per request at info)
   BENCH_DRAIN_TIMEOUT=120  s to wait for trace export to drain after a tracing-on run
+  BENCH_EXPORT_MODE=       GATEWAY_TRACE_EXPORT_MODE of the tracing rows (info-then-spans,
+                           spans-only, adaptive; unset: the gateway's default), in their labels
+  BENCH_QUEUE_MAX_BYTES=   GATEWAY_TRACE_QUEUE_MAX_BYTES of the tracing rows (unset: the
+                           gateway's default; their queue is in memory, as without a queue dir)
   BENCH_JSON=FILE          also write the raw results (one JSON object per run) there
   BENCH_KEEP=1             keep the run directory (configs, logs, wrk outputs, MLflow dbs as
                            */db.kept); it is also kept when the benchmark fails
@@ -26,6 +30,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 ALL_TARGETS = ("direct", "nginx", "off", "on", "on-nice", "sink", "mlflow")
+EXPORT_MODES = ("info-then-spans", "spans-only", "adaptive")
 
 
 class SettingsError(ValueError):
@@ -47,6 +52,8 @@ class Settings:
     drain_timeout: int
     json_out: Path | None
     keep: bool
+    export_mode: str | None = None
+    queue_max_bytes: int | None = None
 
     def wants(self, row: str) -> bool:
         return row in self.targets
@@ -79,6 +86,10 @@ def from_env(env=os.environ) -> Settings:
             f"BENCH_TARGETS: unknown row(s) {' '.join(unknown)} (rows: {' '.join(ALL_TARGETS)})")
     binary = Path(env.get("BENCH_BIN") or REPO_ROOT / "target/release/mlflow-gateway-operator")
     json_out = env.get("BENCH_JSON") or None
+    mode = env.get("BENCH_EXPORT_MODE", "").strip() or None
+    if mode is not None and mode not in EXPORT_MODES:
+        raise SettingsError(f"BENCH_EXPORT_MODE={mode!r} (modes: {' '.join(EXPORT_MODES)})")
+    queue = env.get("BENCH_QUEUE_MAX_BYTES", "").strip()
     return Settings(
         duration=_int(env, "BENCH_DURATION", 10, 1),
         warmup=_int(env, "BENCH_WARMUP", 2, 0),
@@ -93,6 +104,8 @@ def from_env(env=os.environ) -> Settings:
         drain_timeout=_int(env, "BENCH_DRAIN_TIMEOUT", 120, 0),
         json_out=Path(json_out) if json_out else None,
         keep=env.get("BENCH_KEEP", "0") == "1",
+        export_mode=mode,
+        queue_max_bytes=_int(env, "BENCH_QUEUE_MAX_BYTES", 0, 1) if queue else None,
     )
 
 
@@ -106,7 +119,6 @@ def mlflow_version() -> str:
 
 # The delivery scenarios (`python3 -m hack.bench_gateway.delivery`, delivery.py).
 SCENARIOS = ("sustained", "outage", "restart")
-EXPORT_MODES = ("info-then-spans", "spans-only", "adaptive")
 SIGNALS = ("TERM", "KILL")
 
 
