@@ -75,8 +75,9 @@ def sustained(results: list[dict], default: str | None) -> list[str]:
             f"{r.get('steal_pct', 0):>4.0f}% {r.get('busy_pct', 0):>4.0f}%")
     left = [r for r in rows if not r["drained"]]
     for r in left:
-        out.append(f"  {label(r)}: not drained within the limit, {r['left_in_queue']} left in "
-                   f"the queue (kept on disk: delivered later)")
+        out.append(f"  {label(r)}: not drained within the limit, {r['left_in_queue']:.0f} left "
+                   f"in the queue (delivered later by a gateway that keeps running; kept on "
+                   f"disk over a restart with a queue directory)")
     today = next((r for r in rows if r["mode"] == "today"), None)
     if today and today["stored"]:
         for r in rows:
