@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # A real Kubernetes control plane on loopback, with no container runtime:
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok (one Ready fake Node).
-#   hack/cluster.sh up RUN_DIR [--owner-pid PID]
+#   hack/cluster.sh up RUN_DIR [--owner-pid PID] [--real-node]
 #       generate a PKI and kubeconfig in RUN_DIR, start everything on free 127.0.0.1 ports, wait
 #       until /readyz is ok, the Node is Ready and the default ServiceAccount exists, then write
 #       RUN_DIR/env and print it. --owner-pid: tear everything down when that process ends.
+#       --real-node: also start a real node (kubelet, containerd, kube-proxy: hack/node.sh, root
+#       only); `hack/node.sh up RUN_DIR` adds it to a running cluster later.
 #   hack/cluster.sh down RUN_DIR
-#       stop exactly the processes started in RUN_DIR and remove their state.
+#       stop exactly the processes started in RUN_DIR (the real node's too) and remove their state.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -92,10 +94,11 @@ wait_for() { # dir what seconds command...
 
 up() {
   local dir=$1; shift
-  local owner=""
+  local owner="" real_node=""
   while [ $# -gt 0 ]; do
     case $1 in
       --owner-pid) owner=$2; shift ;;
+      --real-node) real_node=1 ;;
       *) die "unknown option $1" ;;
     esac; shift
   done
@@ -129,6 +132,8 @@ up() {
     --endpoint-reconciler-type none \
     --tls-cert-file "$p/apiserver.crt" --tls-private-key-file "$p/apiserver.key" \
     --client-ca-file "$p/ca.crt" --token-auth-file "$p/tokens.csv" \
+    --kubelet-client-certificate "$p/admin.crt" --kubelet-client-key "$p/admin.key" \
+    --kubelet-preferred-address-types InternalIP \
     --authorization-mode RBAC \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$p/sa.pub" --service-account-signing-key-file "$p/sa.key" \
@@ -142,7 +147,9 @@ up() {
     --use-service-account-credentials=false --bind-address 127.0.0.1 --secure-port "$kcm_port" --profiling=false
   start "$dir" kube-scheduler kube-scheduler --kubeconfig "$kc" --authentication-kubeconfig "$kc" \
     --authorization-kubeconfig "$kc" --leader-elect=false --bind-address 127.0.0.1 --secure-port "$sched_port" --profiling=false
-  start "$dir" kwok kwok --kubeconfig "$kc" --manage-all-nodes=true --cidr 10.244.0.0/16 \
+  # Only the fake node: a real node (hack/node.sh) is its kubelet's.
+  start "$dir" kwok kwok --kubeconfig "$kc" --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+    --cidr 10.244.0.0/16 \
     --node-ip 127.0.0.1 --node-port "$kwok_port" --node-lease-duration-seconds 40
 
   # The one Node. kwok keeps it Ready and moves the Pods bound to it to Running.
@@ -177,6 +184,9 @@ KUBE_BIN_DIR=$bin
 KUBE_RUN_DIR=$dir
 ENV
   log "cluster ready in $((SECONDS - t0))s"
+  if [ -n "$real_node" ]; then
+    "$REPO_ROOT/hack/node.sh" up "$dir" >/dev/null || { down "$dir"; die "the real node did not start"; }
+  fi
   cat "$dir/env"
 }
 
@@ -189,12 +199,14 @@ watch_owner() {
 
 down() {
   local dir=$1
+  # The real node first, while the API server still answers (it deletes its Node object).
+  [ -d "$dir/node" ] && { "$REPO_ROOT/hack/node.sh" down "$dir" || true; }
   [ -d "$dir/pids" ] || return 0
   for c in "${COMPONENTS[@]}"; do
     [ -f "$dir/pids/$c" ] || continue
     local pid; pid=$(cat "$dir/pids/$c")
     kill -TERM -- "-$pid" 2>/dev/null || true
-    for _ in $(seq 1 40); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 40); do group_alive "$pid" || break; sleep 0.1; done
     kill -KILL -- "-$pid" 2>/dev/null || true
   done
   rm -rf "$dir/pids" "$dir/etcd" "$dir/pki" "$dir/env"
@@ -203,5 +215,5 @@ down() {
 case ${1:-} in
   up) shift; up "$@" ;;
   down) shift; down "$@" ;;
-  *) die "usage: hack/cluster.sh up RUN_DIR [--owner-pid PID] | down RUN_DIR" ;;
+  *) die "usage: hack/cluster.sh up RUN_DIR [--owner-pid PID] [--real-node] | down RUN_DIR" ;;
 esac

@@ -11,6 +11,8 @@ OPENAI_SDK_VERSION=3.54.0
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Heavy artefacts live outside the repo, keyed by version, and are reused across clones and runs.
 CACHE_DIR=${MGO_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mlflow-gateway-operator}
+# hack/build-tools.sh links every built tool here (what it prints).
+TOOLS_BIN_DIR=$CACHE_DIR/bin-k8s$KUBERNETES_VERSION-etcd$ETCD_VERSION-kwok$KWOK_VERSION-helm$HELM_VERSION
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -29,4 +31,10 @@ wait_crd_established() {
     sleep 0.2
   done
   die "CRD $1 not established within 60 s"
+}
+
+# True while a process of group $1 is alive. Zombies do not count: this machine's init may reap
+# late, and `kill -0` succeeds on a zombie.
+group_alive() {
+  ps -e -o pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {found = 1} END {exit !found}'
 }

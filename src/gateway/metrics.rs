@@ -41,6 +41,19 @@ pub struct CallerStatus {
     pub status: u16,
 }
 
+/// Why a trace was dropped: `queue_full` or `rejected`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropReason {
+    pub reason: &'static str,
+}
+
+/// A trace export request: `kind` otlp or trace_info, `result` ok or error.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExportRequest {
+    pub kind: &'static str,
+    pub result: &'static str,
+}
+
 /// Distinct caller names the metrics keep; later ones count as `other` (a namespace-wide grant
 /// admits ServiceAccounts no one listed).
 pub const MAX_CALLER_LABELS: usize = 100;
@@ -62,9 +75,12 @@ pub struct GatewayMetrics {
     pub access_refused: Family<Refused, Counter>,
     pub caller_requests: Family<CallerStatus, Counter>,
     callers_seen: std::sync::Mutex<std::collections::HashSet<String>>,
-    trace_queue: Gauge,
-    traces_exported: Counter,
-    traces_dropped: Counter,
+    trace_queue_bytes: Gauge,
+    trace_queue_traces: Gauge,
+    trace_queue_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    traces_delivered: Counter,
+    traces_dropped: Family<DropReason, Counter>,
+    trace_export_requests: Family<ExportRequest, Counter>,
     spans_exported: Counter,
     spans_dropped: Counter,
     spans_failed: Counter,
@@ -95,9 +111,12 @@ impl Default for GatewayMetrics {
             access_refused: Family::default(),
             caller_requests: Family::default(),
             callers_seen: Default::default(),
-            trace_queue: Gauge::default(),
-            traces_exported: Counter::default(),
-            traces_dropped: Counter::default(),
+            trace_queue_bytes: Gauge::default(),
+            trace_queue_traces: Gauge::default(),
+            trace_queue_oldest_age: Gauge::default(),
+            traces_delivered: Counter::default(),
+            traces_dropped: Family::default(),
+            trace_export_requests: Family::default(),
             spans_exported: Counter::default(),
             spans_dropped: Counter::default(),
             spans_failed: Counter::default(),
@@ -140,19 +159,34 @@ impl Default for GatewayMetrics {
             m.caller_requests.clone(),
         );
         r.register(
-            "trace_export_queue_spans",
-            "Spans ended and waiting to be exported to MLflow",
-            m.trace_queue.clone(),
+            "trace_queue_bytes",
+            "Bytes of the traces waiting in the export queue (memory and disk)",
+            m.trace_queue_bytes.clone(),
         );
         r.register(
-            "traces_exported",
-            "Traces exported to MLflow",
-            m.traces_exported.clone(),
+            "trace_queue_traces",
+            "Traces waiting in the export queue",
+            m.trace_queue_traces.clone(),
+        );
+        r.register(
+            "trace_queue_oldest_age_seconds",
+            "Age of the oldest trace waiting in the export queue (0 when empty)",
+            m.trace_queue_oldest_age.clone(),
+        );
+        r.register(
+            "traces_delivered",
+            "Traces MLflow stored (its answer 2xx to their spans)",
+            m.traces_delivered.clone(),
         );
         r.register(
             "traces_dropped",
-            "Traces dropped whole at their start because the export queue was full (their spans count in spans_dropped)",
+            "Traces dropped whole, by reason: queue_full (the queue's byte bound), rejected (MLflow refused the trace alone with a 4xx)",
             m.traces_dropped.clone(),
+        );
+        r.register(
+            "trace_export_requests",
+            "Requests to MLflow by the trace export, by kind (otlp, trace_info) and result (ok, error)",
+            m.trace_export_requests.clone(),
         );
         r.register(
             "spans_exported",
@@ -183,10 +217,31 @@ fn catch_up(counter: &Counter, total: u64) {
 impl GatewayMetrics {
     /// Renders the metrics, with the trace exporter's figures as of now.
     pub fn encode(&self, stats: ExportStats) -> String {
-        self.trace_queue
+        self.trace_queue_bytes
+            .set(i64::try_from(stats.queue_bytes).unwrap_or(i64::MAX));
+        self.trace_queue_traces
             .set(i64::try_from(stats.queued).unwrap_or(i64::MAX));
-        catch_up(&self.traces_exported, stats.exported_traces);
-        catch_up(&self.traces_dropped, stats.dropped_traces);
+        self.trace_queue_oldest_age
+            .set(stats.oldest_age.map_or(0.0, |age| age.as_secs_f64()));
+        catch_up(&self.traces_delivered, stats.delivered_traces());
+        for (reason, total) in [
+            ("queue_full", stats.dropped_traces),
+            ("rejected", stats.rejected_traces),
+        ] {
+            catch_up(
+                &self.traces_dropped.get_or_create(&DropReason { reason }),
+                total,
+            );
+        }
+        for (kind, result, total) in [
+            ("otlp", "ok", stats.otlp_ok),
+            ("otlp", "error", stats.otlp_error),
+            ("trace_info", "ok", stats.info_ok),
+            ("trace_info", "error", stats.info_error),
+        ] {
+            let labels = ExportRequest { kind, result };
+            catch_up(&self.trace_export_requests.get_or_create(&labels), total);
+        }
         catch_up(&self.spans_exported, stats.exported_spans);
         catch_up(&self.spans_dropped, stats.dropped_spans);
         catch_up(&self.spans_failed, stats.failed_spans);
@@ -252,10 +307,12 @@ mod tests {
         };
         let metrics = GatewayMetrics::default().encode(stats);
         assert!(
-            metrics.contains("mlflow_gateway_traces_dropped_total 11"),
+            metrics.contains(r#"mlflow_gateway_traces_dropped_total{reason="queue_full"} 11"#),
             "{metrics}"
         );
         assert!(metrics.contains("mlflow_gateway_spans_dropped_total 31"));
+        assert!(metrics.contains("mlflow_gateway_trace_queue_traces 2"));
+        assert!(metrics.contains(r#"mlflow_gateway_traces_dropped_total{reason="rejected"} 0"#));
     }
 
     #[test]

@@ -156,6 +156,12 @@ pub fn router(gateway: Shared) -> Router {
         .with_state(gateway)
 }
 
+/// Time from SIGTERM the gateway takes to end, at most: within the pod's termination grace
+/// period (30 s by default), so that the kubelet's SIGKILL does not cut the trace queue's flush.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(27);
+/// Of which requests in flight may take this much.
+const REQUESTS_GRACE: Duration = Duration::from_secs(20);
+
 /// Read buffer of one connection, and so the largest request head (hyper's default is ~400 KiB;
 /// hundreds of slow connections each holding that much would be memory spent on nothing).
 const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
@@ -198,15 +204,25 @@ pub async fn serve(gateway: Shared, settings: &ServerSettings) -> std::io::Resul
             let _ = conn.await;
         });
     }
+    let signalled = tokio::time::Instant::now();
     gateway.draining.store(true, Ordering::Relaxed);
     drop(listener);
-    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+    if tokio::time::timeout(REQUESTS_GRACE, graceful.shutdown())
         .await
         .is_err()
     {
-        ::tracing::warn!("requests still in flight after 30 s of shutdown; ending them");
+        ::tracing::warn!(
+            "requests still in flight after {} s of shutdown; ending them",
+            REQUESTS_GRACE.as_secs()
+        );
     }
-    gateway.telemetry.shutdown(Duration::from_secs(5)).await;
+    // The trace queue: written to disk, then delivered for what is left of the grace period
+    // (what is not delivered stays on disk for the next start).
+    let left = SHUTDOWN_GRACE.saturating_sub(signalled.elapsed());
+    gateway
+        .telemetry
+        .shutdown(left.max(Duration::from_secs(2)))
+        .await;
     Ok(())
 }
 

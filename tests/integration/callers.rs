@@ -167,6 +167,8 @@ async fn api_keys_admit_their_caller_by_name_and_rotate_and_revoke_without_a_res
             ("GATEWAY_API_KEY_MAIN", PROVIDER_KEY),
             ("MLFLOW_TRACKING_URI", &ml.uri),
             ("MLFLOW_EXPERIMENT_ID", &exp),
+            // The gateway metadata read back as trace metadata.
+            ("GATEWAY_TRACE_EXPORT_MODE", "info-then-spans"),
             ("GATEWAY_CALLER_KEYS_DIR", dir.to_str().unwrap()),
             ("GATEWAY_CALLER_KEYS_RELOAD_SECONDS", "1"),
         ],
@@ -387,6 +389,8 @@ async fn service_account_tokens_from_the_api_server_are_admitted_by_namespace_na
             ("GATEWAY_API_KEY_MAIN", PROVIDER_KEY),
             ("MLFLOW_TRACKING_URI", &ml.uri),
             ("MLFLOW_EXPERIMENT_ID", &exp),
+            // The gateway metadata read back as trace metadata.
+            ("GATEWAY_TRACE_EXPORT_MODE", "info-then-spans"),
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
             ("GATEWAY_TOKEN_CACHE_SECONDS", "1"),
         ],

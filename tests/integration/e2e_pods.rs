@@ -298,7 +298,10 @@ async fn a_request_through_the_gateway_the_deployment_declares_is_traced_into_th
                 .into_iter()
                 .find(|t| {
                     t["trace_id"] == trace_id.as_str()
-                        && t["trace_metadata"]["mlflow.gateway.endpointId"] == uid.as_str()
+                        // Trace metadata or tags, by the gateway's export mode.
+                        && ["trace_metadata", "tags"]
+                            .iter()
+                            .any(|k| t[k]["mlflow.gateway.endpointId"] == uid.as_str())
                         && t["request_preview"]
                             .as_str()
                             .is_some_and(|p| p.contains("hello from the pods"))

@@ -55,6 +55,8 @@ fn env<'a>(ml: &'a Mlflow, exp: &'a str, names: &[&str]) -> Vec<(String, String)
         .collect();
     v.push(("MLFLOW_TRACKING_URI".into(), ml.uri.clone()));
     v.push(("MLFLOW_EXPERIMENT_ID".into(), exp.to_string()));
+    // These tests read the gateway metadata as trace metadata (trace_delivery:: covers the modes).
+    v.push(("GATEWAY_TRACE_EXPORT_MODE".into(), "info-then-spans".into()));
     v
 }
 
@@ -643,7 +645,7 @@ async fn mlflow_down_changes_nothing_for_clients_and_drops_are_counted() {
     let exp = experiment(&ml, "gw-down").await;
     let m = manifest("llm/v1/chat", &model("main", "openai", &fake, ""), "");
     let mut e = env(&ml, &exp, &["main"]);
-    e.push(("GATEWAY_TRACE_QUEUE_SPANS".into(), "64".into()));
+    e.push(("GATEWAY_TRACE_QUEUE_MAX_BYTES".into(), "65536".into()));
     let gw = start(&m, &e).await;
     ml.stop();
     let url = format!("{}/v1/chat/completions", gw.url);
@@ -658,16 +660,19 @@ async fn mlflow_down_changes_nothing_for_clients_and_drops_are_counted() {
         slowest < Duration::from_millis(500),
         "a request waited on MLflow: {slowest:?}"
     );
-    // Every span (a root and one attempt per request) is counted: dropped at the full queue, or
-    // failed when its export found no server. Which of the two depends on timing.
-    support::eventually(60, "all 400 spans counted as dropped or failed", || async {
-        let dropped = gw.metric("mlflow_gateway_spans_dropped_total", &[]).await;
-        let failed = gw
-            .metric("mlflow_gateway_spans_export_failed_total", &[])
+    // Every trace is counted: waiting in the queue, or dropped whole beyond its bound.
+    support::eventually(60, "all 200 traces queued or dropped", || async {
+        let dropped = gw
+            .metric(
+                "mlflow_gateway_traces_dropped_total",
+                &[r#"reason="queue_full""#],
+            )
             .await;
-        (dropped + failed == 400.0).then_some(())
+        let queued = gw.metric("mlflow_gateway_trace_queue_traces", &[]).await;
+        (dropped > 0.0 && dropped + queued == 200.0).then_some(())
     })
     .await;
+    assert!(gw.metric("mlflow_gateway_trace_queue_bytes", &[]).await <= 65536.0);
     assert_eq!(
         gw.metric("mlflow_gateway_spans_exported_total", &[]).await,
         0.0

@@ -9,8 +9,9 @@
 //! `leader_election` and `gitops` need the cluster (most of them MLflow too, `gitops` also Go for
 //! Argo CD's Lua runtime); `mlflow_client`, `telemetry_mlflow` and `gateway` need MLflow (`tenancy` needs
 //! both), except
-//! the tests the Makefile's `UNIT_TESTS` lists, which `make unit` runs with none. The fake LLM
-//! providers the gateway tests use are `mgo_dev::fake_llm` (tools/dev), tested there.
+//! the tests the Makefile's `UNIT_TESTS` lists, which `make unit` runs with none. `real_node` needs
+//! the cluster's real node (root; `support::real_node` starts it when the cluster has none).
+//! The fake LLM providers the gateway tests use are `mgo_dev::fake_llm` (tools/dev), tested there.
 
 mod support;
 
@@ -31,6 +32,7 @@ mod leader_election;
 mod mlflow_client;
 mod mlflow_users;
 mod rbac;
+mod real_node;
 mod smoke;
 mod telemetry_mlflow;
 mod tenancy;

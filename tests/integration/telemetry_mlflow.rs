@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use mlflow_gateway_operator::gateway::tracing::{
-    ExportStats, RequestType, Telemetry, TelemetryConfig, TokenUsage,
+    ExportMode, RequestType, Telemetry, TelemetryConfig, TokenUsage,
 };
 use mlflow_gateway_operator::mlflow::{Auth, MlflowClient, MlflowConfig};
 use serde_json::{Value, json};
@@ -63,6 +63,8 @@ fn telemetry_config(uri: &str, auth: Auth, experiment_id: &str, endpoint: &str) 
     // A server that just started can take seconds to answer its first OTLP request on a busy
     // machine; an export that times out counts as failed and gets no trace metadata.
     c.export_timeout = Duration::from_secs(30);
+    // The mode whose metadata these tests read (the modes side by side: `*_mode_stores_*`).
+    c.export_mode = ExportMode::InfoThenSpans;
     c
 }
 
@@ -89,9 +91,10 @@ async fn wait_for_trace(ml: &support::Mlflow, trace_id: &str) -> Value {
     loop {
         if let Some(trace) = get_trace(ml, trace_id).await {
             let info = &trace["trace_info"];
-            let complete = info["trace_metadata"]
-                .get("mlflow.gateway.endpointId")
-                .is_some()
+            // The gateway metadata: trace metadata, or tags in the spans-only mode.
+            let complete = ["trace_metadata", "tags"]
+                .iter()
+                .any(|k| info[k].get("mlflow.gateway.endpointId").is_some())
                 && info["state"] != "IN_PROGRESS"
                 && trace["spans"].as_array().is_some_and(|s| !s.is_empty());
             if complete {
@@ -249,12 +252,30 @@ impl Write for LogSink {
 /// One invocation with a fallback: the first attempt fails, the second answers with usage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fallback_invocation_is_one_complete_trace() {
+    one_complete_trace(ExportMode::InfoThenSpans).await;
+}
+
+/// Spans only: the same stored trace (previews, usage, state, spans); the gateway metadata as
+/// trace tags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_only_mode_stores_the_same_trace_with_tags() {
+    one_complete_trace(ExportMode::SpansOnly).await;
+}
+
+/// Adaptive, with MLflow keeping up: the trace info goes first, as in info-then-spans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_mode_stores_the_same_trace() {
+    one_complete_trace(ExportMode::Adaptive).await;
+}
+
+async fn one_complete_trace(mode: ExportMode) {
     captured_logs();
     let ml = support::mlflow();
     let exp = create_experiment(ml, "mgo-telemetry-tree").await;
     let endpoint = format!("chat-{}", support::suffix());
-    let telemetry =
-        Telemetry::new(telemetry_config(&ml.uri, Auth::None, &exp, &endpoint)).expect("telemetry");
+    let mut config = telemetry_config(&ml.uri, Auth::None, &exp, &endpoint);
+    config.export_mode = mode;
+    let telemetry = Telemetry::new(config).expect("telemetry");
 
     let request = json!({
         "model": "gpt-4o",
@@ -266,8 +287,9 @@ async fn fallback_invocation_is_one_complete_trace() {
                      "message": {"role": "assistant", "content": "Paris is the capital."}}],
         "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
     });
-    let invocation =
+    let mut invocation =
         telemetry.start_invocation(RequestType::UnifiedChat, Some("it-agent"), None, &request);
+    invocation.set_authenticated_caller("apikey:it", Some("7"));
     let trace_id = invocation.trace_id().expect("trace id");
     assert!(
         trace_id.starts_with("tr-") && trace_id.len() == 35,
@@ -297,13 +319,24 @@ async fn fallback_invocation_is_one_complete_trace() {
         info["trace_location"]["mlflow_experiment"]["experiment_id"],
         exp.as_str()
     );
+    eprintln!("{mode:?} stored: {info:#}");
     let metadata = &info["trace_metadata"];
+    // Where the gateway metadata lives in this mode.
+    let gateway_keys = match mode {
+        ExportMode::SpansOnly => &info["tags"],
+        _ => metadata,
+    };
     assert_eq!(
-        metadata["mlflow.gateway.endpointId"],
+        gateway_keys["mlflow.gateway.endpointId"],
         format!("uid-{endpoint}").as_str()
     );
-    assert_eq!(metadata["mlflow.gateway.requestType"], "unified/chat");
-    assert_eq!(metadata["mlflow.gateway.caller"], "it-agent");
+    assert_eq!(gateway_keys["mlflow.gateway.requestType"], "unified/chat");
+    assert_eq!(gateway_keys["mlflow.gateway.caller"], "it-agent");
+    assert_eq!(gateway_keys["mlflow.auth.username"], "apikey:it");
+    assert_eq!(gateway_keys["mlflow.auth.userId"], "7");
+    // The trace's user, in every mode (spans only: from the root's `user.id`).
+    assert_eq!(metadata["mlflow.trace.user"], "apikey:it", "{info:#}");
+    assert_eq!(info["state"], "OK");
     let usage: Value = serde_json::from_str(
         metadata["mlflow.trace.tokenUsage"]
             .as_str()
@@ -594,15 +627,17 @@ async fn deleted_experiment_keeps_spans_without_metadata() {
     telemetry.shutdown(Duration::from_secs(5)).await;
 }
 
-/// A stopped tracking server costs the request nothing: invocations are timed, the failures
-/// counted, and export works again once the server is back.
+/// A stopped tracking server costs the request nothing: invocations are timed, the traces wait
+/// in the queue, and all of them are delivered once the server is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_server_never_blocks_requests() {
     captured_logs();
     let private = support::Mlflow::start(false);
     let exp = create_experiment(&private, "mgo-telemetry-outage").await;
-    let telemetry = Telemetry::new(telemetry_config(&private.uri, Auth::None, &exp, "outage"))
-        .expect("telemetry");
+    let mut config = telemetry_config(&private.uri, Auth::None, &exp, "outage");
+    // One OTLP request per batch: the queue drains fast once the server is back.
+    config.export_mode = ExportMode::SpansOnly;
+    let telemetry = Telemetry::new(config).expect("telemetry");
     private.stop();
 
     const N: u32 = 200;
@@ -645,41 +680,45 @@ async fn stopped_server_never_blocks_requests() {
     assert!(flushed.elapsed() < Duration::from_secs(30));
     let stats = telemetry.stats();
     eprintln!("{stats:?}");
+    // Nothing lost: every trace waits in the queue.
     assert_eq!(stats.exported_spans, 0, "{stats:?}");
-    assert!(stats.failed_spans + stats.dropped_spans > 0, "{stats:?}");
-    assert_eq!(
-        stats.failed_spans + stats.dropped_spans,
-        u64::from(2 * N),
-        "every span is accounted for: {stats:?}"
-    );
-    assert_eq!(stats.queued, 0);
+    assert_eq!(stats.dropped_traces + stats.rejected_traces, 0, "{stats:?}");
+    assert_eq!(stats.queued, u64::from(N), "{stats:?}");
+    assert!(stats.otlp_error > 0, "{stats:?}");
 
-    // Back up: the same pipeline exports again.
+    // Back up: the waiting traces are delivered, oldest first, then new ones.
     private.resume();
-    let trace_id = support::eventually(90, "export after the server is back", || async {
-        let invocation = telemetry.start_invocation(RequestType::UnifiedChat, None, None, &request);
-        let trace_id = invocation.trace_id().expect("trace id");
-        invocation.finish(Some(&response), None);
-        telemetry.flush().await;
-        get_trace(&private, &trace_id).await.map(|_| trace_id)
-    })
-    .await;
+    let drained = Instant::now() + Duration::from_secs(180);
+    loop {
+        let stats = telemetry.stats();
+        if stats.delivered_traces() == u64::from(N) && stats.queued == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < drained,
+            "not delivered after the server is back: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let invocation = telemetry.start_invocation(RequestType::UnifiedChat, None, None, &request);
+    let trace_id = invocation.trace_id().expect("trace id");
+    invocation.finish(Some(&response), None);
     let trace = wait_for_trace(&private, &trace_id).await;
     assert_eq!(trace["trace_info"]["state"], "OK");
-    assert!(telemetry.stats().exported_spans >= 1);
+    let stats = telemetry.stats();
+    assert_eq!(stats.exported_spans, u64::from(2 * N) + 1, "{stats:?}");
     telemetry.shutdown(Duration::from_secs(5)).await;
 }
 
-/// A tiny queue and a tracking server that is down: spans beyond the queue are dropped and
-/// counted, and every span ends up exported, failed or dropped.
+/// A tiny queue and a tracking server that is down: traces beyond the queue's bound are dropped
+/// whole and counted; the others wait.
 #[tokio::test]
 async fn tiny_queue_drops_and_counts() {
     captured_logs();
     // Nothing listens on this port: a tracking server that is down.
     let dead = format!("http://127.0.0.1:{}", support::free_port());
     let mut config = telemetry_config(&dead, Auth::None, "1", "tiny");
-    config.max_queue_spans = 4;
-    config.max_export_batch = 2;
+    config.queue_max_bytes = 4096;
     let telemetry = Telemetry::new(config).expect("telemetry");
     const N: u64 = 50;
     for _ in 0..N {
@@ -690,23 +729,13 @@ async fn tiny_queue_drops_and_counts() {
             .fail("Timeout", "no answer", None);
         invocation.finish(None, Some("all providers failed"));
     }
-    let stats = telemetry.stats();
-    assert!(stats.dropped_spans > 0, "{stats:?}");
-    assert!(stats.queued <= 4, "{stats:?}");
     telemetry.flush().await;
     let stats = telemetry.stats();
-    assert_eq!(
-        stats,
-        ExportStats {
-            queued: 0,
-            exported_spans: 0,
-            dropped_spans: stats.dropped_spans,
-            dropped_traces: stats.dropped_traces,
-            failed_spans: 2 * N - stats.dropped_spans,
-            exported_traces: 0,
-            failed_traces: 0,
-        }
-    );
+    assert!(stats.dropped_traces > 0, "{stats:?}");
+    assert!(stats.queue_bytes <= 4096, "{stats:?}");
+    assert_eq!(stats.dropped_traces + stats.queued, N, "{stats:?}");
+    assert_eq!(stats.dropped_spans, 2 * stats.dropped_traces, "{stats:?}");
+    assert_eq!(stats.exported_spans, 0, "{stats:?}");
     telemetry.shutdown(Duration::from_secs(2)).await;
 }
 

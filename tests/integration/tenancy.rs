@@ -351,7 +351,10 @@ async fn with_workspaces_an_endpoint_and_its_traces_live_in_its_namespaces_works
             .into_iter()
             .find(|t| {
                 t["trace_id"] == trace_id.as_str()
-                    && t["trace_metadata"]["mlflow.gateway.endpointId"] == uid.as_str()
+                    // Trace metadata or tags, by the gateway's export mode.
+                    && ["trace_metadata", "tags"]
+                        .iter()
+                        .any(|k| t[k]["mlflow.gateway.endpointId"] == uid.as_str())
                     && t["request_preview"]
                         .as_str()
                         .is_some_and(|p| p.contains("hello workspace"))

@@ -16,7 +16,14 @@ use super::{
 };
 use crate::api::{self, AccessSpec, EndpointType, GatewayEndpoint, Model};
 use crate::gateway::access::{AccessConfig, ServiceAccountPolicy};
-use crate::gateway::tracing::TelemetryConfig;
+use crate::gateway::tracing::{ExportMode, TelemetryConfig};
+
+/// The trace queue's directory (unset: in memory only).
+pub const ENV_QUEUE_DIR: &str = "GATEWAY_TRACE_QUEUE_DIR";
+/// Bytes the trace queue holds at most (default 256 MiB).
+pub const ENV_QUEUE_MAX_BYTES: &str = "GATEWAY_TRACE_QUEUE_MAX_BYTES";
+/// `info-then-spans`, `spans-only` or `adaptive`.
+pub const ENV_EXPORT_MODE: &str = "GATEWAY_TRACE_EXPORT_MODE";
 use crate::mlflow::MlflowConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -206,8 +213,21 @@ pub fn from_resource(
             endpoint_name: endpoint.name.clone(),
             endpoint_id: endpoint.id.clone(),
             capture_content: spec.tracing.capture_content,
-            max_queue_spans: env_number(env, "GATEWAY_TRACE_QUEUE_SPANS", 4096)?,
-            max_export_batch: 512,
+            export_mode: match env(ENV_EXPORT_MODE).filter(|v| !v.trim().is_empty()) {
+                None => ExportMode::default(),
+                Some(v) => v
+                    .parse()
+                    .map_err(|e| ConfigError::Env(format!("{ENV_EXPORT_MODE}: {e}")))?,
+            },
+            queue_dir: env(ENV_QUEUE_DIR)
+                .filter(|v| !v.trim().is_empty())
+                .map(std::path::PathBuf::from),
+            queue_max_bytes: env_number(
+                env,
+                ENV_QUEUE_MAX_BYTES,
+                TelemetryConfig::DEFAULT_QUEUE_MAX_BYTES as usize,
+            )? as u64,
+            max_export_batch: TelemetryConfig::DEFAULT_MAX_EXPORT_BATCH,
             export_timeout: Duration::from_secs(10),
         })
     } else {
@@ -473,8 +493,15 @@ spec:
             .unwrap()
             .to_string();
         assert!(err.contains("used twice"), "{err}");
-        let env = env_of(&[("GATEWAY_TRACE_QUEUE_SPANS", "lots")]);
-        assert!(env_number(&env, "GATEWAY_TRACE_QUEUE_SPANS", 1).is_err());
+        let env = env_of(&[(ENV_QUEUE_MAX_BYTES, "lots")]);
+        assert!(env_number(&env, ENV_QUEUE_MAX_BYTES, 1).is_err());
+        let mut vars = KEYS.to_vec();
+        vars.push((ENV_EXPORT_MODE, "sometimes"));
+        let err = from_resource(&resource(CHAT), "f", &env_of(&vars))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not an export mode"), "{err}");
     }
 
     /// Every `rule` of the CRD's CEL validations.

@@ -6,8 +6,7 @@
 
 use std::borrow::Cow;
 
-use opentelemetry::KeyValue;
-use opentelemetry::trace::{Span as _, Status};
+use super::record::SpanBuf;
 
 /// Longest request or response body kept in a span (bytes of its JSON); longer ones are cut.
 pub const MAX_CONTENT_BYTES: usize = 1 << 20;
@@ -87,21 +86,11 @@ pub(super) fn error_message<'a>(
     })
 }
 
-/// Status ERROR and an "exception" event, as MLflow's `record_exception` writes them.
-pub(super) fn record_error(
-    span: &mut opentelemetry_sdk::trace::Span,
-    error_type: &str,
-    message: Cow<'_, str>,
-) {
-    let description = format!("{error_type}: {message}");
-    span.add_event(
-        "exception",
-        vec![
-            KeyValue::new("exception.type", error_type.to_string()),
-            KeyValue::new("exception.message", message.into_owned()),
-        ],
-    );
-    span.set_status(Status::error(description));
+/// An "exception" event, as MLflow's `record_exception` writes it; returns the description of
+/// the span's status ERROR.
+pub(super) fn record_error(span: &mut SpanBuf, error_type: &str, message: Cow<'_, str>) -> String {
+    span.exception(error_type, &message);
+    format!("{error_type}: {message}")
 }
 
 #[cfg(test)]

@@ -1,193 +1,163 @@
-//! The export's accounting: how many spans are in flight (ended, not yet exported or failed) and
-//! how much memory they hold, the gate that admits a span only while both are under their
-//! limits, and the counters behind [`ExportStats`] and the gateway's trace metrics. Logs a warning
-//! at the start of a streak of drops or failures, not per span.
+//! The export's accounting behind [`ExportStats`] and the gateway's trace metrics: traces and
+//! spans delivered, dropped (queue full) and rejected, and the export requests by kind and
+//! result. Logs a warning at the start of a streak of drops or failures, not per trace.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
-/// Export counters since `Telemetry::new`.
+/// Export figures since `Telemetry::new` (the queue's as of now).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExportStats {
-    /// Spans ended and admitted but not yet exported or failed (a gauge).
+    /// Traces waiting in the queue (a gauge).
     pub queued: u64,
-    /// Spans the tracking server accepted.
+    /// Bytes of the records waiting in the queue (a gauge).
+    pub queue_bytes: u64,
+    /// Age of the oldest trace waiting (a gauge).
+    pub oldest_age: Option<Duration>,
+    /// Spans stored by MLflow.
     pub exported_spans: u64,
-    /// Spans dropped because `max_queue_spans` were in flight (or telemetry was shut down),
-    /// including the spans of traces dropped whole at their start (never built).
+    /// Spans of traces dropped because the queue was full.
     pub dropped_spans: u64,
-    /// Traces dropped whole at their start because the export queue was full: none of their
-    /// spans was built (no request or response was serialized for them).
+    /// Traces dropped whole because the queue was full (at their start: nothing was built for
+    /// them; or at their end: their record did not fit).
     pub dropped_traces: u64,
-    /// Spans in OTLP requests that failed or timed out.
+    /// Spans of traces MLflow refused for good (a 4xx answer to the trace alone).
     pub failed_spans: u64,
-    /// Traces whose root span was accepted and whose trace info (metadata) was stored.
+    /// Traces MLflow refused for good, dropped (`traces_dropped_total{reason="rejected"}`).
+    pub rejected_traces: u64,
+    /// Traces stored with the gateway metadata (their trace info, or their tags).
     pub exported_traces: u64,
-    /// Traces whose root span was accepted but whose trace info could not be stored (they lack
-    /// the gateway metadata).
+    /// Traces whose spans were stored but whose trace info could not be.
     pub failed_traces: u64,
+    /// OTLP requests answered 2xx, and the others (no answer, error status).
+    pub otlp_ok: u64,
+    pub otlp_error: u64,
+    /// Trace-info (StartTraceV3) requests answered 2xx, and the others.
+    pub info_ok: u64,
+    pub info_error: u64,
 }
 
+impl ExportStats {
+    /// Traces whose spans MLflow stored (`traces_delivered_total`).
+    pub fn delivered_traces(&self) -> u64 {
+        self.exported_traces + self.failed_traces
+    }
+}
+
+#[derive(Default)]
 pub(super) struct Counters {
-    pub(super) max_in_flight: usize,
-    pub(super) max_bytes: usize,
-    pub(super) in_flight: AtomicUsize,
-    pub(super) in_flight_bytes: AtomicUsize,
     pub(super) exported_spans: AtomicU64,
     pub(super) dropped_spans: AtomicU64,
     pub(super) dropped_traces: AtomicU64,
     pub(super) failed_spans: AtomicU64,
+    pub(super) rejected_traces: AtomicU64,
     pub(super) exported_traces: AtomicU64,
     pub(super) failed_traces: AtomicU64,
-    /// Log state: a warning at the start of a streak of drops or failures, not per span.
-    pub(super) dropping: AtomicBool,
+    pub(super) otlp_ok: AtomicU64,
+    pub(super) otlp_error: AtomicU64,
+    pub(super) info_ok: AtomicU64,
+    pub(super) info_error: AtomicU64,
+    /// Records pushed into the queue, and records settled (delivered or rejected): `flush` waits
+    /// for the second to reach the first.
+    pub(super) pushed: AtomicU64,
+    pub(super) settled: AtomicU64,
+    /// Pauses before sending a request again (MLflow down or failing).
+    pub(super) retries: AtomicU64,
+    /// Log state: a warning at the start of a streak, not per trace.
+    dropping: AtomicBool,
     pub(super) export_failing: AtomicBool,
     pub(super) trace_info_failing: AtomicBool,
-    /// Trace-info requests queued or running.
-    pub(super) trace_infos_pending: AtomicUsize,
-    pub(super) trace_infos_idle: tokio::sync::Notify,
 }
 
 impl Counters {
-    pub(super) fn new(max_in_flight: usize, max_bytes: usize) -> Self {
-        Counters {
-            max_in_flight,
-            max_bytes,
-            in_flight: AtomicUsize::new(0),
-            in_flight_bytes: AtomicUsize::new(0),
-            exported_spans: AtomicU64::new(0),
-            dropped_spans: AtomicU64::new(0),
-            dropped_traces: AtomicU64::new(0),
-            failed_spans: AtomicU64::new(0),
-            exported_traces: AtomicU64::new(0),
-            failed_traces: AtomicU64::new(0),
-            dropping: AtomicBool::new(false),
-            export_failing: AtomicBool::new(false),
-            trace_info_failing: AtomicBool::new(false),
-            trace_infos_pending: AtomicUsize::new(0),
-            trace_infos_idle: tokio::sync::Notify::new(),
-        }
-    }
-
     pub(super) fn stats(&self) -> ExportStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         ExportStats {
-            queued: self.in_flight.load(Ordering::Relaxed) as u64,
-            exported_spans: self.exported_spans.load(Ordering::Relaxed),
-            dropped_spans: self.dropped_spans.load(Ordering::Relaxed),
-            dropped_traces: self.dropped_traces.load(Ordering::Relaxed),
-            failed_spans: self.failed_spans.load(Ordering::Relaxed),
-            exported_traces: self.exported_traces.load(Ordering::Relaxed),
-            failed_traces: self.failed_traces.load(Ordering::Relaxed),
+            queued: 0,
+            queue_bytes: 0,
+            oldest_age: None,
+            exported_spans: get(&self.exported_spans),
+            dropped_spans: get(&self.dropped_spans),
+            dropped_traces: get(&self.dropped_traces),
+            failed_spans: get(&self.failed_spans),
+            rejected_traces: get(&self.rejected_traces),
+            exported_traces: get(&self.exported_traces),
+            failed_traces: get(&self.failed_traces),
+            otlp_ok: get(&self.otlp_ok),
+            otlp_error: get(&self.otlp_error),
+            info_ok: get(&self.info_ok),
+            info_error: get(&self.info_error),
         }
     }
 
-    /// Takes a place in the queue for one span of about `bytes`; false (and counted) when the
-    /// queue is full. A span larger than the byte budget is still admitted into an empty queue.
-    pub(super) fn try_admit(&self, bytes: usize) -> bool {
-        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let bytes_before = self.in_flight_bytes.fetch_add(bytes, Ordering::AcqRel);
-        if before < self.max_in_flight
-            && (bytes_before == 0 || bytes_before.saturating_add(bytes) <= self.max_bytes)
-        {
-            return true;
+    /// Counts a trace of `spans` spans dropped because the queue was full.
+    pub(super) fn drop_trace(&self, spans: u64) {
+        self.dropped_traces.fetch_add(1, Ordering::Relaxed);
+        self.dropped_spans.fetch_add(spans, Ordering::Relaxed);
+        if !self.dropping.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "trace queue full: dropping traces (is the MLflow tracking server slow or down? see GATEWAY_TRACE_QUEUE_MAX_BYTES)"
+            );
         }
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.in_flight_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        self.drop_spans(1);
-        self.warn_dropping();
-        false
     }
 
+    /// Spans counted as dropped (an attempt of a trace dropped at its start).
     pub(super) fn drop_spans(&self, n: u64) {
         self.dropped_spans.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Whether a span would be dropped now (no place left, by count or bytes): a trace started
-    /// now is dropped whole, before anything is built for it.
-    pub(super) fn queue_full(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) >= self.max_in_flight
-            || self.in_flight_bytes.load(Ordering::Relaxed) >= self.max_bytes
-    }
-
-    /// Counts a trace dropped at its start (its spans are counted as they would have ended).
-    pub(super) fn drop_trace(&self) {
-        self.dropped_traces.fetch_add(1, Ordering::Relaxed);
-        self.warn_dropping();
-    }
-
-    pub(super) fn warn_dropping(&self) {
-        if !self.dropping.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                max_queue_spans = self.max_in_flight,
-                max_queue_bytes = self.max_bytes,
-                "trace export queue full: dropping traces (is the MLflow tracking server slow or down?)"
-            );
-        }
-    }
-
-    /// Frees the places of `n` spans (of `bytes` in all) that were exported or failed.
-    pub(super) fn release(&self, n: usize, bytes: usize) {
-        self.in_flight_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        let before = self.in_flight.fetch_sub(n, Ordering::AcqRel);
-        if before.saturating_sub(n) <= self.max_in_flight / 2
-            && self.dropping.load(Ordering::Relaxed)
-            && self.dropping.swap(false, Ordering::Relaxed)
-        {
+    pub(super) fn pushed(&self) {
+        self.pushed.fetch_add(1, Ordering::Relaxed);
+        if self.dropping.load(Ordering::Relaxed) && self.dropping.swap(false, Ordering::Relaxed) {
             tracing::info!(
-                dropped_spans = self.dropped_spans.load(Ordering::Relaxed),
-                "trace export queue has room again"
+                dropped_traces = self.dropped_traces.load(Ordering::Relaxed),
+                "trace queue has room again"
             );
         }
     }
 
-    pub(super) fn exported(&self, n: usize, bytes: usize, experiment_id: &str) {
-        self.exported_spans.fetch_add(n as u64, Ordering::Relaxed);
-        if self.export_failing.swap(false, Ordering::Relaxed) {
-            tracing::info!(experiment_id, "trace export to MLflow works again");
-        }
-        self.release(n, bytes);
-    }
-
-    pub(super) fn failed(&self, n: usize, bytes: usize, experiment_id: &str, reason: &str) {
-        self.failed_spans.fetch_add(n as u64, Ordering::Relaxed);
-        if self.export_failing.swap(true, Ordering::Relaxed) {
-            tracing::debug!(experiment_id, spans = n, %reason, "trace export failed");
-        } else {
-            tracing::warn!(
-                experiment_id,
-                spans = n,
-                %reason,
-                "trace export to MLflow failed; spans are lost until it works again (further failures are logged at debug level)"
-            );
-        }
-        self.release(n, bytes);
-    }
-
-    /// Counts `n` traces as exported (info and spans stored) or failed.
-    pub(super) fn traces_settled(&self, n: usize, stored: bool) {
-        let counter = if stored {
+    /// A trace whose spans MLflow stored; `with_metadata`: its info or tags too.
+    pub(super) fn delivered(&self, spans: u32, with_metadata: bool) {
+        self.exported_spans
+            .fetch_add(u64::from(spans), Ordering::Relaxed);
+        let c = if with_metadata {
             &self.exported_traces
         } else {
             &self.failed_traces
         };
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Settles one trace info posted by [`trace_info_worker`].
-    pub(super) fn trace_info_done(&self, stored: bool) {
-        self.traces_settled(1, stored);
-        if self.trace_infos_pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.trace_infos_idle.notify_waiters();
-        }
+    /// A trace MLflow refused for good.
+    pub(super) fn rejected(&self, spans: u32) {
+        self.failed_spans
+            .fetch_add(u64::from(spans), Ordering::Relaxed);
+        self.rejected_traces.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) async fn trace_infos_idle(&self) {
-        loop {
-            let idle = self.trace_infos_idle.notified();
-            if self.trace_infos_pending.load(Ordering::Acquire) == 0 {
-                return;
+    pub(super) fn settled(&self, n: usize) {
+        self.settled.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// An OTLP request's result.
+    pub(super) fn otlp(&self, ok: bool, experiment_id: &str, reason: &str) {
+        if ok {
+            self.otlp_ok.fetch_add(1, Ordering::Relaxed);
+            if self.export_failing.swap(false, Ordering::Relaxed) {
+                tracing::info!(experiment_id, "trace export to MLflow works again");
             }
-            idle.await;
+            return;
+        }
+        self.otlp_error.fetch_add(1, Ordering::Relaxed);
+        if self.export_failing.swap(true, Ordering::Relaxed) {
+            tracing::debug!(experiment_id, %reason, "trace export failed");
+        } else {
+            tracing::warn!(
+                experiment_id,
+                %reason,
+                "trace export to MLflow failed; traces wait in the queue and are tried again (further failures are logged at debug level)"
+            );
         }
     }
 }
@@ -195,46 +165,5 @@ impl Counters {
 impl fmt::Debug for Counters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.stats().fmt(f)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gate_accounting() {
-        let c = Counters::new(2, 1000);
-        assert!(c.try_admit(10));
-        assert!(c.try_admit(10));
-        assert!(!c.try_admit(10));
-        assert_eq!(c.stats().dropped_spans, 1);
-        assert_eq!(c.stats().queued, 2);
-        c.exported(1, 10, "1");
-        assert!(c.try_admit(10));
-        c.failed(2, 20, "1", "test");
-        let s = c.stats();
-        assert_eq!(
-            (s.queued, s.exported_spans, s.failed_spans, s.dropped_spans),
-            (0, 1, 2, 1)
-        );
-        assert_eq!(c.in_flight_bytes.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn gate_byte_budget() {
-        let c = Counters::new(100, 1000);
-        // A span larger than the budget still goes into an empty queue...
-        assert!(c.try_admit(5000));
-        // ...but nothing joins it until it is out.
-        assert!(!c.try_admit(1));
-        c.exported(1, 5000, "1");
-        assert!(c.try_admit(600));
-        assert!(c.try_admit(400));
-        assert!(!c.try_admit(1));
-        assert_eq!(c.stats().dropped_spans, 2);
-        c.failed(2, 1000, "1", "test");
-        assert_eq!(c.in_flight_bytes.load(Ordering::Relaxed), 0);
-        assert_eq!(c.stats().queued, 0);
     }
 }

@@ -1,13 +1,13 @@
 //! The tracking server as the trace export reaches it: the MLflow transport (URLs, credentials,
-//! TLS, User-Agent, timeout) plus the experiment header every export request carries. It is the
-//! OTLP exporter's HTTP client, and the trace-info client sends through it too. With an MLflow
-//! workspace, both carry `X-MLFLOW-WORKSPACE` (the server scopes experiment ids by it).
+//! TLS, User-Agent, timeout) plus the experiment header every export request carries. The OTLP
+//! requests and the trace-info requests go through it. With an MLflow workspace, both carry
+//! `X-MLFLOW-WORKSPACE` (the server scopes experiment ids by it).
 
 use std::fmt;
 use std::sync::Arc;
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
-use opentelemetry_http::{Bytes, HttpError, Request, Response};
+use opentelemetry_http::{Bytes, Request};
 
 use super::schema::EXPERIMENT_ID_HEADER;
 use crate::mlflow::{Transport, WORKSPACE_HEADER};
@@ -69,19 +69,5 @@ impl ExportHttp {
         }
         let answer = self.transport.send(request).await.map_err(|e| e.reason)?;
         Ok((answer.status, answer.body))
-    }
-}
-
-#[async_trait::async_trait]
-impl opentelemetry_http::HttpClient for ExportHttp {
-    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        let (status, body) = self.send(request).await.map_err(HttpError::from)?;
-        // An error answer is only quoted in a log line: keep it short.
-        let body = if status.is_success() {
-            body
-        } else {
-            body.slice(..body.len().min(300))
-        };
-        Ok(Response::builder().status(status).body(body)?)
     }
 }

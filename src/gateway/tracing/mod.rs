@@ -1,8 +1,8 @@
 //! The gateway's MLflow traces: one trace per LLM invocation, in the shape MLflow's own AI gateway
-//! writes, exported in the background so that a slow or dead tracking server never fails or slows
-//! a request. This file is the trace API request handling calls (start an invocation, its
-//! attempts, record outputs and usage) and is longer than 800 lines as one cohesive thing: the
-//! pieces it drives live beside it (schema, capture, context, counters, export, trace_info).
+//! writes, queued and delivered in the background so that a slow or dead tracking server never
+//! fails or slows a request, and loses no trace within the queue's bound. This file is the trace
+//! API request handling calls (start an invocation, its attempts, record outputs and usage); the
+//! pieces it drives live beside it.
 //!
 //! # Shape
 //!
@@ -12,184 +12,119 @@
 //!  |- provider/<provider>/<model>  one per attempt: mlflow.spanType=LLM, mlflow.llm.provider,
 //!  '- provider/<provider>/<model>  mlflow.llm.model, method (+ streaming=true), mlflow.chat.tokenUsage;
 //!                                  a failed attempt has status ERROR and an "exception" event
-//! trace metadata: mlflow.gateway.endpointId, mlflow.gateway.requestType, mlflow.gateway.caller,
+//! gateway metadata: mlflow.gateway.endpointId, mlflow.gateway.requestType, mlflow.gateway.caller,
 //! and for an authenticated caller mlflow.auth.username, mlflow.auth.userId, mlflow.trace.user
-//! (written by the trace-info request, see below); mlflow.trace.tokenUsage (summed by the server)
+//! (also user.id on the root): trace metadata or tags by the export mode (see below);
+//! mlflow.trace.tokenUsage and mlflow.trace.cost (summed by the server)
 //! trace tag: mlflow.traceName = gateway/<endpoint>
 //! ```
 //!
 //! # Pipeline
 //!
-//! A trace started while the queue is full is dropped whole at its start: no span is built and
-//! nothing is serialized for it; it keeps a trace id, and it and its spans are counted as dropped
-//! (`dropped_traces`, `dropped_spans`). Otherwise spans are OpenTelemetry SDK spans. When one
-//! ends, [`GateProcessor`](export::GateProcessor) admits it only while fewer
-//! than `max_queue_spans` spans are in flight (ended, not yet exported or failed), else it drops
-//! and counts it; admitted spans go to the SDK's tokio `BatchSpanProcessor`
-//! (`span_processor_with_async_runtime`), whose queue is larger than the gate so that it never
-//! drops on its own. Its exporter is [`CountingExporter`](export::CountingExporter) around the
-//! OTLP/HTTP protobuf exporter, which posts to `<tracking uri>/v1/traces` through the MLflow
-//! transport ([`crate::mlflow::Transport`]: the tracking server's TLS, the User-Agent and the
-//! credentials, which live only there, as sensitive header values) with `x-mlflow-experiment-id`.
-//! `CountingExporter` counts exported and failed spans and releases the gate, also when the batch
-//! processor abandons an export at its timeout.
+//! No OpenTelemetry SDK span is built: each span is one buffer that grows into the body of an
+//! OTLP protobuf `Span` as the request goes ([`record::SpanBuf`]). When the root and every attempt
+//! have ended, the trace is written once as a queue *record* (the gateway metadata, the framed
+//! attempts, the root's body: [`record`]) and pushed into the trace queue ([`queue`]), which never
+//! blocks a request: it keeps records in memory and, with `GATEWAY_TRACE_QUEUE_DIR`, on disk, up
+//! to `GATEWAY_TRACE_QUEUE_MAX_BYTES`. A trace started while the queue is full is dropped whole
+//! at its start (nothing is built; it keeps a trace id), one that no longer fits at its end is
+//! dropped then; both are counted (`traces_dropped_total{reason="queue_full"}`).
 //!
-//! The batch processor's task, its OTLP requests and the trace-info requests run on a
-//! current-thread tokio runtime on a thread of its own ([`ExportThread`](export::ExportThread)): encoding and sending
-//! a batch never holds up a runtime thread that serves requests.
+//! The delivery task ([`delivery`], on a thread of its own) takes records oldest first, batches
+//! them into one `ExportTraceServiceRequest` by copying bytes (a few length prefixes, no
+//! decoding), and posts it to `<tracking uri>/v1/traces` through the MLflow transport
+//! ([`crate::mlflow::Transport`]: TLS, User-Agent and the credentials, which live only there) with
+//! `x-mlflow-experiment-id`. While MLflow is down or failing the same batch is sent again after a
+//! pause (0.5 s doubling to 30 s); a batch refused with a 4xx is split down to the trace MLflow
+//! refuses, which is dropped and counted (`reason="rejected"`). A batch is acknowledged to the
+//! queue (its durable cursor) only once settled. On SIGTERM ([`Telemetry::shutdown`]) new
+//! invocations are not traced, the queue is written to disk, and delivery goes on until the grace
+//! period is up; the rest is delivered by the next process.
 //!
-//! Why the async-runtime batch processor: the default (thread-based) one drives the exporter's
-//! future with `futures_executor::block_on` on its own OS thread, where reqwest's async client
-//! has no tokio reactor, so it only works with reqwest's blocking client (another hidden runtime
-//! thread per client). The async-runtime flavour is one task on our tokio runtime that awaits the
-//! async client; `on_end` is a non-blocking `try_send`. Its `force_flush` and `shutdown` do block
-//! the calling thread (`block_on` on a oneshot), so they are only ever called from
-//! `spawn_blocking` ([`Telemetry::flush`], [`Telemetry::shutdown`]), never on a runtime thread,
-//! and the SDK's shutdown-on-drop is turned into a detached best-effort flush.
+//! # Export modes (`GATEWAY_TRACE_EXPORT_MODE`)
 //!
-//! # Trace metadata
+//! MLflow's OTLP handler (`mlflow/server/otel_api.py` → `SqlAlchemyStore.log_spans`) derives the
+//! trace's state, times, previews, token usage, cost, the user from `user.id`, and tags from
+//! root-span attributes `mlflow.traceTag.<key>`, but turns no other span attribute into trace
+//! metadata; `mlflow.gateway.*` metadata needs one StartTraceV3 request per trace.
 //!
-//! The OTLP handler of the tracking server (`mlflow/server/otel_api.py` →
-//! `SqlAlchemyStore.log_spans`) derives the trace's state, times, previews, token usage, cost,
-//! `user.id`/`session.id` and `mlflow.traceTag.*` tags from the spans, but turns no other span
-//! attribute into trace metadata. So one `POST /api/3.0/mlflow/traces` (StartTraceV3) per trace
-//! carries the trace info with the gateway metadata.
+//! * `info-then-spans`: per batch of at most 32 traces, their trace infos (StartTraceV3, 4 at a
+//!   time, for at most 1 s), then their spans: a trace shows complete within about a second of its
+//!   info; MLflow creates it from the info (about 26 ms of its CPU instead of 45 for the other
+//!   order). Infos that had no time go after their spans.
+//! * `spans-only` (the default): one OTLP request per batch (up to 512 traces, 8 MiB); every
+//!   gateway metadata key rides on the root span as `mlflow.traceTag.<key>`; a new trace appears
+//!   complete at once.
+//! * `adaptive`: `info-then-spans` while the queue keeps up; `spans-only` while it is behind
+//!   (its oldest trace older than 2 s, or more than 32 traces waiting); infos that had no time in
+//!   their stage go as tags with their spans.
 //!
-//! Order: `CountingExporter` posts the infos of the batch's root spans (a few at a time, within
-//! `export_timeout`) *before* the batch. MLflow then creates each trace from its info (marked
-//! final: `mlflow.trace.infoFinalized`) and adds the spans to it, filling in the previews and
-//! token usage: the same stored trace as the other order (MLflow's Python SDK sends spans first),
-//! for about 26 ms of server CPU instead of 45 on this project's benchmark machine, because the
-//! other order makes `start_trace` take its `IntegrityError` merge path. An info stored before a
-//! batch that is then lost would leave a trace without spans, so such a batch is sent a second
-//! time. Infos the stage had no time for, or skipped because one failed on a transient error
-//! after its retries (the MLflow transport's one retry policy; the server is struggling), are posted after the spans were stored, as the
-//! Python SDK does, on a bounded background queue ([`trace_info::trace_info_worker`]). A root whose children
-//! went in an earlier batch also takes the merge path: both orders store the same trace.
+//! Where each key lives, as MLflow 3.17.2 stores it (checked by
+//! `tests/integration/telemetry_mlflow.rs`, `*_mode_stores_*`):
+//!
+//! | key | info-then-spans (and adaptive keeping up) | spans-only (and adaptive behind) |
+//! |---|---|---|
+//! | `mlflow.gateway.endpointId`, `.requestType`, `.caller` | trace metadata | trace tags |
+//! | `mlflow.auth.username`, `mlflow.auth.userId` | trace metadata | trace tags |
+//! | `mlflow.trace.user` | trace metadata | trace metadata (from `user.id`) and a tag |
+//! | `mlflow.trace_schema.version` = 3, `mlflow.trace.infoFinalized` | trace metadata | absent |
+//! | `mlflow.trace.tokenUsage`, `mlflow.trace.cost` | trace metadata (server) | trace metadata (server) |
+//! | `mlflow.traceName` | tag | tag |
+//! | previews, state, times, spans | trace info | trace info |
+//!
+//! Search by the metadata of MLflow's own gateway (`metadata.\`mlflow.gateway.caller\``) in the
+//! first mode, by tags (`tags.\`mlflow.gateway.caller\``) in the second.
 //!
 //! # Files
 //!
 //! This file is the trace API that request handling uses ([`Telemetry`], [`Invocation`],
 //! [`Attempt`]); [`context`] what a trace takes from the request (caller, `traceparent`);
 //! [`schema`] holds the names MLflow reads and [`RequestType`], [`capture`] what
-//! of the content goes into spans, [`counters`] the queue's accounting, [`export`] the pipeline,
-//! [`trace_info`] the StartTraceV3 client, [`http`] the export's requests (through the MLflow
-//! transport). Nothing here imports from the rest of the gateway.
+//! of the content goes into spans, [`record`] the protobuf spans and queue records, [`counters`]
+//! the accounting, [`delivery`] the delivery task and the modes, [`trace_info`] the StartTraceV3
+//! client, [`http`] the export's requests (through the MLflow transport). Nothing here imports
+//! from the rest of the gateway.
 
 mod capture;
 mod context;
 mod counters;
-mod export;
+mod delivery;
 mod http;
+pub mod queue;
+mod record;
 mod schema;
+mod settings;
 #[cfg(test)]
 mod tests;
 mod trace_info;
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::HeaderValue;
-use opentelemetry::trace::{
-    Link, Span as _, SpanKind, Status, TraceContextExt as _, TraceId, Tracer as _,
-    TracerProvider as _,
-};
-use opentelemetry::{Context, KeyValue, StringValue};
-use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::runtime::Tokio;
-use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
-use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, Sampler, SdkTracer, SdkTracerProvider, SpanExporter, SpanProcessor as _,
-};
-
-use crate::mlflow::{ConfigError, MlflowConfig, RetryPolicy, Transport};
+use crate::mlflow::Transport;
 use capture::{content_attribute, cut_content, error_message, record_error, summary_of};
 use context::clean_caller;
 use counters::Counters;
-use export::{CountingExporter, ExportThread, GateProcessor, SCHEDULED_DELAY, batch_export_limit};
+use delivery::{Delivery, ExportThread, retried_since};
 use http::ExportHttp;
+use queue::{QueueConfig, TraceQueue};
+use record::{
+    Head, KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_OK, SpanBuf, Value, append_child,
+    encode_record, now_ns,
+};
 use schema::*;
-use trace_info::{TraceInfoPoster, trace_info_worker};
+use trace_info::TraceInfoPoster;
 
 pub use capture::MAX_CONTENT_BYTES;
 pub use context::{caller_from, caller_from_headers, parse_traceparent};
 pub use counters::ExportStats;
+pub use delivery::ExportMode;
 pub use schema::{CALLER_HEADER, EXPERIMENT_ID_HEADER, RequestType};
-
-/// Memory the spans in flight may hold at most (an estimate from their text), on top of the
-/// `max_queue_spans` count: large bodies and a slow tracking server must not exhaust memory.
-pub const MAX_QUEUE_BYTES: usize = 64 << 20;
-
-/// Where and how one endpoint's invocations are traced.
-#[derive(Clone, Debug)]
-pub struct TelemetryConfig {
-    /// Tracking server, auth and TLS.
-    pub mlflow: MlflowConfig,
-    pub experiment_id: String,
-    /// The MLflow workspace the experiment is in (`X-MLFLOW-WORKSPACE` on every export request);
-    /// `None` for a server without workspaces.
-    pub workspace: Option<String>,
-    /// `<endpoint>` in the root span's name `gateway/<endpoint>`.
-    pub endpoint_name: String,
-    /// Trace metadata `mlflow.gateway.endpointId` (the resource uid).
-    pub endpoint_id: String,
-    /// `false`: no request or response text anywhere in the trace. Inputs and outputs become
-    /// summaries such as `{"content_omitted":true,"messages":3}` (counts of the top-level arrays
-    /// `messages`, `input`, `contents`, `choices`, `data`, `content`, `candidates`, `output`), and
-    /// error messages (which may quote an upstream answer) are replaced by their error type and
-    /// HTTP status.
-    pub capture_content: bool,
-    /// Spans ended but not yet exported, at most; beyond it (or beyond [`MAX_QUEUE_BYTES`] of
-    /// their text) spans are dropped and counted.
-    pub max_queue_spans: usize,
-    /// Spans per OTLP request, at most.
-    pub max_export_batch: usize,
-    /// Time limit of one OTLP request (and of one trace-info request).
-    pub export_timeout: Duration,
-}
-
-impl TelemetryConfig {
-    pub const DEFAULT_MAX_QUEUE_SPANS: usize = 4096;
-    pub const DEFAULT_MAX_EXPORT_BATCH: usize = 512;
-    pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
-
-    /// Content captured, default queue, batch and timeout.
-    pub fn new(
-        mlflow: MlflowConfig,
-        experiment_id: impl Into<String>,
-        endpoint_name: impl Into<String>,
-        endpoint_id: impl Into<String>,
-    ) -> Self {
-        TelemetryConfig {
-            mlflow,
-            experiment_id: experiment_id.into(),
-            workspace: None,
-            endpoint_name: endpoint_name.into(),
-            endpoint_id: endpoint_id.into(),
-            capture_content: true,
-            max_queue_spans: Self::DEFAULT_MAX_QUEUE_SPANS,
-            max_export_batch: Self::DEFAULT_MAX_EXPORT_BATCH,
-            export_timeout: Self::DEFAULT_EXPORT_TIMEOUT,
-        }
-    }
-}
-
-/// A setting that cannot work.
-#[derive(Debug, thiserror::Error)]
-pub enum TelemetryError {
-    #[error("Telemetry::new must be called inside a tokio runtime")]
-    NoRuntime,
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("invalid telemetry setting: {0}")]
-    Invalid(String),
-    #[error("cannot build the OTLP exporter: {0}")]
-    Exporter(String),
-}
+use settings::Settings;
+pub use settings::{MAX_BATCH_BYTES, TelemetryConfig, TelemetryError};
 
 /// One endpoint's trace export. Cheap to clone; clones share the export pipeline.
 #[derive(Clone)]
@@ -198,20 +133,19 @@ pub struct Telemetry {
 }
 
 struct Inner {
-    tracer: SdkTracer,
-    provider: SdkTracerProvider,
-    bsp: Arc<BatchSpanProcessor<Tokio>>,
+    queue: TraceQueue,
     counters: Arc<Counters>,
-    /// Set by `shutdown`: new invocations are not traced, the batch processor is being stopped.
-    closed: Arc<AtomicBool>,
+    /// Set by `shutdown`: new invocations are not traced.
+    closed: AtomicBool,
     capture_content: bool,
     export_timeout: Duration,
-    retry: RetryPolicy,
     root_name: String,
-    endpoint_id: StringValue,
-    endpoint_name: StringValue,
-    root_name_value: StringValue,
+    endpoint_id: String,
+    endpoint_name: String,
     experiment_id: String,
+    delivery: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Ends (the delivery task with it) when the last reference goes.
+    _export_thread: Option<ExportThread>,
 }
 
 impl fmt::Debug for Telemetry {
@@ -230,7 +164,8 @@ impl fmt::Debug for Telemetry {
 }
 
 impl Telemetry {
-    /// Starts the export pipeline for one endpoint. Must be called inside a tokio runtime.
+    /// Opens the queue (recovering what a previous process left on disk) and starts the
+    /// delivery task for one endpoint. Must be called inside a tokio runtime.
     pub fn new(config: TelemetryConfig) -> Result<Self, TelemetryError> {
         tokio::runtime::Handle::try_current().map_err(|_| TelemetryError::NoRuntime)?;
         let settings = Settings::from_config(&config)?;
@@ -244,22 +179,16 @@ impl Telemetry {
             .ok_or_else(|| {
                 TelemetryError::Invalid("the workspace is not usable in an HTTP header".to_string())
             })?;
-        let otlp = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_http_client(http.clone())
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(transport.url("v1/traces").as_str())
-            .with_timeout(config.export_timeout)
-            .build()
-            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-        let info_url = transport.url("api/3.0/mlflow/traces");
-        let uri = axum::http::Uri::try_from(info_url.as_str())
-            .map_err(|e| TelemetryError::Invalid(format!("tracking URI {info_url}: {e}")))?;
+        let uri = |path: &str| {
+            let url = transport.url(path);
+            axum::http::Uri::try_from(url.as_str())
+                .map_err(|e| TelemetryError::Invalid(format!("tracking URI {url}: {e}")))
+        };
+        let otlp_uri = uri("v1/traces")?;
         let poster = TraceInfoPoster {
-            http,
-            uri,
+            http: http.clone(),
+            uri: uri("api/3.0/mlflow/traces")?,
             experiment_id: config.experiment_id.clone(),
-            endpoint_id: crate::text::clip(&config.endpoint_id, MAX_METADATA_BYTES).to_string(),
             trace_name: settings.root_name.clone(),
         };
         tracing::info!(
@@ -268,9 +197,60 @@ impl Telemetry {
             endpoint = %config.endpoint_name,
             tracking_uri = %config.mlflow.tracking_uri(),
             capture_content = config.capture_content,
+            export_mode = config.export_mode.as_str(),
+            queue_dir = config.queue_dir.as_ref().map(|d| d.display().to_string()).as_deref().unwrap_or("(memory)"),
+            queue_max_bytes = config.queue_max_bytes,
             "exporting gateway traces to MLflow"
         );
-        Ok(Self::build(settings, otlp, Some(poster)))
+        Self::build(settings, http, otlp_uri, Some(poster))
+    }
+
+    fn build(
+        settings: Settings,
+        http: ExportHttp,
+        otlp_uri: axum::http::Uri,
+        poster: Option<TraceInfoPoster>,
+    ) -> Result<Self, TelemetryError> {
+        let (queue, reader) = queue::open(QueueConfig {
+            dir: settings.queue_dir.clone(),
+            max_bytes: settings.queue_max_bytes,
+        })
+        .map_err(|e| TelemetryError::Queue(e.to_string()))?;
+        let counters = Arc::new(Counters::default());
+        let delivery = Delivery {
+            http,
+            otlp_uri,
+            poster,
+            counters: Arc::clone(&counters),
+            queue: queue.clone(),
+            mode: settings.export_mode,
+            max_batch: settings.max_export_batch,
+            max_batch_bytes: MAX_BATCH_BYTES,
+            export_timeout: settings.export_timeout,
+            experiment_id: settings.experiment_id.clone(),
+        };
+        // Encoding and sending run on a thread of their own: never on a runtime thread that
+        // serves requests.
+        let export_thread = ExportThread::start();
+        let task = match &export_thread {
+            Some(thread) => thread.handle.spawn(delivery.run(reader)),
+            None => tokio::spawn(delivery.run(reader)),
+        };
+        Ok(Telemetry {
+            inner: Some(Arc::new(Inner {
+                queue,
+                counters,
+                closed: AtomicBool::new(false),
+                capture_content: settings.capture_content,
+                export_timeout: settings.export_timeout,
+                endpoint_id: settings.endpoint_id,
+                endpoint_name: settings.endpoint_name,
+                root_name: settings.root_name,
+                experiment_id: settings.experiment_id,
+                delivery: Mutex::new(Some(task)),
+                _export_thread: export_thread,
+            })),
+        })
     }
 
     /// Usage tracking off: every call is a no-op and nothing is exported.
@@ -283,10 +263,16 @@ impl Telemetry {
     }
 
     pub fn stats(&self) -> ExportStats {
-        self.inner
-            .as_ref()
-            .map(|i| i.counters.stats())
-            .unwrap_or_default()
+        let Some(inner) = &self.inner else {
+            return ExportStats::default();
+        };
+        let queue = inner.queue.stats();
+        ExportStats {
+            queued: queue.traces,
+            queue_bytes: queue.bytes,
+            oldest_age: queue.oldest_age,
+            ..inner.counters.stats()
+        }
     }
 
     /// Starts one invocation's trace.
@@ -321,185 +307,119 @@ impl Telemetry {
         if inner.closed.load(Ordering::Relaxed) {
             return Invocation::disabled();
         }
-        if inner.counters.queue_full() {
-            // Shed before any work: a trace that would be dropped at the gate is not built at
-            // all. Its spans (the root now, each attempt as it starts) are counted as dropped.
-            inner.counters.drop_trace();
+        let trace_id = fastrand::u128(1..).to_be_bytes();
+        if !inner.queue.has_room() {
+            // Shed before any work: a trace that would not fit is not built at all. Its spans
+            // (the root now, each attempt as it starts) are counted as dropped.
+            inner.counters.drop_trace(0);
             return Invocation {
                 inner: None,
                 shed: Some(Shed {
                     counters: Arc::clone(&inner.counters),
-                    trace_id: TraceId::from_bytes(fastrand::u128(1..).to_be_bytes()),
+                    trace_id,
                 }),
             };
-        }
-        let mut attributes = Vec::with_capacity(10);
-        attributes.push(KeyValue::new(ATTR_SPAN_TYPE, "UNKNOWN"));
-        attributes.push(KeyValue::new(ATTR_ENDPOINT_ID, inner.endpoint_id.clone()));
-        attributes.push(KeyValue::new(
-            ATTR_ENDPOINT_NAME,
-            inner.endpoint_name.clone(),
-        ));
-        attributes.push(KeyValue::new(
-            ATTR_TRACE_NAME_TAG,
-            inner.root_name_value.clone(),
-        ));
-        attributes.push(KeyValue::new(META_REQUEST_TYPE, request_type.as_str()));
-        if let Some(caller) = caller.and_then(clean_caller) {
-            attributes.push(KeyValue::new(META_CALLER, caller));
-        }
-        if let Some(format) = request_type.message_format() {
-            attributes.push(KeyValue::new(ATTR_MESSAGE_FORMAT, format));
         }
         let inputs = match json {
             Some(json) if inner.capture_content => cut_content(String::from_utf8_lossy(json)),
             _ => content_attribute(inputs, inner.capture_content),
         };
-        attributes.push(KeyValue::new(ATTR_INPUTS, inputs));
-        let mut builder = inner
-            .tracer
-            .span_builder(inner.root_name.clone())
-            .with_kind(SpanKind::Server);
-        if let Some(parent) = traceparent.and_then(parse_traceparent) {
-            attributes.push(KeyValue::new(
-                ATTR_LINKED_TRACE_ID,
-                mlflow_trace_id(parent.trace_id()),
-            ));
-            builder = builder.with_links(vec![Link::with_context(parent)]);
+        let span_id = fastrand::u64(1..).to_be_bytes();
+        let mut root = SpanBuf::start(
+            &trace_id,
+            &span_id,
+            None,
+            &inner.root_name,
+            KIND_SERVER,
+            inputs.len() * 2 + 512,
+        );
+        root.str(ATTR_SPAN_TYPE, "UNKNOWN");
+        root.str(ATTR_ENDPOINT_ID, &inner.endpoint_id);
+        root.str(ATTR_ENDPOINT_NAME, &inner.endpoint_name);
+        root.str(ATTR_TRACE_NAME_TAG, &inner.root_name);
+        root.str(META_REQUEST_TYPE, request_type.as_str());
+        let mut metadata = Vec::with_capacity(6);
+        metadata.push((META_ENDPOINT_ID, inner.endpoint_id.clone()));
+        metadata.push((META_REQUEST_TYPE, request_type.as_str().to_string()));
+        if let Some(caller) = caller.and_then(clean_caller) {
+            root.str(META_CALLER, &caller);
+            metadata.push((META_CALLER, caller));
         }
-        // An empty parent context: the root never inherits an ambient span.
-        let span = builder
-            .with_attributes(attributes)
-            .start_with_context(&inner.tracer, &Context::new());
-        let context = span.span_context().clone();
-        let trace_id = context.trace_id();
+        if let Some(format) = request_type.message_format() {
+            root.str(ATTR_MESSAGE_FORMAT, format);
+        }
+        root.str(ATTR_INPUTS, &inputs);
+        if let Some(parent) = traceparent.and_then(parse_traceparent) {
+            root.str(ATTR_LINKED_TRACE_ID, &mlflow_trace_id(parent.trace_id()));
+            root.link(&parent.trace_id().to_bytes(), &parent.span_id().to_bytes());
+        }
         Invocation {
             inner: Some(Box::new(InvocationInner {
-                span,
-                parent: Context::new().with_remote_span_context(context),
-                trace_id,
-                telemetry: Arc::clone(inner),
+                root,
+                metadata,
+                trace: Arc::new(TraceShared {
+                    telemetry: Arc::clone(inner),
+                    trace_id,
+                    span_id,
+                    start_ns: now_ns(),
+                    parts: Mutex::new(Parts::default()),
+                }),
             })),
             shed: None,
         }
     }
 
-    /// Exports everything ended so far and waits for it (and for the trace-info requests it
-    /// causes), at most about `2 × export_timeout` plus the trace-info retries.
+    /// Waits until the traces finished so far are delivered (stored or refused), or until the
+    /// delivery pauses to try again (MLflow is down: they wait in the queue), at most about
+    /// three export timeouts.
     pub async fn flush(&self) {
         let Some(inner) = &self.inner else { return };
-        let bsp = Arc::clone(&inner.bsp);
-        let closed = Arc::clone(&inner.closed);
-        let flushed = tokio::task::spawn_blocking(move || {
-            if !closed.load(Ordering::Relaxed) {
-                let _ = bsp.force_flush();
-            }
-        });
-        let limit = batch_export_limit(inner.export_timeout, inner.retry) + inner.export_timeout;
-        let _ = tokio::time::timeout(limit, flushed).await;
-        // The trace-info requests: each attempt within the export timeout, and the pauses.
-        let infos = inner
-            .export_timeout
-            .saturating_mul(inner.retry.attempts() + 1)
-            + inner.retry.total_delay();
-        let _ = tokio::time::timeout(infos, inner.counters.trace_infos_idle()).await;
+        let target = inner.counters.pushed.load(Ordering::Relaxed);
+        let retries = inner.counters.retries.load(Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + inner.export_timeout.saturating_mul(3);
+        while inner.counters.settled.load(Ordering::Relaxed) < target
+            && !retried_since(&inner.counters, retries)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
-    /// Flushes and stops (on SIGTERM), waiting at most `timeout`. Invocations started afterwards
-    /// are not traced; spans ending afterwards are dropped (and counted).
+    /// On SIGTERM: new invocations are not traced from now on; the queue is written to disk
+    /// (what is not delivered then survives a restart); delivery goes on until everything is
+    /// delivered or `timeout` is up (or, with the queue on disk, until MLflow fails), then stops.
     pub async fn shutdown(&self, timeout: Duration) {
         let Some(inner) = &self.inner else { return };
+        if inner.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
         let deadline = tokio::time::Instant::now() + timeout;
-        if !inner.closed.swap(true, Ordering::SeqCst) {
-            let bsp = Arc::clone(&inner.bsp);
-            let stopped = tokio::task::spawn_blocking(move || bsp.shutdown());
-            if tokio::time::timeout_at(deadline, stopped).await.is_err() {
-                tracing::warn!(
-                    queued = inner.counters.in_flight.load(Ordering::Relaxed),
-                    "telemetry shutdown: spans still unexported after {} ms",
-                    timeout.as_millis()
-                );
-            }
-            let _ = tokio::time::timeout_at(deadline, inner.counters.trace_infos_idle()).await;
-            // Marks the provider shut down; the gate does not stop the batch processor again.
-            let _ = inner.provider.shutdown();
-            tracing::info!(stats = ?inner.counters.stats(), "telemetry shut down");
+        let queue = inner.queue.clone();
+        let flush_by = std::time::Instant::now() + timeout;
+        let _ = tokio::task::spawn_blocking(move || queue.flush(flush_by)).await;
+        let target = inner.counters.pushed.load(Ordering::Relaxed);
+        // With the queue on disk, MLflow failing ends the wait: the next process delivers.
+        let durable = inner.queue.stats().durable;
+        let retries = inner.counters.retries.load(Ordering::Relaxed);
+        while inner.counters.settled.load(Ordering::Relaxed) < target
+            && tokio::time::Instant::now() < deadline
+            && !(durable && retried_since(&inner.counters, retries))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
-
-    fn build<E: SpanExporter + 'static>(
-        settings: Settings,
-        exporter: E,
-        poster: Option<TraceInfoPoster>,
-    ) -> Self {
-        let counters = Arc::new(Counters::new(
-            settings.max_queue_spans,
-            settings.max_queue_bytes,
-        ));
-        // Everything of the export pipeline (the batch processor's task, its OTLP requests and
-        // the trace-info requests, with their connections) runs on a thread of its own, so that
-        // encoding and sending a batch never holds up a runtime thread that serves requests.
-        let export_thread = ExportThread::start();
-        let _in_export_runtime = export_thread.as_ref().map(|t| t.handle.enter());
-        let poster = poster.map(Arc::new);
-        let (info_tx, info_rx) = tokio::sync::mpsc::channel(settings.max_queue_spans.max(16));
-        tokio::spawn(trace_info_worker(
-            info_rx,
-            poster.clone(),
-            Arc::clone(&counters),
-        ));
-        let exporter = CountingExporter {
-            inner: exporter,
-            counters: Arc::clone(&counters),
-            poster,
-            info_budget: settings.export_timeout,
-            late_infos: info_tx,
-            experiment_id: settings.experiment_id.clone(),
-            retry: settings.retry,
-        };
-        // The SDK queue is larger than the gate (plus room for flush messages): it never drops.
-        let batch = BatchConfigBuilder::default()
-            .with_max_queue_size(settings.max_queue_spans + 64)
-            .with_max_export_batch_size(settings.max_export_batch)
-            .with_scheduled_delay(SCHEDULED_DELAY)
-            .with_max_export_timeout(batch_export_limit(settings.export_timeout, settings.retry))
-            .with_max_concurrent_exports(1)
-            .build();
-        let bsp = Arc::new(
-            BatchSpanProcessor::builder(exporter, Tokio)
-                .with_batch_config(batch)
-                .build(),
-        );
-        let closed = Arc::new(AtomicBool::new(false));
-        let gate = GateProcessor {
-            bsp: Arc::clone(&bsp),
-            counters: Arc::clone(&counters),
-            closed: Arc::clone(&closed),
-            export_thread: std::sync::Mutex::new(export_thread),
-        };
-        let provider = SdkTracerProvider::builder()
-            .with_resource(Resource::builder_empty().build())
-            .with_sampler(Sampler::AlwaysOn)
-            .with_span_processor(gate)
-            .build();
-        let tracer = provider.tracer(env!("CARGO_PKG_NAME"));
-        Telemetry {
-            inner: Some(Arc::new(Inner {
-                tracer,
-                provider,
-                bsp,
-                counters,
-                closed,
-                capture_content: settings.capture_content,
-                export_timeout: settings.export_timeout,
-                retry: settings.retry,
-                endpoint_id: StringValue::from(Arc::<str>::from(settings.endpoint_id)),
-                endpoint_name: StringValue::from(Arc::<str>::from(settings.endpoint_name)),
-                root_name_value: StringValue::from(Arc::<str>::from(settings.root_name.as_str())),
-                root_name: settings.root_name,
-                experiment_id: settings.experiment_id,
-            })),
+        if let Some(task) = inner.delivery.lock().ok().and_then(|mut t| t.take()) {
+            task.abort();
         }
+        let stats = self.stats();
+        if stats.queued > 0 {
+            tracing::warn!(
+                queued = stats.queued,
+                durable = inner.queue.stats().durable,
+                "telemetry shutdown: traces still undelivered after {} ms (kept in the queue's directory, if it has one)",
+                timeout.as_millis()
+            );
+        }
+        tracing::info!(stats = ?stats, "telemetry shut down");
     }
 }
 
@@ -511,24 +431,75 @@ pub struct Invocation {
     shed: Option<Shed>,
 }
 
-/// A trace dropped at its start: it keeps its id (the response header names it, as it names a
-/// trace whose spans are dropped at the gate) and counts its attempts as dropped spans.
+/// A trace dropped at its start: it keeps its id (the response header names it) and counts its
+/// attempts as dropped spans.
 struct Shed {
     counters: Arc<Counters>,
-    trace_id: TraceId,
+    trace_id: [u8; 16],
 }
 
 /// A response as the `mlflow.spanOutputs` of a trace's spans: serialized once (only when the
 /// invocation is traced) and shared by the attempt and the root that carry it.
 #[derive(Clone, Debug, Default)]
-pub struct Outputs(Option<StringValue>);
+pub struct Outputs(Option<Arc<str>>);
 
 struct InvocationInner {
-    span: opentelemetry_sdk::trace::Span,
-    /// The root as a parent for attempts.
-    parent: Context,
-    trace_id: TraceId,
+    root: SpanBuf,
+    /// The gateway metadata, written into the record at the end.
+    metadata: Vec<(&'static str, String)>,
+    trace: Arc<TraceShared>,
+}
+
+/// What a trace's spans share: the trace's record is written and queued when the last of them
+/// (the root or an attempt) lets go of it.
+struct TraceShared {
     telemetry: Arc<Inner>,
+    trace_id: [u8; 16],
+    /// The root's id: the attempts' parent.
+    span_id: [u8; 8],
+    start_ns: u64,
+    parts: Mutex<Parts>,
+}
+
+#[derive(Default)]
+struct Parts {
+    /// Ended attempts, as framed `ScopeSpans.spans` fields.
+    children: Vec<u8>,
+    spans: u32,
+    /// The ended root's body, its end and error, and the gateway metadata.
+    root: Option<Vec<u8>>,
+    end_ns: u64,
+    error: bool,
+    metadata: Vec<(&'static str, String)>,
+}
+
+impl Drop for TraceShared {
+    fn drop(&mut self) {
+        let Ok(parts) = self.parts.get_mut() else {
+            return;
+        };
+        let Some(root) = parts.root.take() else {
+            return;
+        };
+        let head = Head {
+            trace_id: self.trace_id,
+            start_ns: self.start_ns,
+            end_ns: parts.end_ns,
+            error: parts.error,
+            spans: parts.spans + 1,
+            metadata: parts
+                .metadata
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect(),
+        };
+        let record = encode_record(&head, &parts.children, &root);
+        let counters = &self.telemetry.counters;
+        match self.telemetry.queue.push(record) {
+            Ok(()) => counters.pushed(),
+            Err(_) => counters.drop_trace(u64::from(head.spans)),
+        }
+    }
 }
 
 impl fmt::Debug for Invocation {
@@ -537,6 +508,10 @@ impl fmt::Debug for Invocation {
             .field("trace_id", &self.trace_id())
             .finish()
     }
+}
+
+fn hex_trace_id(trace_id: &[u8; 16]) -> String {
+    mlflow_trace_id(opentelemetry::trace::TraceId::from_bytes(*trace_id))
 }
 
 impl Invocation {
@@ -551,33 +526,41 @@ impl Invocation {
     /// `tr-<32 hex>`, the MLflow trace id; None when telemetry is disabled.
     pub fn trace_id(&self) -> Option<String> {
         match (&self.inner, &self.shed) {
-            (Some(i), _) => Some(mlflow_trace_id(i.trace_id)),
-            (None, Some(shed)) => Some(mlflow_trace_id(shed.trace_id)),
+            (Some(i), _) => Some(hex_trace_id(&i.trace.trace_id)),
+            (None, Some(shed)) => Some(hex_trace_id(&shed.trace_id)),
             (None, None) => None,
         }
     }
 
     /// Records the caller the access check admitted, as MLflow's gateway does under its auth
     /// (trace metadata `mlflow.auth.username`, `mlflow.auth.userId`), and as the trace's user
-    /// (`mlflow.trace.user`, the UI's "User"). Values are clipped to what metadata holds.
+    /// (`mlflow.trace.user`, the UI's "User"; `user.id` on the root span, from which MLflow
+    /// takes the user when the trace has no info). Values are clipped to what metadata holds.
     pub fn set_authenticated_caller(&mut self, username: &str, user_id: Option<&str>) {
         let Some(inv) = &mut self.inner else { return };
         let Some(username) = clean_caller(username) else {
             return;
         };
-        inv.span
-            .set_attribute(KeyValue::new(META_AUTH_USERNAME, username.clone()));
-        inv.span
-            .set_attribute(KeyValue::new(META_TRACE_USER, username));
+        inv.root.str(META_AUTH_USERNAME, &username);
+        inv.root.str(META_TRACE_USER, &username);
+        inv.root.str(ATTR_USER_ID, &username);
+        inv.metadata.push((META_AUTH_USERNAME, username.clone()));
+        inv.metadata.push((META_TRACE_USER, username));
         if let Some(uid) = user_id.and_then(clean_caller) {
-            inv.span
-                .set_attribute(KeyValue::new(META_AUTH_USER_ID, uid));
+            inv.root.str(META_AUTH_USER_ID, &uid);
+            inv.metadata.push((META_AUTH_USER_ID, uid));
         }
     }
 
     /// Whether this invocation's spans are being built (telemetry on, the trace not dropped).
     pub fn is_traced(&self) -> bool {
         self.inner.is_some()
+    }
+
+    fn capture(&self) -> Option<bool> {
+        self.inner
+            .as_ref()
+            .map(|inv| inv.trace.telemetry.capture_content)
     }
 
     /// `value` (a response) serialized for the spans' outputs, once; empty when not traced.
@@ -588,30 +571,28 @@ impl Invocation {
     /// [`Invocation::outputs`] of a response whose JSON text is at hand (`json`, the text
     /// `value` was parsed from, as the provider sent it): that text is kept, not serialized again.
     pub fn outputs_of(&self, value: &serde_json::Value, json: Option<&[u8]>) -> Outputs {
-        let Some(inv) = &self.inner else {
+        let Some(capture) = self.capture() else {
             return Outputs(None);
         };
         let text = match json {
-            Some(json) if inv.telemetry.capture_content => {
-                cut_content(String::from_utf8_lossy(json))
-            }
-            _ => content_attribute(value, inv.telemetry.capture_content),
+            Some(json) if capture => cut_content(String::from_utf8_lossy(json)),
+            _ => content_attribute(value, capture),
         };
-        Outputs(Some(StringValue::from(Arc::<str>::from(text))))
+        Outputs(Some(Arc::from(text)))
     }
 
     /// [`Invocation::outputs`] of an answer at hand only as its JSON text, with the lengths of
     /// its top-level lists (for the summary kept without content capture).
     pub fn outputs_of_json(&self, json: &[u8], lists: &[(&str, usize)]) -> Outputs {
-        let Some(inv) = &self.inner else {
+        let Some(capture) = self.capture() else {
             return Outputs(None);
         };
-        let text = if inv.telemetry.capture_content {
+        let text = if capture {
             cut_content(String::from_utf8_lossy(json))
         } else {
             summary_of(lists.iter().copied())
         };
-        Outputs(Some(StringValue::from(Arc::<str>::from(text))))
+        Outputs(Some(Arc::from(text)))
     }
 
     /// Starts one provider attempt, `provider/<provider>/<model>`. `method`: `chat`,
@@ -630,30 +611,33 @@ impl Invocation {
             return Attempt { inner: None };
         };
         let name = if model.is_empty() {
-            format!("provider/{provider}")
+            Cow::Owned(format!("provider/{provider}"))
         } else {
-            format!("provider/{provider}/{model}")
+            Cow::Owned(format!("provider/{provider}/{model}"))
         };
-        let mut attributes = Vec::with_capacity(5);
-        attributes.push(KeyValue::new(ATTR_SPAN_TYPE, "LLM"));
-        attributes.push(KeyValue::new(ATTR_PROVIDER, provider.to_string()));
+        let capture_content = inv.trace.telemetry.capture_content;
+        let mut span = SpanBuf::start(
+            &inv.trace.trace_id,
+            &fastrand::u64(1..).to_be_bytes(),
+            Some(&inv.trace.span_id),
+            &name,
+            KIND_CLIENT,
+            256,
+        );
+        span.str(ATTR_SPAN_TYPE, "LLM");
+        span.str(ATTR_PROVIDER, provider);
         if !model.is_empty() {
-            attributes.push(KeyValue::new(ATTR_MODEL, model.to_string()));
+            span.str(ATTR_MODEL, model);
         }
-        attributes.push(KeyValue::new(ATTR_METHOD, method.to_string()));
+        span.str(ATTR_METHOD, method);
         if streaming {
-            attributes.push(KeyValue::new(ATTR_STREAMING, true));
+            span.attribute(ATTR_STREAMING, Value::Bool(true));
         }
-        let tracer = &inv.telemetry.tracer;
-        let span = tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
-            .start_with_context(tracer, &inv.parent);
         Attempt {
             inner: Some(AttemptInner {
                 span,
-                capture_content: inv.telemetry.capture_content,
+                trace: Arc::clone(&inv.trace),
+                capture_content,
             }),
         }
     }
@@ -670,19 +654,36 @@ impl Invocation {
         let Some(mut inv) = self.inner.take() else {
             return;
         };
-        let capture = inv.telemetry.capture_content;
+        let capture = inv.trace.telemetry.capture_content;
         if let Some(Outputs(Some(outputs))) = outputs {
-            inv.span
-                .set_attribute(KeyValue::new(ATTR_OUTPUTS, outputs.clone()));
+            inv.root.str(ATTR_OUTPUTS, outputs);
         }
         match error {
-            None => inv.span.set_status(Status::Ok),
+            None => (*inv).end(STATUS_OK, ""),
             Some(message) => {
                 let message = error_message(message, "GatewayError", None, capture);
-                record_error(&mut inv.span, "GatewayError", message);
+                let status = record_error(&mut inv.root, "GatewayError", message);
+                (*inv).end(STATUS_ERROR, &status);
             }
         }
-        inv.span.end();
+    }
+}
+
+impl InvocationInner {
+    /// Ends the root: the trace's record goes to the queue now, or when its last attempt ends.
+    fn end(self, code: u64, message: &str) {
+        let InvocationInner {
+            root,
+            metadata,
+            trace,
+        } = self;
+        let body = root.end(code, message);
+        if let Ok(mut parts) = trace.parts.lock() {
+            parts.root = Some(body);
+            parts.end_ns = now_ns();
+            parts.error = code == STATUS_ERROR;
+            parts.metadata = metadata;
+        }
     }
 }
 
@@ -693,12 +694,12 @@ impl Drop for Invocation {
             shed.counters.drop_spans(1);
         }
         if let Some(mut inv) = self.inner.take() {
-            record_error(
-                &mut inv.span,
+            let status = record_error(
+                &mut inv.root,
                 "Aborted",
                 Cow::Borrowed("aborted: the request ended before the gateway finished it"),
             );
-            inv.span.end();
+            inv.end(STATUS_ERROR, &status);
         }
     }
 }
@@ -709,8 +710,19 @@ pub struct Attempt {
 }
 
 struct AttemptInner {
-    span: opentelemetry_sdk::trace::Span,
+    span: SpanBuf,
+    trace: Arc<TraceShared>,
     capture_content: bool,
+}
+
+impl AttemptInner {
+    fn end(self, code: u64, message: &str) {
+        let body = self.span.end(code, message);
+        if let Ok(mut parts) = self.trace.parts.lock() {
+            append_child(&mut parts.children, &body);
+            parts.spans += 1;
+        }
+    }
 }
 
 impl fmt::Debug for Attempt {
@@ -731,9 +743,9 @@ impl Attempt {
     /// its answer (kept only with `capture_content`; MLflow's provider spans carry none).
     pub fn succeed(self, usage: Option<TokenUsage>, outputs: Option<&serde_json::Value>) {
         let outputs = match (&self.inner, outputs) {
-            (Some(attempt), Some(v)) if attempt.capture_content => Some(Outputs(Some(
-                StringValue::from(Arc::<str>::from(content_attribute(v, true))),
-            ))),
+            (Some(attempt), Some(v)) if attempt.capture_content => {
+                Some(Outputs(Some(Arc::from(content_attribute(v, true)))))
+            }
             _ => None,
         };
         self.succeed_with(usage, outputs.as_ref());
@@ -746,19 +758,14 @@ impl Attempt {
             return;
         };
         if let Some(usage) = usage {
-            attempt
-                .span
-                .set_attribute(KeyValue::new(ATTR_TOKEN_USAGE, usage.to_json()));
+            attempt.span.str(ATTR_TOKEN_USAGE, &usage.to_json());
         }
         if attempt.capture_content
             && let Some(Outputs(Some(outputs))) = outputs
         {
-            attempt
-                .span
-                .set_attribute(KeyValue::new(ATTR_OUTPUTS, outputs.clone()));
+            attempt.span.str(ATTR_OUTPUTS, outputs);
         }
-        attempt.span.set_status(Status::Ok);
-        attempt.span.end();
+        attempt.end(STATUS_OK, "");
     }
 
     /// The attempt failed: `error_type` e.g. `UpstreamError`, `Timeout`; `http_status` the
@@ -770,23 +777,23 @@ impl Attempt {
         if let Some(status) = http_status {
             attempt
                 .span
-                .set_attribute(KeyValue::new(ATTR_HTTP_STATUS, i64::from(status)));
+                .attribute(ATTR_HTTP_STATUS, Value::Int(i64::from(status)));
         }
         let message = error_message(message, error_type, http_status, attempt.capture_content);
-        record_error(&mut attempt.span, error_type, message);
-        attempt.span.end();
+        let status = record_error(&mut attempt.span, error_type, message);
+        attempt.end(STATUS_ERROR, &status);
     }
 }
 
 impl Drop for Attempt {
     fn drop(&mut self) {
         if let Some(mut attempt) = self.inner.take() {
-            record_error(
+            let status = record_error(
                 &mut attempt.span,
                 "Aborted",
                 Cow::Borrowed("aborted: the attempt was abandoned before it ended"),
             );
-            attempt.span.end();
+            attempt.end(STATUS_ERROR, &status);
         }
     }
 }
@@ -805,61 +812,5 @@ impl TokenUsage {
             r#"{{"input_tokens":{},"output_tokens":{},"total_tokens":{}}}"#,
             self.input_tokens, self.output_tokens, self.total_tokens
         )
-    }
-}
-
-/// A [`TelemetryConfig`], checked, as the pipeline uses it.
-struct Settings {
-    capture_content: bool,
-    max_queue_spans: usize,
-    max_queue_bytes: usize,
-    max_export_batch: usize,
-    export_timeout: Duration,
-    retry: RetryPolicy,
-    experiment_id: String,
-    endpoint_id: String,
-    endpoint_name: String,
-    root_name: String,
-}
-
-impl Settings {
-    fn from_config(config: &TelemetryConfig) -> Result<Self, TelemetryError> {
-        if config.experiment_id.trim().is_empty() {
-            return Err(TelemetryError::Invalid(
-                "experiment_id is empty".to_string(),
-            ));
-        }
-        if HeaderValue::from_str(&config.experiment_id).is_err() {
-            return Err(TelemetryError::Invalid(
-                "experiment_id is not usable in an HTTP header".to_string(),
-            ));
-        }
-        if config.endpoint_name.is_empty() {
-            return Err(TelemetryError::Invalid(
-                "endpoint_name is empty".to_string(),
-            ));
-        }
-        if config.max_queue_spans == 0 || config.max_export_batch == 0 {
-            return Err(TelemetryError::Invalid(
-                "max_queue_spans and max_export_batch must be at least 1".to_string(),
-            ));
-        }
-        if config.export_timeout.is_zero() {
-            return Err(TelemetryError::Invalid(
-                "export_timeout must be positive".to_string(),
-            ));
-        }
-        Ok(Settings {
-            capture_content: config.capture_content,
-            max_queue_spans: config.max_queue_spans,
-            max_queue_bytes: MAX_QUEUE_BYTES,
-            max_export_batch: config.max_export_batch.min(config.max_queue_spans),
-            export_timeout: config.export_timeout,
-            retry: RetryPolicy::new(config.mlflow.max_retries()),
-            experiment_id: config.experiment_id.clone(),
-            endpoint_id: config.endpoint_id.clone(),
-            endpoint_name: config.endpoint_name.clone(),
-            root_name: format!("gateway/{}", config.endpoint_name),
-        })
     }
 }

@@ -84,6 +84,10 @@ pub(super) const META_AUTH_USER_ID: &str = "mlflow.auth.userId";
 pub(super) const META_TRACE_USER: &str = "mlflow.trace.user";
 pub(super) const META_SCHEMA_VERSION: &str = "mlflow.trace_schema.version";
 pub(super) const TAG_TRACE_NAME: &str = "mlflow.traceName";
+/// A root-span attribute `mlflow.traceTag.<key>` becomes the trace tag `<key>`.
+pub(super) const TAG_ATTRIBUTE_PREFIX: &str = "mlflow.traceTag.";
+/// The trace's user, as MLflow's OTLP handler reads it from a span.
+pub(super) const ATTR_USER_ID: &str = "user.id";
 
 /// MLflow keeps trace metadata values up to this many characters on every backend.
 pub(super) const MAX_METADATA_BYTES: usize = 250;

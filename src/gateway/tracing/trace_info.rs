@@ -1,62 +1,49 @@
 //! The trace-info client: one `POST /api/3.0/mlflow/traces` (StartTraceV3) per trace, carrying
 //! the gateway metadata (`mlflow.gateway.endpointId`, `requestType`, `caller`), which MLflow's OTLP
 //! handler does not take from span attributes. [`post_infos`] is the stage before a batch's spans
-//! (a few at a time, within a budget; it stops early when the server struggles), and
-//! [`trace_info_worker`] posts the infos left over, after their spans. Retries follow the MLflow
-//! transport's one policy.
+//! (a few at a time, within a budget; it stops early when the server struggles); the delivery
+//! task posts the infos left over after their spans. Retries follow the MLflow transport's one
+//! policy.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderValue, Method, StatusCode};
-use opentelemetry::trace::{Status, TraceId};
+use opentelemetry::trace::TraceId;
 use opentelemetry_http::{Bytes, Request};
-use opentelemetry_sdk::trace::SpanData;
 
 use super::counters::Counters;
 use super::http::ExportHttp;
-use super::schema::{
-    META_AUTH_USER_ID, META_AUTH_USERNAME, META_CALLER, META_ENDPOINT_ID, META_REQUEST_TYPE,
-    META_SCHEMA_VERSION, META_TRACE_USER, TAG_TRACE_NAME, mlflow_trace_id,
-};
+use super::record::Head;
+use super::schema::{META_SCHEMA_VERSION, TAG_TRACE_NAME, mlflow_trace_id};
 
 /// Trace-info requests in flight at once.
 const TRACE_INFO_CONCURRENCY: usize = 4;
 
-/// What the trace-info request needs from a root span.
+/// What the trace-info request needs: from a queue record's head.
 #[derive(Debug, Clone)]
 pub(super) struct TraceInfoJob {
-    trace_id: TraceId,
-    start: SystemTime,
-    end: SystemTime,
-    error: bool,
-    request_type: Option<String>,
-    caller: Option<String>,
-    /// mlflow.auth.username, mlflow.auth.userId, mlflow.trace.user, when set.
-    identity: Vec<(&'static str, String)>,
+    pub(super) trace_id: TraceId,
+    pub(super) start: SystemTime,
+    pub(super) end: SystemTime,
+    pub(super) error: bool,
+    /// The gateway metadata (`mlflow.gateway.*`, the caller's identity), as recorded.
+    pub(super) metadata: Vec<(String, String)>,
 }
 
 impl TraceInfoJob {
-    pub(super) fn from_root(span: &SpanData) -> Self {
-        let attribute = |key: &str| {
-            span.attributes
-                .iter()
-                .find(|kv| kv.key.as_str() == key)
-                .map(|kv| kv.value.as_str().into_owned())
-        };
+    pub(super) fn from_head(head: &Head<'_>) -> Self {
         TraceInfoJob {
-            trace_id: span.span_context.trace_id(),
-            start: span.start_time,
-            end: span.end_time,
-            error: matches!(span.status, Status::Error { .. }),
-            request_type: attribute(META_REQUEST_TYPE),
-            caller: attribute(META_CALLER),
-            identity: [META_AUTH_USERNAME, META_AUTH_USER_ID, META_TRACE_USER]
-                .into_iter()
-                .filter_map(|k| attribute(k).map(|v| (k, v)))
+            trace_id: TraceId::from_bytes(head.trace_id),
+            start: UNIX_EPOCH + Duration::from_nanos(head.start_ns),
+            end: UNIX_EPOCH + Duration::from_nanos(head.end_ns),
+            error: head.error,
+            metadata: head
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         }
     }
@@ -82,7 +69,6 @@ pub(super) struct TraceInfoPoster {
     /// `<tracking uri>/api/3.0/mlflow/traces`.
     pub(super) uri: axum::http::Uri,
     pub(super) experiment_id: String,
-    pub(super) endpoint_id: String,
     pub(super) trace_name: String,
 }
 
@@ -105,23 +91,15 @@ impl TraceInfoPoster {
         str_json(&mut out, &self.experiment_id);
         let _ = write!(
             out,
-            r#"}}}},"request_time":"{}","execution_duration":"{}","state":"{}","trace_metadata":{{"{META_ENDPOINT_ID}":"#,
+            r#"}}}},"request_time":"{}","execution_duration":"{}","state":"{}","trace_metadata":{{"{META_SCHEMA_VERSION}":"3""#,
             rfc3339(job.start),
             proto_duration(duration),
             if job.error { "ERROR" } else { "OK" },
         );
-        str_json(&mut out, &self.endpoint_id);
-        let _ = write!(out, r#","{META_SCHEMA_VERSION}":"3""#);
-        if let Some(request_type) = &job.request_type {
-            let _ = write!(out, r#","{META_REQUEST_TYPE}":"#);
-            str_json(&mut out, request_type);
-        }
-        if let Some(caller) = &job.caller {
-            let _ = write!(out, r#","{META_CALLER}":"#);
-            str_json(&mut out, caller);
-        }
-        for (key, value) in &job.identity {
-            let _ = write!(out, r#","{key}":"#);
+        for (key, value) in &job.metadata {
+            out.push(',');
+            str_json(&mut out, key);
+            out.push(':');
             str_json(&mut out, value);
         }
         let _ = write!(out, r#"}},"tags":{{"{TAG_TRACE_NAME}":"#);
@@ -174,31 +152,28 @@ impl TraceInfoPoster {
     }
 }
 
-/// What the trace-info stage of one batch did.
-pub(super) struct InfoStage {
-    pub(super) stored: usize,
-    pub(super) failed: usize,
+/// What became of one trace's info in a trace-info stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum InfoOutcome {
+    Stored,
+    /// Refused for good (for example the experiment is gone) or failing after the retries.
+    Failed,
     /// Not posted: the stage's time was up, or the tracking server kept failing.
-    pub(super) late: Vec<TraceInfoJob>,
+    Late,
 }
 
-/// Posts the trace infos of one batch, a few at a time, for at most `budget`. Stops early, leaving
+/// Posts the trace infos of `jobs`, a few at a time, for at most `budget`. Stops early, leaving
 /// the rest late, when one fails on a transient error after its retries (the server is struggling
 /// or down: the rest would wait for the same).
 pub(super) async fn post_infos(
     poster: &TraceInfoPoster,
     counters: &Counters,
-    jobs: Vec<TraceInfoJob>,
+    jobs: &[TraceInfoJob],
     budget: Duration,
-) -> InfoStage {
+) -> Vec<InfoOutcome> {
     use futures::StreamExt as _;
     let deadline = tokio::time::Instant::now() + budget;
-    let mut stage = InfoStage {
-        stored: 0,
-        failed: 0,
-        late: Vec::new(),
-    };
-    let mut done = vec![false; jobs.len()];
+    let mut outcomes = vec![InfoOutcome::Late; jobs.len()];
     let mut next = 0;
     let mut running = futures::stream::FuturesUnordered::new();
     let mut struggling = false;
@@ -213,24 +188,18 @@ pub(super) async fn post_infos(
         else {
             break;
         };
-        done[index] = true;
-        match &result {
-            Ok(()) => stage.stored += 1,
-            Err(failure) => {
-                struggling |= failure.transient;
-                stage.failed += 1;
+        outcomes[index] = match &result {
+            Ok(()) => InfoOutcome::Stored,
+            // The server down or struggling: tried again after the spans (which wait for it).
+            Err(failure) if failure.transient => {
+                struggling = true;
+                InfoOutcome::Late
             }
-        }
+            Err(_) => InfoOutcome::Failed,
+        };
         note_info_result(poster, counters, &jobs[index], result.as_ref().err());
     }
-    drop(running);
-    stage.late = jobs
-        .into_iter()
-        .zip(done)
-        .filter(|(_, done)| !done)
-        .map(|(job, _)| job)
-        .collect();
-    stage
+    outcomes
 }
 
 /// Logs a trace info's fate: a warning at the start of a streak of failures, not per trace.
@@ -240,6 +209,12 @@ fn note_info_result(
     job: &TraceInfoJob,
     failure: Option<&InfoFailure>,
 ) {
+    let counter = if failure.is_none() {
+        &counters.info_ok
+    } else {
+        &counters.info_error
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
     match failure {
         None => {
             if counters.trace_info_failing.swap(false, Ordering::Relaxed) {
@@ -263,37 +238,6 @@ fn note_info_result(
     }
 }
 
-/// Posts the trace infos left over from their batch's stage, a few at a time, after their spans.
-/// Ends when the exporter (the sender) is gone.
-pub(super) async fn trace_info_worker(
-    mut jobs: tokio::sync::mpsc::Receiver<TraceInfoJob>,
-    poster: Option<Arc<TraceInfoPoster>>,
-    counters: Arc<Counters>,
-) {
-    let Some(poster) = poster else {
-        // No tracking server (tests of the span pipeline): nothing to write.
-        while jobs.recv().await.is_some() {
-            counters.trace_info_done(true);
-        }
-        return;
-    };
-    let slots = Arc::new(tokio::sync::Semaphore::new(TRACE_INFO_CONCURRENCY));
-    while let Some(job) = jobs.recv().await {
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            counters.trace_info_done(false);
-            continue;
-        };
-        let poster = Arc::clone(&poster);
-        let counters = Arc::clone(&counters);
-        tokio::spawn(async move {
-            let result = poster.post(&job).await;
-            drop(slot);
-            note_info_result(&poster, &counters, &job, result.as_ref().err());
-            counters.trace_info_done(result.is_ok());
-        });
-    }
-}
-
 /// RFC 3339 UTC with nanoseconds, as protobuf's JSON mapping of `Timestamp` wants it (a time
 /// before 1970 or past 9999 as 1970-01-01).
 fn rfc3339(time: SystemTime) -> String {
@@ -311,8 +255,10 @@ fn proto_duration(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::schema::*;
     use super::*;
     use crate::mlflow::{MlflowConfig, Transport};
+    use std::sync::Arc;
     use url::Url;
 
     #[tokio::test]
@@ -323,7 +269,6 @@ mod tests {
             http: ExportHttp::new(Arc::new(transport), "7").unwrap(),
             uri: "http://127.0.0.1:1/api/3.0/mlflow/traces".parse().unwrap(),
             experiment_id: "7".into(),
-            endpoint_id: "uid-1".into(),
             trace_name: "gateway/chat".into(),
         };
         let job = TraceInfoJob {
@@ -331,9 +276,10 @@ mod tests {
             start: UNIX_EPOCH + Duration::from_secs(1),
             end: UNIX_EPOCH + Duration::from_millis(1250),
             error: true,
-            request_type: Some("unified/chat".into()),
-            caller: None,
-            identity: vec![],
+            metadata: vec![
+                (META_ENDPOINT_ID.into(), "uid-1".into()),
+                (META_REQUEST_TYPE.into(), "unified/chat".into()),
+            ],
         };
         let body: serde_json::Value = serde_json::from_str(&poster.body(&job)).unwrap();
         let info = &body["trace"]["trace_info"];
@@ -345,13 +291,15 @@ mod tests {
         assert!(info["trace_metadata"].get(META_CALLER).is_none());
         assert_eq!(info["trace_metadata"][META_SCHEMA_VERSION], "3");
         assert_eq!(info["request_time"], "1970-01-01T00:00:01.000000000Z");
+        let mut metadata = job.metadata.clone();
+        metadata.extend([
+            (META_CALLER.into(), "a \"quoted\" caller\\".into()),
+            (META_AUTH_USERNAME.into(), "apikey:ci".into()),
+            (META_TRACE_USER.into(), "apikey:ci".into()),
+        ]);
         let quoted = TraceInfoJob {
-            caller: Some("a \"quoted\" caller\\".into()),
             error: false,
-            identity: vec![
-                (META_AUTH_USERNAME, "apikey:ci".into()),
-                (META_TRACE_USER, "apikey:ci".into()),
-            ],
+            metadata,
             ..job
         };
         let body: serde_json::Value = serde_json::from_str(&poster.body(&quoted)).unwrap();

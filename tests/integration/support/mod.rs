@@ -93,6 +93,8 @@ pub struct Cluster {
     pub bin_dir: PathBuf,
     pub admin_token: String,
     pub ca_file: PathBuf,
+    /// The directory `hack/cluster.sh` runs it in (and writes `env` to).
+    pub run_dir: PathBuf,
 }
 
 /// The cluster shared by this test binary.
@@ -127,8 +129,83 @@ pub fn cluster() -> &'static Cluster {
                 .trim()
                 .to_string(),
             ca_file: get("KUBE_CA_FILE").into(),
+            run_dir: get("KUBE_RUN_DIR").into(),
         }
     })
+}
+
+/// The cluster's real node (hack/node.sh: kubelet on containerd + runc, CNI bridge, kube-proxy),
+/// for tests whose pods must really run. kwok's fake node stays the default: the real node is
+/// tainted, so only pods placed with [`RealNode::place`] land on it.
+pub struct RealNode {
+    pub name: String,
+    /// The node's label and taint key (`<key>=true`; the taint's effect is NoSchedule).
+    pub key: String,
+    /// The bridge's address on the host: pods reach servers the tests bind to it (never to
+    /// 127.0.0.1, which is the pod's own loopback). There is no cluster DNS: pods use addresses.
+    pub host_ip: std::net::Ipv4Addr,
+    pub pod_subnet: String,
+    /// hack/node/echo-server.c, imported into the node's containerd (never pulled).
+    pub test_image: String,
+    pub containerd_sock: PathBuf,
+    pub containerd_namespace: String,
+}
+
+/// The real node of [`cluster`], started on first use when the cluster runs without one
+/// (`hack/node.sh up`; stopped with the cluster). Needs root; one real node per machine.
+pub fn real_node() -> &'static RealNode {
+    static NODE: OnceLock<RealNode> = OnceLock::new();
+    NODE.get_or_init(|| {
+        let c = cluster();
+        let env_file = c.run_dir.join("env");
+        if !read_env_file(&env_file).contains_key("KUBE_REAL_NODE") {
+            run_script(
+                "node.sh",
+                &["up", c.run_dir.to_str().expect("UTF-8 run dir")],
+            );
+        }
+        let env = read_env_file(&env_file);
+        let get = |k: &str| {
+            env.get(k)
+                .unwrap_or_else(|| panic!("{k} missing from {}", env_file.display()))
+                .clone()
+        };
+        let label = get("KUBE_REAL_NODE_LABEL");
+        RealNode {
+            name: get("KUBE_REAL_NODE"),
+            key: label
+                .strip_suffix("=true")
+                .expect("KUBE_REAL_NODE_LABEL is KEY=true")
+                .to_string(),
+            host_ip: get("KUBE_NODE_HOST_IP").parse().expect("KUBE_NODE_HOST_IP"),
+            pod_subnet: get("KUBE_NODE_POD_SUBNET"),
+            test_image: get("KUBE_NODE_TEST_IMAGE"),
+            containerd_sock: get("KUBE_CONTAINERD_SOCK").into(),
+            containerd_namespace: get("KUBE_CONTAINERD_NAMESPACE"),
+        }
+    })
+}
+
+impl RealNode {
+    /// Adds to a pod spec (JSON) the node selector and toleration that put it on this node.
+    pub fn place(&self, pod_spec: &mut serde_json::Value) {
+        pod_spec["nodeSelector"][&self.key] = "true".into();
+        let toleration =
+            serde_json::json!({"key": self.key, "operator": "Exists", "effect": "NoSchedule"});
+        match pod_spec["tolerations"].as_array_mut() {
+            Some(list) => list.push(toleration),
+            None => pod_spec["tolerations"] = serde_json::json!([toleration]),
+        }
+    }
+
+    /// Whether `ip` is a pod address of this node.
+    pub fn owns_pod_ip(&self, ip: std::net::Ipv4Addr) -> bool {
+        let (net, bits) = self.pod_subnet.split_once('/').expect("subnet a.b.c.d/n");
+        let net: std::net::Ipv4Addr = net.parse().expect("subnet address");
+        let bits: u32 = bits.parse().expect("subnet prefix");
+        let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+        u32::from(ip) & mask == u32::from(net) & mask
+    }
 }
 
 impl Cluster {
