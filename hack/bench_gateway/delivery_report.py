@@ -89,13 +89,20 @@ def sustained(results: list[dict], default: str | None) -> list[str]:
     return out + [""]
 
 
+def drain_words(r: dict) -> str:
+    if r["drained"]:
+        return f"drained in {r['drain_seconds']:.0f} s"
+    return (f"not drained within {r['drain_seconds']:.0f} s: {r['left_in_queue'] or 0:.0f} left "
+            f"in the queue")
+
+
 def outage(results: list[dict]) -> list[str]:
     out = []
     for r in (r for r in results if r["scenario"] == "outage"):
         out.append(f"outage ({label(r)}): {r['conns']} connections for {r['load_seconds']:.0f} "
                    f"s ({r['served'] / r['load_seconds']:.0f} req/s), MLflow down "
                    f"{r['down_seconds']:.0f} s with {r.get('queued_at_resume')} traces queued "
-                   f"at its restart; drained in {r['drain_seconds']:.0f} s; queue peak "
+                   f"at its restart; {drain_words(r)}; queue peak "
                    f"{queue_peak(r)}; dropped {dropped(r)}")
         out.append(f"  {lost_line(r)}")
     return out + [""] if out else []
@@ -109,8 +116,8 @@ def restart(results: list[dict]) -> list[str]:
                    f"after the signal (status {r['exit_status']}) with "
                    f"{r.get('queued_before')} traces queued at the last scrape before it, "
                    f"{r['queue_dir_bytes_at_restart']} bytes in its queue directory; the new "
-                   f"one recovered {r.get('recovered')} traces from disk; drained in "
-                   f"{r['drain_seconds']:.0f} s; client errors {sum(r['client_errors'].values())}")
+                   f"one recovered {r.get('recovered')} traces from disk; {drain_words(r)}; "
+                   f"client errors {sum(r['client_errors'].values())}")
         out.append(f"  {lost_line(r)}")
     return out + [""] if out else []
 

@@ -69,6 +69,14 @@ class Report(unittest.TestCase):
         self.assertIn("restart, SIGKILL", out)
         self.assertIn("recovered 790 traces from disk", out)
         self.assertIn("missing 10, extra 1); stored == served: MISSED", out)
+        self.assertIn("drained in 60 s", out)
+
+    def test_an_outage_not_drained_says_what_is_left(self):
+        out = render([run(scenario="outage", conns=4, served=3398, stored=885,
+                          stored_served=885, missing=2513, drained=False, drain_seconds=300.0,
+                          left_in_queue=2513.0, down_seconds=209.0, queued_at_resume=3053)],
+                     DS, ncpu=2)
+        self.assertIn("not drained within 300 s: 2513 left in the queue", out)
 
 
 if __name__ == "__main__":
