@@ -89,6 +89,19 @@ def steal_pct(before: list[int], after: list[int]) -> float:
     return 100.0 * d[7] / max(1, sum(d))
 
 
+def busy_pct(before: list[int], after: list[int]) -> float:
+    """The share (%) of the machine's CPU time between two /proc/stat readings that was busy
+    (neither idle nor iowait, steal excluded): with what this benchmark's own processes used,
+    it tells how much else ran on the machine meanwhile."""
+    d = [b - a for a, b in zip(before, after)]
+    return 100.0 * (sum(d) - d[3] - d[4] - d[7]) / max(1, sum(d))
+
+
+def loadavg() -> float:
+    """The 1-minute load average (/proc/loadavg)."""
+    return float((PROC / "loadavg").read_text().split()[0])
+
+
 def renice_tree(pid: int, nice: int) -> None:
     """Sets `pid` and its descendants to niceness `nice`, and its scheduler autogroup too: a
     server started with setsid has an autogroup of its own, whose weight against the others' is

@@ -3,6 +3,7 @@ a sink. Each runs `mlflow-gateway-operator gateway` on a GatewayEndpoint manifes
 is the fake upstream, with a clean environment (no MLflow or gateway settings inherited)."""
 import os
 import time
+from pathlib import Path
 
 from . import cpu
 from .load import Load
@@ -10,12 +11,14 @@ from .mlflow import MlflowServer
 from .nginx import Nginx, sink_server
 from .processes import Session, free_port, log
 from .settings import Settings
+from .watch import parse_exposition, sample
 from .web import answers, check_target, metric_sum, request
 
 # Variables the gateway reads that the caller's environment must not leak into a row.
 _UNSET = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_TOKEN",
           "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RUST_LOG", "LOG_FORMAT",
-          "GATEWAY_MAX_BODY_BYTES", "GATEWAY_ATTEMPT_TIMEOUT_SECONDS")
+          "GATEWAY_MAX_BODY_BYTES", "GATEWAY_ATTEMPT_TIMEOUT_SECONDS",
+          "GATEWAY_TRACE_QUEUE_DIR", "GATEWAY_TRACE_QUEUE_MAX_BYTES", "GATEWAY_TRACE_EXPORT_MODE")
 
 LABELS = {
     "off": "this gateway, tracing off",
@@ -45,17 +48,20 @@ class Gateway:
     """One running gateway process (for one row)."""
 
     def __init__(self, session: Session, settings: Settings, row: str, fake_port: int,
-                 usage_tracking: bool, **env: str):
+                 usage_tracking: bool, port: int | None = None, binary: Path | None = None,
+                 **env: str):
+        """`port`: listen there (a restarted gateway keeps its port); `binary`: another build
+        than BENCH_BIN's (today's export, for comparison)."""
         self.session = session
         endpoint = session.run / f"endpoint-{row}.yaml"
         endpoint.write_text(manifest(fake_port, usage_tracking))
-        self.port = free_port()
+        self.port = port or free_port()
         child_env = {k: v for k, v in os.environ.items() if k not in _UNSET}
         if settings.rust_log:
             child_env["RUST_LOG"] = settings.rust_log
         child_env.update(GATEWAY_API_KEY_FAKE="sk-bench", **env)
         name = f"gateway-{row}"
-        self.proc = session.start(name, [str(settings.binary), "gateway", "--endpoint",
+        self.proc = session.start(name, [str(binary or settings.binary), "gateway", "--endpoint",
                                          str(endpoint), "--listen", f"127.0.0.1:{self.port}"],
                                   env=child_env)
         self.url = f"http://127.0.0.1:{self.port}/gateway/mlflow/v1/chat/completions"
@@ -73,13 +79,35 @@ class Gateway:
             raise GatewayGone(f"{self.name}: /metrics -> {status}")
         return metric_sum(body, name)
 
+    def scrape(self) -> dict:
+        """The export figures of /metrics (watch.sample); GatewayGone if it does not answer."""
+        try:
+            status, body = request(f"http://127.0.0.1:{self.port}/metrics", timeout=10)
+        except OSError as e:
+            raise GatewayGone(f"{self.name}: /metrics: {e}") from None
+        if status != 200:
+            raise GatewayGone(f"{self.name}: /metrics -> {status}")
+        return sample(parse_exposition(body))
+
+    def queued(self) -> int:
+        """What waits in the export queue: traces (issue #15's queue) or spans (before it)."""
+        s = self.scrape()
+        return int(s.get("trace_queue_traces", s.get("trace_export_queue_spans", 0)))
+
+    def exported(self) -> int:
+        """Traces delivered (issue #15: stored by MLflow) or, before it, trace infos sent."""
+        s = self.scrape()
+        return int(s.get("traces_delivered_total", s.get("traces_exported_total", 0)))
+
     def alive(self) -> bool:
         return answers(f"http://127.0.0.1:{self.port}/metrics")
 
     def trace_counts(self, wrk_completed: int) -> dict:
         m = self.metric
+        s = self.scrape()
         return dict(answered=m("mlflow_gateway_requests_total"), wrk_completed=wrk_completed,
-                    exported=m("mlflow_gateway_traces_exported_total"),
+                    exported=self.exported(), queued=self.queued(),
+                    queued_bytes=s.get("trace_queue_bytes"),
                     spans_exported=m("mlflow_gateway_spans_exported_total"),
                     dropped=m("mlflow_gateway_spans_dropped_total"),
                     dropped_traces=m("mlflow_gateway_traces_dropped_total"),
@@ -89,17 +117,34 @@ class Gateway:
         self.session.stop(self.proc)
 
 
-def _bench(gw: Gateway, load: Load, row: str, **kwargs) -> int:
+def label(settings: Settings, row: str) -> str:
+    """A row's label; a tracing row's names its export mode when BENCH_EXPORT_MODE sets one."""
+    if row != "off" and settings.export_mode:
+        return f"{LABELS[row]} [{settings.export_mode}]"
+    return LABELS[row]
+
+
+def export_env(settings: Settings) -> dict[str, str]:
+    """The export settings of a tracing row (BENCH_EXPORT_MODE, BENCH_QUEUE_MAX_BYTES)."""
+    env = {}
+    if settings.export_mode:
+        env["GATEWAY_TRACE_EXPORT_MODE"] = settings.export_mode
+    if settings.queue_max_bytes:
+        env["GATEWAY_TRACE_QUEUE_MAX_BYTES"] = str(settings.queue_max_bytes)
+    return env
+
+
+def _bench(gw: Gateway, settings: Settings, load: Load, row: str, **kwargs) -> int:
     """The check request, then the load; a failed check skips the row. Returns wrk's count."""
     if not check_target(gw.url, "bench"):
-        load.skip(row, LABELS[row], f"check request failed (log: {gw.log_name})")
+        load.skip(row, label(settings, row), f"check request failed (log: {gw.log_name})")
         return 0
-    return load.bench(row, LABELS[row], gw.url, "bench", [gw.proc.pid], **kwargs)
+    return load.bench(row, label(settings, row), gw.url, "bench", [gw.proc.pid], **kwargs)
 
 
 def run_off(session: Session, settings: Settings, load: Load, fake_port: int) -> None:
     gw = Gateway(session, settings, "off", fake_port, False)
-    _bench(gw, load, "off")
+    _bench(gw, settings, load, "off")
     gw.stop()
 
 
@@ -114,7 +159,7 @@ def run_traced_mlflow(session: Session, settings: Settings, load: Load, fake_por
         cpu.renice_tree(server.pid, nice)
     cpu0 = cpu.cpu_seconds(server.pid)
     gw = Gateway(session, settings, row, fake_port, True, MLFLOW_TRACKING_URI=server.uri,
-                 MLFLOW_EXPERIMENT_ID=experiment)
+                 MLFLOW_EXPERIMENT_ID=experiment, **export_env(settings))
 
     def drain():
         """Waits (bounded) until the span export queue is empty and neither the gateway's
@@ -123,9 +168,8 @@ def run_traced_mlflow(session: Session, settings: Settings, load: Load, fake_por
         deadline, prev = time.monotonic() + settings.drain_timeout, None
         try:
             while time.monotonic() < deadline:
-                queued = gw.metric("mlflow_gateway_trace_export_queue_spans")
-                now = (gw.metric("mlflow_gateway_traces_exported_total"),
-                       server.count_traces(experiment))
+                queued = gw.queued()
+                now = (gw.exported(), server.count_traces(experiment))
                 if queued == 0 and now == prev:
                     return
                 prev = now
@@ -135,7 +179,7 @@ def run_traced_mlflow(session: Session, settings: Settings, load: Load, fake_por
             return
         log(f"warning: trace export did not drain within {settings.drain_timeout} s")
 
-    sent = _bench(gw, load, row, side_pid=server.pid, between_runs=drain)
+    sent = _bench(gw, settings, load, row, side_pid=server.pid, between_runs=drain)
     if gw.alive():
         load.note_traces(row, server.trace_stats(experiment), gw.trace_counts(sent),
                          dict(experiment=experiment,
@@ -151,18 +195,18 @@ def run_sink(session: Session, settings: Settings, load: Load, fake_port: int) -
     sink_pid = sink.start()
     cpu0 = cpu.cpu_seconds(sink_pid)
     gw = Gateway(session, settings, "sink", fake_port, True,
-                 MLFLOW_TRACKING_URI=f"http://127.0.0.1:{sink_port}", MLFLOW_EXPERIMENT_ID="1")
+                 MLFLOW_TRACKING_URI=f"http://127.0.0.1:{sink_port}", MLFLOW_EXPERIMENT_ID="1",
+                 **export_env(settings))
 
     def drain():  # bounded: until the export queue is empty
         deadline = time.monotonic() + 30
         try:
-            while gw.metric("mlflow_gateway_trace_export_queue_spans") != 0 \
-                    and time.monotonic() < deadline:
+            while gw.queued() != 0 and time.monotonic() < deadline:
                 time.sleep(0.5)
         except GatewayGone as e:
             log(f"warning: no drain: {e}")
 
-    sent = _bench(gw, load, "sink", side_pid=sink_pid, between_runs=drain)
+    sent = _bench(gw, settings, load, "sink", side_pid=sink_pid, between_runs=drain)
     if gw.alive():
         load.note_traces("sink", gw.trace_counts(sent),
                          dict(receiver_cpu_s=cpu.cpu_seconds(sink_pid) - cpu0))

@@ -44,9 +44,38 @@ class MlflowServer:
         self.db = self.dir / "db/mlflow.db"
 
     def stop(self) -> None:
-        """Stops the server (and its workers), keeping its database."""
+        """Stops the server (and its workers, its process group), keeping its port and
+        database."""
         subprocess.run([MLFLOW_SH, "stop", str(self.dir)], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=60)
+
+    def resume(self) -> None:
+        """Starts the stopped server again on the same port with the same database (a new pid)."""
+        status = run_bounded([MLFLOW_SH, "resume", str(self.dir)], 300,
+                             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                             stdout=subprocess.DEVNULL)
+        if status != 0:
+            raise BenchError(f"hack/mlflow.sh resume {self.dir} failed "
+                             f"(log: {self.dir}/mlflow.log)")
+        self.pid = int((self.dir / "pid").read_text().strip())
+
+    def trace_infos(self, experiment: str, page: int = 500) -> list[dict]:
+        """Every trace info stored in `experiment`, through MLflow's search-traces API
+        (`POST /api/3.0/mlflow/traces/search`, 500 per page, its maximum): what a user sees."""
+        found, token = [], None
+        for _ in range(100_000):  # bounded: a page per 500 traces
+            body = {"locations": [{"type": "MLFLOW_EXPERIMENT",
+                                   "mlflow_experiment": {"experiment_id": experiment}}],
+                    "max_results": page}
+            if token:
+                body["page_token"] = token
+            answer = _retried(lambda: post_json(f"{self.uri}/api/3.0/mlflow/traces/search",
+                                                body))
+            found += answer.get("traces", [])
+            token = answer.get("next_page_token")
+            if not token:
+                break
+        return found
 
     def _cleanup(self, keep: bool) -> None:
         # `down` deletes the database; a kept run keeps it as db.kept
@@ -136,6 +165,19 @@ def run_mlflow_gateway(session: Session, load: Load, fake_port: int, drain_timeo
                    (server.dir / "mlflow.log").read_text(errors="replace").splitlines())
     load.note_traces("mlflow", server.trace_stats(experiment),
                      dict(answered=answered, wrk_completed=sent, experiment=experiment))
+
+
+def _retried(call, attempts: int = 6, pause: float = 5.0):
+    """`call()`, tried again after a failure (a uvicorn worker that its supervisor restarts on a
+    loaded machine drops its connections): at most `attempts` times, `pause` s apart."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except BenchError as e:
+            if attempt == attempts - 1:
+                raise
+            log(f"warning: {e}; again in {pause:.0f} s")
+            time.sleep(pause)
 
 
 def _warm_up(url: str) -> None:

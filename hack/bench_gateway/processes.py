@@ -82,6 +82,19 @@ class Session:
         self._procs.pop(proc.pid, None)
         _stop(proc)
 
+    def end(self, proc: subprocess.Popen, sig, grace: float) -> float:
+        """Ends one process started by `start` with signal `sig` (SIGKILL after `grace` s if it
+        is still running, as a kubelet does); returns the seconds it took to exit."""
+        self._procs.pop(proc.pid, None)
+        t0 = time.monotonic()
+        _signal(proc, sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return time.monotonic() - t0
+
     def on_cleanup(self, callback) -> None:
         """Registers `callback(keep)` to run at close, before the run directory goes."""
         self._cleanups.append(callback)

@@ -180,6 +180,43 @@ def _pct(share: float | None) -> str:
     return f"{share:.1f}%" if share is not None else "-"
 
 
+def cpu_table(res: _Results) -> list[str]:
+    """The honest CPU table: each server's own CPU per request from /proc (so a tracking server
+    on the same cores does not pollute the gateway's figure), the trace receiver's apart (per
+    exported trace for the sink, per stored trace for MLflow, over the whole row and its drain),
+    and the steal of each run."""
+    order = ("nginx", "off", "sink", "on", "on-nice")
+    if not any(res.by.get((row, c)) for row in order[1:] for c in res.concs):
+        return []
+    head = (f"{'row':<44} {'conc':>4} {'CPU us/req':>10} {'vs off':>7} {'exported':>8} "
+            f"{'receiver CPU':>22} {'steal':>5}")
+    out = ["CPU per request (each server's own, from /proc):", head, "-" * len(head)]
+    for c in res.concs:
+        off = res.by.get(("off", c))
+        off_us = off["cpu_s"] / off["requests"] * 1e6 if off and off.get("requests") else None
+        for row in order:
+            r = res.by.get((row, c))
+            if not r or "skipped" in r or not r.get("requests"):
+                continue
+            us = r["cpu_s"] / r["requests"] * 1e6
+            vs = f"{(us - off_us) / off_us * 100:+.0f}%" if off_us and row not in (
+                "off", "nginx") else ""
+            share = res.share(row)
+            exported = f"{share:.1f}%" if share is not None and row != "off" else ""
+            out.append(f"{r['label']:<44} {c:>4} {us:>10.0f} {vs:>7} {exported:>8} "
+                       f"{_receiver(res, row, r):>22} {r.get('steal_pct', 0):>4.0f}%")
+    return out + [""]
+
+
+def _receiver(res: _Results, row: str, r: dict) -> str:
+    t = res.traces.get(row, {})
+    if row == "sink" and t.get("exported"):
+        return f"sink {t['receiver_cpu_s'] / t['exported'] * 1e6:.0f} us/trace"
+    if row in ("on", "on-nice") and t.get("stored"):
+        return f"MLflow {t['receiver_cpu_s'] / t['stored'] * 1e3:.0f} ms/stored"
+    return ""
+
+
 def coarse_notes(res: _Results) -> list[str]:
     return [f"note: {r['label']} at conc {r['conc']} completed {r['requests']} requests, under 2 "
             f"per connection: its req/s and percentiles are coarse (a longer BENCH_DURATION "
@@ -196,6 +233,7 @@ LEGEND = ("errors = non-2xx answers + socket errors (connect/read/write/timeout)
 def render(rows: list[dict], traces: list[dict], info: RunInfo) -> str:
     """The whole report, as printed."""
     res = _Results(rows, traces)
-    lines = [*table(res, info), *side_cpu(res, info), *ratios(res), *trace_counts(res),
+    lines = [*table(res, info), *cpu_table(res), *side_cpu(res, info), *ratios(res),
+             *trace_counts(res),
              *coarse_notes(res), LEGEND]
     return "\n".join(lines) + "\n"

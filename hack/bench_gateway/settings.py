@@ -14,6 +14,10 @@ Environment (all optional):
   BENCH_RUST_LOG=          RUST_LOG of the gateway (default: unset, i.e. its default, info;
                            the gateway logs nothing per request at info)
   BENCH_DRAIN_TIMEOUT=120  s to wait for trace export to drain after a tracing-on run
+  BENCH_EXPORT_MODE=       GATEWAY_TRACE_EXPORT_MODE of the tracing rows (info-then-spans,
+                           spans-only, adaptive; unset: the gateway's default), in their labels
+  BENCH_QUEUE_MAX_BYTES=   GATEWAY_TRACE_QUEUE_MAX_BYTES of the tracing rows (unset: the
+                           gateway's default; their queue is in memory, as without a queue dir)
   BENCH_JSON=FILE          also write the raw results (one JSON object per run) there
   BENCH_KEEP=1             keep the run directory (configs, logs, wrk outputs, MLflow dbs as
                            */db.kept); it is also kept when the benchmark fails
@@ -26,6 +30,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 ALL_TARGETS = ("direct", "nginx", "off", "on", "on-nice", "sink", "mlflow")
+EXPORT_MODES = ("info-then-spans", "spans-only", "adaptive")
 
 
 class SettingsError(ValueError):
@@ -47,6 +52,8 @@ class Settings:
     drain_timeout: int
     json_out: Path | None
     keep: bool
+    export_mode: str | None = None
+    queue_max_bytes: int | None = None
 
     def wants(self, row: str) -> bool:
         return row in self.targets
@@ -79,6 +86,10 @@ def from_env(env=os.environ) -> Settings:
             f"BENCH_TARGETS: unknown row(s) {' '.join(unknown)} (rows: {' '.join(ALL_TARGETS)})")
     binary = Path(env.get("BENCH_BIN") or REPO_ROOT / "target/release/mlflow-gateway-operator")
     json_out = env.get("BENCH_JSON") or None
+    mode = env.get("BENCH_EXPORT_MODE", "").strip() or None
+    if mode is not None and mode not in EXPORT_MODES:
+        raise SettingsError(f"BENCH_EXPORT_MODE={mode!r} (modes: {' '.join(EXPORT_MODES)})")
+    queue = env.get("BENCH_QUEUE_MAX_BYTES", "").strip()
     return Settings(
         duration=_int(env, "BENCH_DURATION", 10, 1),
         warmup=_int(env, "BENCH_WARMUP", 2, 0),
@@ -93,6 +104,8 @@ def from_env(env=os.environ) -> Settings:
         drain_timeout=_int(env, "BENCH_DRAIN_TIMEOUT", 120, 0),
         json_out=Path(json_out) if json_out else None,
         keep=env.get("BENCH_KEEP", "0") == "1",
+        export_mode=mode,
+        queue_max_bytes=_int(env, "BENCH_QUEUE_MAX_BYTES", 0, 1) if queue else None,
     )
 
 
@@ -102,3 +115,98 @@ def mlflow_version() -> str:
         if line.startswith("MLFLOW_VERSION="):
             return line.split("=", 1)[1].strip()
     return "?"
+
+
+# The delivery scenarios (`python3 -m hack.bench_gateway.delivery`, delivery.py).
+SCENARIOS = ("sustained", "outage", "restart")
+SIGNALS = ("TERM", "KILL")
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """The delivery scenarios' settings; `base` holds the shared ones (BENCH_BIN, BENCH_BUILD,
+    BENCH_RUST_LOG, BENCH_JSON, BENCH_KEEP).
+
+    Environment (all optional):
+      BENCH_SCENARIOS="sustained outage restart"
+      BENCH_MODES="info-then-spans spans-only adaptive"  export modes of the sustained runs
+                               (GATEWAY_TRACE_EXPORT_MODE); "" runs none
+      BENCH_MODE=              the mode of the outage and restart runs (unset: the gateway's
+                               default)
+      BENCH_OLD_BIN=FILE       today's export (a build of commit 8846bd5, before issue #15): a
+                               sustained run of it too, the floor's reference (unset: none)
+      BENCH_FAKE_BIN=FILE      the fake upstream (default target/release/fake-llm, built by
+                               `cargo build --release -p mgo-dev --bin fake-llm` unless
+                               BENCH_BUILD=0)
+      BENCH_UPSTREAM_DELAY_MS=200   the fake's latency
+      BENCH_SUSTAIN_SECONDS=180     BENCH_SUSTAIN_CONNECTIONS=40
+      BENCH_OUTAGE_CONNECTIONS=4    BENCH_OUTAGE_SECONDS=120 (MLflow stopped)
+      BENCH_OUTAGE_LEAD=30          load before the outage and after MLflow is back
+      BENCH_RESTART_CONNECTIONS=20  BENCH_RESTART_SECONDS=60 (the gateway restarts half way)
+      BENCH_RESTART_SIGNALS="TERM KILL"
+      BENCH_RESTART_GRACE=30        s between SIGTERM and SIGKILL (a pod's grace period)
+      BENCH_DELIVERY_DRAIN=600      s at most to wait, after the load, for the queue to empty
+      BENCH_QUEUE_MAX_BYTES=        GATEWAY_TRACE_QUEUE_MAX_BYTES (unset: the gateway's default)
+    """
+    base: Settings
+    scenarios: tuple[str, ...]
+    modes: tuple[str, ...]
+    mode: str | None
+    old_binary: Path | None
+    fake_binary: Path
+    delay_ms: int
+    sustain_seconds: int
+    sustain_connections: int
+    outage_connections: int
+    outage_seconds: int
+    outage_lead: int
+    restart_connections: int
+    restart_seconds: int
+    restart_signals: tuple[str, ...]
+    restart_grace: int
+    drain: int
+    queue_max_bytes: int | None
+
+
+def _words(env, name, default, allowed) -> tuple[str, ...]:
+    words = tuple(env.get(name, " ".join(default)).split())
+    unknown = [w for w in words if w not in allowed]
+    if unknown:
+        raise SettingsError(f"{name}: unknown {' '.join(unknown)} (known: {' '.join(allowed)})")
+    return words
+
+
+def _path(env, name, default: Path | None) -> Path | None:
+    raw = env.get(name) or default
+    if raw is None:
+        return None
+    p = Path(raw)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def delivery_from_env(env=os.environ) -> DeliverySettings:
+    """Reads the delivery settings from `env`; raises SettingsError naming the variable."""
+    mode = env.get("BENCH_MODE", "").strip() or None
+    if mode is not None and mode not in EXPORT_MODES:
+        raise SettingsError(f"BENCH_MODE={mode!r} (modes: {' '.join(EXPORT_MODES)})")
+    queue = env.get("BENCH_QUEUE_MAX_BYTES", "").strip()
+    return DeliverySettings(
+        base=from_env(env),
+        scenarios=_words(env, "BENCH_SCENARIOS", SCENARIOS, SCENARIOS),
+        modes=_words(env, "BENCH_MODES", EXPORT_MODES, EXPORT_MODES),
+        mode=mode,
+        old_binary=_path(env, "BENCH_OLD_BIN", None),
+        fake_binary=_path(env, "BENCH_FAKE_BIN", REPO_ROOT / "target/release/fake-llm"),
+        delay_ms=_int(env, "BENCH_UPSTREAM_DELAY_MS", 200, 0),
+        sustain_seconds=_int(env, "BENCH_SUSTAIN_SECONDS", 180, 1),
+        sustain_connections=_int(env, "BENCH_SUSTAIN_CONNECTIONS", 40, 1),
+        outage_connections=_int(env, "BENCH_OUTAGE_CONNECTIONS", 4, 1),
+        outage_seconds=_int(env, "BENCH_OUTAGE_SECONDS", 120, 1),
+        outage_lead=_int(env, "BENCH_OUTAGE_LEAD", 30, 1),
+        restart_connections=_int(env, "BENCH_RESTART_CONNECTIONS", 20, 1),
+        restart_seconds=_int(env, "BENCH_RESTART_SECONDS", 60, 2),
+        restart_signals=_words(env, "BENCH_RESTART_SIGNALS", SIGNALS, SIGNALS),
+        restart_grace=_int(env, "BENCH_RESTART_GRACE", 30, 0),
+        drain=_int(env, "BENCH_DELIVERY_DRAIN", 600, 0),
+        queue_max_bytes=_int(env, "BENCH_QUEUE_MAX_BYTES", 0, 1) if queue else None,
+    )

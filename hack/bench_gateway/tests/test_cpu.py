@@ -1,7 +1,7 @@
 """CPU accounting from /proc text: a process's ticks, a tree's ticks, the hypervisor's steal."""
 import unittest
 
-from ..cpu import parse_cpu_line, parse_pid_stat, steal_pct, tree_ticks
+from ..cpu import busy_pct, parse_cpu_line, parse_pid_stat, steal_pct, tree_ticks
 
 # A /proc/PID/stat line whose command name holds a space and a parenthesis.
 PID_STAT = ("4242 (mlflow (worker) 1) S 4000 4000 4000 0 -1 4194560 2611 0 0 0 150 25 30 7 20 0 "
@@ -50,6 +50,11 @@ class Steal(unittest.TestCase):
     def test_no_time_elapsed_is_no_steal(self):
         line = [1, 2, 3, 4, 5, 6, 7, 8]
         self.assertEqual(steal_pct(line, line), 0.0)
+
+    def test_busy_is_all_but_idle_iowait_and_steal(self):
+        before = [1000, 10, 500, 8000, 40, 0, 20, 430]
+        after = [1300, 10, 600, 8400, 40, 0, 20, 630]  # user 300 + system 100 of 1000 ticks
+        self.assertAlmostEqual(busy_pct(before, after), 40.0)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,15 @@ class Report(unittest.TestCase):
         self.assertTrue(self.line("  MLflow gateway: 130 requests answered").endswith(
             "(up to conc per wrk run)"))
 
+    def test_the_cpu_table_gives_each_servers_own_cpu_and_the_receivers_apart(self):
+        start = self.lines.index("CPU per request (each server's own, from /proc):")
+        table = self.lines[start + 3:start + 6]
+        self.assertEqual(table[0].split(), ["nginx", "reverse", "proxy", "32", "22", "1%"])
+        self.assertEqual(table[1].split()[-3:], ["32", "60", "1%"])
+        # on: 9.5 s / 190000 = 50 us, -17% against off's 60; MLflow 144.04 s / 40 stored traces
+        self.assertEqual(table[2].split()[-8:],
+                         ["32", "50", "-17%", "25.0%", "MLflow", "3601", "ms/stored", "1%"])
+
     def test_a_run_under_two_requests_per_connection_is_noted_as_coarse(self):
         self.assertIn("note: MLflow gateway 3.17.2 at conc 32 completed 50 requests, under 2 per"
                       " connection: its req/s and percentiles are coarse (a longer BENCH_DURATION"

@@ -1,7 +1,8 @@
 """The BENCH_* environment read into settings."""
 import unittest
 
-from ..settings import ALL_TARGETS, REPO_ROOT, SettingsError, from_env
+from ..settings import (ALL_TARGETS, EXPORT_MODES, REPO_ROOT, SCENARIOS, SettingsError,
+                        delivery_from_env, from_env)
 
 
 class Settings(unittest.TestCase):
@@ -36,6 +37,37 @@ class Settings(unittest.TestCase):
                           (dict(BENCH_TARGETS="direct gateway"), "BENCH_TARGETS")):
             with self.assertRaisesRegex(SettingsError, name):
                 from_env(env)
+
+
+class DeliverySettings(unittest.TestCase):
+    def test_defaults_are_the_issues_figures(self):
+        d = delivery_from_env({})
+        self.assertEqual(d.scenarios, SCENARIOS)
+        self.assertEqual(d.modes, EXPORT_MODES)
+        self.assertIsNone(d.mode)
+        self.assertIsNone(d.old_binary)
+        self.assertEqual((d.delay_ms, d.sustain_seconds, d.sustain_connections), (200, 180, 40))
+        self.assertEqual((d.outage_connections, d.outage_seconds, d.outage_lead), (4, 120, 30))
+        self.assertEqual(d.restart_signals, ("TERM", "KILL"))
+        self.assertIsNone(d.queue_max_bytes)
+        self.assertEqual(d.fake_binary, REPO_ROOT / "target/release/fake-llm")
+
+    def test_knobs_are_read(self):
+        d = delivery_from_env(dict(BENCH_SCENARIOS="outage", BENCH_MODES="", BENCH_MODE="adaptive",
+                                   BENCH_OLD_BIN="/tmp/old/gw", BENCH_QUEUE_MAX_BYTES="1048576",
+                                   BENCH_RESTART_SIGNALS="KILL"))
+        self.assertEqual((d.scenarios, d.modes, d.mode), (("outage",), (), "adaptive"))
+        self.assertEqual(str(d.old_binary), "/tmp/old/gw")
+        self.assertEqual((d.queue_max_bytes, d.restart_signals), (1048576, ("KILL",)))
+
+    def test_a_wrong_value_names_its_variable(self):
+        for env, name in ((dict(BENCH_MODE="fast"), "BENCH_MODE"),
+                          (dict(BENCH_MODES="spans-only batched"), "BENCH_MODES"),
+                          (dict(BENCH_SCENARIOS="burst"), "BENCH_SCENARIOS"),
+                          (dict(BENCH_RESTART_SIGNALS="HUP"), "BENCH_RESTART_SIGNALS"),
+                          (dict(BENCH_SUSTAIN_SECONDS="0"), "BENCH_SUSTAIN_SECONDS")):
+            with self.assertRaisesRegex(SettingsError, name):
+                delivery_from_env(env)
 
 
 if __name__ == "__main__":

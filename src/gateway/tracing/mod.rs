@@ -52,7 +52,7 @@
 //!   time, for at most 1 s), then their spans: a trace shows complete within about a second of its
 //!   info; MLflow creates it from the info (about 26 ms of its CPU instead of 45 for the other
 //!   order). Infos that had no time go after their spans.
-//! * `spans-only` (the default): one OTLP request per batch (up to 512 traces, 8 MiB); every
+//! * `spans-only` (the default): one OTLP request per batch (up to 64 traces, 2 MiB); every
 //!   gateway metadata key rides on the root span as `mlflow.traceTag.<key>`; a new trace appears
 //!   complete at once.
 //! * `adaptive`: `info-then-spans` while the queue keeps up; `spans-only` while it is behind

@@ -10,8 +10,11 @@ use super::delivery::ExportMode;
 use super::schema::MAX_METADATA_BYTES;
 use crate::mlflow::{ConfigError, MlflowConfig};
 
-/// Bytes of records per OTLP request, at most (a single larger trace goes alone).
-pub const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Bytes of records per OTLP request, at most (a single larger trace goes alone). Small enough
+/// that MLflow stores a batch well within the export timeout when it is short of CPU: in batches
+/// of 512 traces (8 MiB) on 2 busy cores it took over 10 s, and a batch resent after a timeout is
+/// work done twice.
+pub const MAX_BATCH_BYTES: usize = 2 << 20;
 
 /// Where and how one endpoint's invocations are traced.
 #[derive(Clone, Debug)]
@@ -47,7 +50,7 @@ pub struct TelemetryConfig {
 
 impl TelemetryConfig {
     pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 256 << 20;
-    pub const DEFAULT_MAX_EXPORT_BATCH: usize = 512;
+    pub const DEFAULT_MAX_EXPORT_BATCH: usize = 64;
     pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
     /// Content captured, the default mode, a memory queue, default batch and timeout.
