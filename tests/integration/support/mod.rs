@@ -664,26 +664,12 @@ impl Operator {
 
     /// Asks the process to stop (SIGTERM), as the kubelet does.
     pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {} failed", self.child.id());
+        terminate_child(&self.child);
     }
 
     /// Waits up to `secs` for the process to exit and returns its status.
     pub async fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("operator status") {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the operator did not exit within {secs}s"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        wait_child_exit(&mut self.child, secs, || "the operator".to_string()).await
     }
 
     /// Ends the process at once (SIGKILL), as a crash would.
@@ -812,27 +798,19 @@ impl GatewayProcess {
 
     /// Asks the gateway to stop (SIGTERM), as the kubelet does.
     pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {} failed", self.child.id());
+        terminate_child(&self.child);
     }
 
     /// Waits up to `secs` for the process to exit and returns its status.
     pub async fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("gateway status") {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the gateway did not exit within {secs}s:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        let log = self.log.clone();
+        wait_child_exit(&mut self.child, secs, move || {
+            format!(
+                "the gateway (log:\n{})",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })
+        .await
     }
 
     /// Ends the process at once (SIGKILL), as a crash (or the kubelet after the grace period) does.
@@ -1018,4 +996,34 @@ pub fn env_of(
         .into_iter()
         .map(|e| (e.name.clone(), serde_json::to_value(&e).unwrap()))
         .collect()
+}
+
+/// SIGTERM to a child process, as the kubelet sends it.
+fn terminate_child(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -TERM {} failed", child.id());
+}
+
+/// Waits up to `secs` for a child process to exit and returns its status; `what` names it (and
+/// whatever helps) in the failure.
+async fn wait_child_exit(
+    child: &mut std::process::Child,
+    secs: u64,
+    what: impl Fn() -> String,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().expect("child status") {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} did not exit within {secs}s",
+            what()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
