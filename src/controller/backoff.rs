@@ -54,6 +54,55 @@ impl<K: Eq + Hash + Clone> Failures<K> {
     }
 }
 
+/// The longest wait between retries of a failing watch, whatever `--max-backoff-seconds` says:
+/// a watch that was refused (RBAC not yet granted, the API server restarting) is retried at least
+/// this often, so the operator notices the fix within it.
+pub const WATCH_MAX: Duration = Duration::from_secs(30);
+
+/// The wait between retries of a failing watch (list or watch refused, connection lost): 1 s,
+/// 2 s, 4 s ... up to `max` (the operator's max backoff) and never more than [`WATCH_MAX`], each
+/// lengthened by up to 25% at random so that watches failing together do not retry together.
+/// Reset by the stream once the watch yields again. kube's default doubles to 30 s and then
+/// jitters up to twice that, so a granted Role could go unnoticed for a minute.
+pub struct WatchBackoff {
+    failures: u32,
+    max: Duration,
+}
+
+impl WatchBackoff {
+    pub fn new(max: Duration) -> Self {
+        WatchBackoff {
+            failures: 0,
+            max: max.min(WATCH_MAX),
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        use std::hash::{BuildHasher, Hasher};
+        let base = Duration::from_millis(
+            500u64.saturating_mul(2u64.saturating_pow(self.failures.saturating_add(1).min(20))),
+        )
+        .min(self.max);
+        self.failures = self.failures.saturating_add(1);
+        // RandomState is seeded per instance from the OS: a random quarter at most, no crate.
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let spread = base.as_millis() as u64 / 4;
+        Some(base + Duration::from_millis(if spread == 0 { 0 } else { random % spread }))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
 /// The resync period, spread by up to +10% by `seed` (an endpoint's uid) so that endpoints
 /// created together do not resync together.
 pub fn jitter(resync: Duration, seed: Option<&str>) -> Duration {
@@ -69,6 +118,29 @@ mod tests {
     use super::*;
 
     const DEFAULT_MAX: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn a_watch_backoff_doubles_from_one_second_is_capped_by_max_and_30s_and_resets() {
+        use kube::runtime::utils::Backoff;
+        let within = |d: Duration, base: u64| {
+            let base = Duration::from_secs(base);
+            assert!(d >= base && d <= base + base / 4, "{d:?} for {base:?}");
+        };
+        let mut b = WatchBackoff::new(Duration::from_secs(300));
+        for base in [1, 2, 4, 8, 16, 30, 30] {
+            within(b.next().unwrap(), base);
+        }
+        b.reset();
+        within(b.next().unwrap(), 1);
+        let mut short = WatchBackoff::new(Duration::from_secs(2));
+        for base in [1, 2, 2, 2] {
+            within(short.next().unwrap(), base);
+        }
+        let mut long = WatchBackoff::new(Duration::from_secs(3600));
+        for _ in 0..100 {
+            assert!(long.next().unwrap() <= WATCH_MAX + WATCH_MAX / 4);
+        }
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {

@@ -42,6 +42,7 @@ pub use reconcile::FINALIZER;
 pub use settings::{Args, Settings, SettingsError};
 
 use crate::api::GatewayEndpoint;
+use crate::controller::backoff::WatchBackoff;
 use crate::controller::metrics::Metrics;
 use conditions::ConditionType;
 use workload::render;
@@ -89,19 +90,19 @@ pub async fn run(ctx: Arc<Context>) {
     let deployments = watcher(scoped::<Deployment>(client, ns), owned.clone())
         .inspect(observe(&ctx, "deployments"))
         .modify(|o| o.managed_fields_mut().clear())
-        .default_backoff()
+        .backoff(WatchBackoff::new(ctx.settings.max_backoff()))
         .reflect(writers.deployments)
         .touched_objects();
     let config_maps = watcher(scoped::<ConfigMap>(client, ns), owned.clone())
         .inspect(observe(&ctx, "configmaps"))
         .modify(|o| o.managed_fields_mut().clear())
-        .default_backoff()
+        .backoff(WatchBackoff::new(ctx.settings.max_backoff()))
         .reflect(writers.config_maps)
         .touched_objects();
     let services = watcher(scoped::<Service>(client, ns), owned.clone())
         .inspect(observe(&ctx, "services"))
         .modify(|o| o.managed_fields_mut().clear())
-        .default_backoff()
+        .backoff(WatchBackoff::new(ctx.settings.max_backoff()))
         .reflect(writers.services)
         .touched_objects();
     // The watched Namespaces, for their annotations (MLflow workspace, shared experiments): the
@@ -115,7 +116,7 @@ pub async fn run(ctx: Arc<Context>) {
         namespace_config.any_semantic(),
     )
     .modify(|o| o.managed_fields_mut().clear())
-    .default_backoff()
+    .backoff(WatchBackoff::new(ctx.settings.max_backoff()))
     .reflect(writers.namespaces)
     .touched_objects();
     // Secrets in the watched namespaces, plus the operator's own namespace for its credential.
@@ -124,7 +125,7 @@ pub async fn run(ctx: Arc<Context>) {
         watcher::Config::default().any_semantic(),
     )
     .inspect(observe(&ctx, "secrets"))
-    .default_backoff()
+    .backoff(WatchBackoff::new(ctx.settings.max_backoff()))
     .touched_objects();
     let operator_secret = match ctx.settings.gateway_credentials() {
         Some(secret) if operator_secret_watched(&ctx) => Some(
@@ -135,7 +136,7 @@ pub async fn run(ctx: Arc<Context>) {
                     .any_semantic(),
             )
             .inspect(observe(&ctx, "operator secret"))
-            .default_backoff()
+            .backoff(WatchBackoff::new(ctx.settings.max_backoff()))
             .touched_objects(),
         ),
         _ => None,
@@ -151,7 +152,8 @@ pub async fn run(ctx: Arc<Context>) {
                 scoped::<GatewayEndpoint>(client, ns),
                 watcher::Config::default().any_semantic(),
             )
-            .inspect(observe(&ctx, "gatewayendpoints")),
+            .inspect(observe(&ctx, "gatewayendpoints"))
+            .backoff(WatchBackoff::new(ctx.settings.max_backoff())),
         )
         .applied_objects(),
         endpoints.clone(),

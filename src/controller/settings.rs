@@ -39,7 +39,8 @@ pub struct Args {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "WATCH_NAMESPACE")]
     pub namespace: Option<String>,
-    /// Longest wait, in seconds, between retries of an endpoint that keeps failing.
+    /// Longest wait, in seconds, between retries of an endpoint that keeps failing; also of a
+    /// failing watch, which is retried at least every 30 s whatever this says.
     #[arg(long, env = "MAX_BACKOFF_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_backoff_seconds: u64,
     /// Image of the gateway pods (the operator's own image: the same binary).
