@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # A real MLflow tracking server for tests and the demo.
 #   hack/mlflow.sh install              create/reuse the cached venv, print its bin directory
-#   hack/mlflow.sh up RUN_DIR [--auth] [--workspaces] [--host ADDR] [--owner-pid PID]
+#   hack/mlflow.sh up RUN_DIR [--auth] [--workspaces] [--workers N] [--host ADDR] [--owner-pid PID]
 #       start `mlflow server` on a free 127.0.0.1 port with a fresh sqlite database in RUN_DIR,
 #       or on ADDR instead of 127.0.0.1 (an address of the local stack that pods reach: the real
 #       node's bridge, KUBE_NODE_HOST_IP; never a public interface),
 #       wait for /health, write RUN_DIR/env (MLFLOW_TRACKING_URI=..., MLFLOW_PID=...) and print it.
 #       --auth: MLflow's basic-auth app, admin user `admin` with password $MLFLOW_ADMIN_PASSWORD
 #       (default: a random one, written to RUN_DIR/env as MLFLOW_ADMIN_PASSWORD). --workspaces: MLflow workspaces
-#       (MLFLOW_ENABLE_WORKSPACES=true). --owner-pid: stop the server when that process ends.
+#       (MLFLOW_ENABLE_WORKSPACES=true). --workers: uvicorn workers (default 2; a test's private
+#       server uses 1: each worker is a Python process that imports MLflow, about 5 s of CPU).
+#       --owner-pid: stop the server when that process ends.
+#       MLflow's job runner (scorers and judges, 8 more processes and ~10 s of CPU per start) is off
+#       unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true: nothing here uses it.
 #   hack/mlflow.sh stop RUN_DIR         stop the server but keep its port and database
 #   hack/mlflow.sh resume RUN_DIR       start it again on the same port with the same database
 #   hack/mlflow.sh down RUN_DIR         stop exactly the server started in RUN_DIR, remove its state
@@ -41,12 +45,13 @@ install() {
 
 up() {
   local dir=$1; shift
-  local auth="" owner="" workspaces="" host=127.0.0.1
+  local auth="" owner="" workspaces="" host=127.0.0.1 workers=2
   while [ $# -gt 0 ]; do
     case $1 in
       --auth) auth=1 ;;
       --workspaces) workspaces=1 ;;
       --host) host=$2; shift ;;
+      --workers) workers=$2; shift ;;
       --owner-pid) owner=$2; shift ;;
       *) die "unknown option $1" ;;
     esac; shift
@@ -57,6 +62,7 @@ up() {
   rm -rf "$dir/db" "$dir/artifacts"; mkdir -p "$dir/db" "$dir/artifacts"
   free_port > "$dir/port"
   echo "$host" > "$dir/host"
+  echo "$workers" > "$dir/workers"
   if [ -n "$auth" ]; then
     (umask 077; echo "${MLFLOW_ADMIN_PASSWORD:-$(openssl rand -hex 12)}" > "$dir/auth")
   else rm -f "$dir/auth"; fi
@@ -69,7 +75,8 @@ launch() {
   local dir=$1 bin port auth=""
   bin=$(install); port=$(cat "$dir/port"); [ -f "$dir/auth" ] && auth=$(cat "$dir/auth")
   local host=127.0.0.1; [ -f "$dir/host" ] && host=$(cat "$dir/host")
-  local args=(server --host "$host" --port "$port" --workers 2
+  local workers=2; [ -f "$dir/workers" ] && workers=$(cat "$dir/workers")
+  local args=(server --host "$host" --port "$port" --workers "$workers"
     --backend-store-uri "sqlite:///$dir/db/mlflow.db" --default-artifact-root "$dir/artifacts")
   if [ -n "$auth" ]; then
     args+=(--app-name basic-auth)
@@ -87,7 +94,7 @@ INI
   fi
   if [ -f "$dir/workspaces" ]; then export MLFLOW_ENABLE_WORKSPACES=true; else unset MLFLOW_ENABLE_WORKSPACES; fi
   # setsid: the server and its workers form one process group that `down` can end as a whole.
-  setsid "$bin/mlflow" "${args[@]}" >>"$dir/mlflow.log" 2>&1 < /dev/null &
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} setsid "$bin/mlflow" "${args[@]}" >>"$dir/mlflow.log" 2>&1 < /dev/null &
   local pid=$!
   echo "$pid" > "$dir/pid"
   local url=http://$host:$port
@@ -130,7 +137,7 @@ stop() {
 
 down() {
   stop "$1"
-  rm -rf "$1/db" "$1/artifacts" "$1/env" "$1/port" "$1/auth" "$1/auth.ini" "$1/host"
+  rm -rf "$1/db" "$1/artifacts" "$1/env" "$1/port" "$1/auth" "$1/auth.ini" "$1/host" "$1/workers"
 }
 
 case ${1:-} in

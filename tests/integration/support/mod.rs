@@ -463,7 +463,15 @@ impl Mlflow {
         services_allowed("an MLflow server of its own");
         let dir = unique_dir("mlflow");
         let pid = std::process::id().to_string();
-        let mut args = vec!["up", dir.to_str().unwrap(), "--owner-pid", &pid];
+        // One worker: a private server serves one test, and each worker costs seconds of CPU.
+        let mut args = vec![
+            "up",
+            dir.to_str().unwrap(),
+            "--owner-pid",
+            &pid,
+            "--workers",
+            "1",
+        ];
         if auth {
             args.push("--auth");
         }
