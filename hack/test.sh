@@ -27,7 +27,11 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "benchmark program unit tests"
-python3 -m unittest discover -s hack/bench_gateway -t . 2>&1 | tail -n 3
+# Quiet when they pass; the whole report when one fails.
+if ! bench_out=$(python3 -m unittest discover -s hack/bench_gateway -t . 2>&1); then
+  printf '%s\n' "$bench_out"; die "the benchmark program's unit tests failed"
+fi
+printf '%s\n' "$bench_out" | tail -n 3
 
 # The heavy, cached prerequisites (cold: ~25 min for the Kubernetes binaries, ~2 min for MLflow).
 hack/build-tools.sh >/dev/null

@@ -18,13 +18,15 @@ def alive(pid: int) -> bool:
 
 class SessionClose(unittest.TestCase):
     def test_close_stops_every_process_and_removes_the_run_directory(self):
+        # What SIGINT did before (a background job started without job control ignores it).
+        before = signal.getsignal(signal.SIGINT)
         session = Session(keep=False)
         procs = [session.start(f"sleep-{i}", ["sleep", "60"]) for i in range(2)]
         seen = []
         session.on_cleanup(lambda keep: seen.append(keep))
         session.close(failed=False)
         self.assertFalse(any(alive(p.pid) for p in procs))
-        self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+        self.assertIs(signal.getsignal(signal.SIGINT), before)
         self.assertEqual(seen, [False])
         self.assertFalse(session.run.exists())
 
