@@ -93,18 +93,21 @@ pub async fn run(ctx: Arc<Context>) {
         .backoff(WatchBackoff::new(ctx.settings.max_backoff()))
         .reflect(writers.deployments)
         .touched_objects();
+    let deployments = detached(deployments);
     let config_maps = watcher(scoped::<ConfigMap>(client, ns), owned.clone())
         .inspect(observe(&ctx, "configmaps"))
         .modify(|o| o.managed_fields_mut().clear())
         .backoff(WatchBackoff::new(ctx.settings.max_backoff()))
         .reflect(writers.config_maps)
         .touched_objects();
+    let config_maps = detached(config_maps);
     let services = watcher(scoped::<Service>(client, ns), owned.clone())
         .inspect(observe(&ctx, "services"))
         .modify(|o| o.managed_fields_mut().clear())
         .backoff(WatchBackoff::new(ctx.settings.max_backoff()))
         .reflect(writers.services)
         .touched_objects();
+    let services = detached(services);
     // The watched Namespaces, for their annotations (MLflow workspace, shared experiments): the
     // one watched namespace by name, or all of them.
     let namespace_config = match ns {
@@ -119,6 +122,7 @@ pub async fn run(ctx: Arc<Context>) {
     .backoff(WatchBackoff::new(ctx.settings.max_backoff()))
     .reflect(writers.namespaces)
     .touched_objects();
+    let namespaces = detached(namespaces);
     // Secrets in the watched namespaces, plus the operator's own namespace for its credential.
     let secrets = watcher(
         scoped::<PartialObjectMeta<Secret>>(client, ns),
@@ -127,8 +131,9 @@ pub async fn run(ctx: Arc<Context>) {
     .inspect(observe(&ctx, "secrets"))
     .backoff(WatchBackoff::new(ctx.settings.max_backoff()))
     .touched_objects();
+    let secrets = detached(secrets);
     let operator_secret = match ctx.settings.gateway_credentials() {
-        Some(secret) if operator_secret_watched(&ctx) => Some(
+        Some(secret) if operator_secret_watched(&ctx) => Some(detached(
             watcher(
                 Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), &secret.namespace),
                 watcher::Config::default()
@@ -138,7 +143,7 @@ pub async fn run(ctx: Arc<Context>) {
             .inspect(observe(&ctx, "operator secret"))
             .backoff(WatchBackoff::new(ctx.settings.max_backoff()))
             .touched_objects(),
-        ),
+        )),
         _ => None,
     };
 
@@ -146,16 +151,18 @@ pub async fn run(ctx: Arc<Context>) {
     // Controller::new's own watch and cache, built here so that the watch reports to `health`.
     let (endpoints, writer) = reflector::store();
     let controller = Controller::for_stream(
-        reflector::reflector(
-            writer,
-            watcher(
-                scoped::<GatewayEndpoint>(client, ns),
-                watcher::Config::default().any_semantic(),
+        detached(
+            reflector::reflector(
+                writer,
+                watcher(
+                    scoped::<GatewayEndpoint>(client, ns),
+                    watcher::Config::default().any_semantic(),
+                )
+                .inspect(observe(&ctx, "gatewayendpoints"))
+                .backoff(WatchBackoff::new(ctx.settings.max_backoff())),
             )
-            .inspect(observe(&ctx, "gatewayendpoints"))
-            .backoff(WatchBackoff::new(ctx.settings.max_backoff())),
-        )
-        .applied_objects(),
+            .applied_objects(),
+        ),
         endpoints.clone(),
     );
     let credential = ctx.settings.gateway_credentials().cloned();
@@ -234,6 +241,29 @@ fn operator_secret_watched(ctx: &Context) -> bool {
 }
 
 /// Reports a watch's events to the readiness state.
+/// Runs a watch (its retries, its cache, its readiness report) on a task of its own, and hands
+/// what it yields to the controller through a channel. Polled from inside kube-runtime 5.0's
+/// applier instead, a watch could go unpolled for tens of seconds: the applier splits its input
+/// into Ok and Err halves (`SplitCase`), and a half that peeks the other's item returns Pending
+/// without waking anyone. A Role granted late then went unnoticed for over a minute on a loaded
+/// machine. 1024 items of slack; beyond, the watch waits for the controller.
+fn detached<T: Send + 'static>(
+    stream: impl futures::Stream<Item = T> + Send + 'static,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            if tx.send(item).await.is_err() {
+                break;
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
 fn observe<K>(
     ctx: &Arc<Context>,
     name: &'static str,
