@@ -83,10 +83,7 @@ impl Iterator for WatchBackoff {
 
     fn next(&mut self) -> Option<Duration> {
         use std::hash::{BuildHasher, Hasher};
-        let base = Duration::from_millis(
-            500u64.saturating_mul(2u64.saturating_pow(self.failures.saturating_add(1).min(20))),
-        )
-        .min(self.max);
+        let base = Duration::from_secs(2u64.saturating_pow(self.failures)).min(self.max);
         self.failures = self.failures.saturating_add(1);
         // RandomState is seeded per instance from the OS: a random quarter at most, no crate.
         let random = std::collections::hash_map::RandomState::new()

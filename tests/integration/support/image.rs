@@ -217,18 +217,14 @@ impl Bundle {
     /// Runs the bundle to its end under runc: (exit code, stdout, stderr).
     pub fn run(&self) -> (Option<i32>, String, String) {
         let id = format!("mgo-test-{}", suffix());
-        let out = Command::new("runc")
-            .arg("--root")
-            .arg(self.dir.join("runc"))
+        let out = runc(&self.dir.join("runc"))
             .args(["run", "--bundle"])
             .arg(&self.bundle)
             .arg(&id)
             .stdin(Stdio::null())
             .output()
             .expect("run runc");
-        let _ = Command::new("runc")
-            .arg("--root")
-            .arg(self.dir.join("runc"))
+        let _ = runc(&self.dir.join("runc"))
             .args(["delete", "--force", &id])
             .output();
         (
@@ -243,9 +239,7 @@ impl Bundle {
         let id = format!("mgo-test-{}", suffix());
         let log = self.dir.join(format!("{id}.log"));
         let file = std::fs::File::create(&log).expect("create container log");
-        let child = Command::new("runc")
-            .arg("--root")
-            .arg(self.dir.join("runc"))
+        let child = runc(&self.dir.join("runc"))
             .args(["run", "--bundle"])
             .arg(&self.bundle)
             .arg(&id)
@@ -280,9 +274,7 @@ pub struct Container {
 impl Container {
     /// The container's init process as the host sees it (None until runc has started it).
     pub fn pid(&self) -> Option<u32> {
-        let out = Command::new("runc")
-            .arg("--root")
-            .arg(&self.state_root)
+        let out = runc(&self.state_root)
             .args(["state", &self.id])
             .output()
             .ok()?;
@@ -306,11 +298,7 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         let runc = |args: &[&str]| {
-            let _ = Command::new("runc")
-                .arg("--root")
-                .arg(&self.state_root)
-                .args(args)
-                .output();
+            let _ = runc(&self.state_root).args(args).output();
         };
         runc(&["kill", &self.id, "KILL"]);
         let _ = self.child.wait();
@@ -319,4 +307,11 @@ impl Drop for Container {
             eprintln!("--- container log ---\n{}", self.log_text());
         }
     }
+}
+
+/// `runc --root STATE_ROOT`: every runc call here keeps its state under the test's own root.
+fn runc(state_root: &Path) -> Command {
+    let mut cmd = Command::new("runc");
+    cmd.arg("--root").arg(state_root);
+    cmd
 }
